@@ -1,0 +1,490 @@
+//! Command-line flags into a [`Config`]. Pure: parsing never touches the network.
+//!
+//! Every bad flag becomes one [`ConfigError`] that names the flag, so `main` can print one
+//! line and exit 2.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::balance::Algorithm;
+
+/// Where log lines go and how they look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `LEVEL message key=value ...`
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A static backend given with `-B`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// The URL as given (without options), used as the backend's stable id.
+    pub url: String,
+    /// `host:port` part of the URL, kept for logs and the Host of health messages.
+    pub authority: String,
+    /// Resolved once at startup: a small host should not resolve DNS on the hot path.
+    pub addr: SocketAddr,
+    /// Relative share of new connections.
+    pub weight: u32,
+}
+
+/// Everything the balancer needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Static backend pool.
+    pub backends: Vec<BackendSpec>,
+    /// Selection algorithm.
+    pub algorithm: Algorithm,
+    /// Accept WebSocket upgrades.
+    pub websocket: bool,
+    /// Accept plain HTTP requests.
+    pub http: bool,
+    /// Whole request head must arrive within this.
+    pub header_timeout: Duration,
+    /// Backend TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// Keep-alive / no-progress deadline for HTTP connections.
+    pub idle_timeout: Duration,
+    /// Grace period for WebSocket clients after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Largest number of client connections held at once.
+    pub max_connections: usize,
+    /// Largest WebSocket frame payload relayed (close 1009 beyond).
+    pub max_frame_size: u64,
+    /// Log line shape.
+    pub log_format: LogFormat,
+    /// 0 = errors only, 1 = normal, 2 = verbose.
+    pub verbosity: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            backends: Vec::new(),
+            algorithm: Algorithm::Fewest,
+            websocket: true,
+            http: true,
+            header_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_frame_size: 16 << 20,
+            log_format: LogFormat::Text,
+            verbosity: 1,
+        }
+    }
+}
+
+/// A flag that could not be accepted. `Display` is the one line printed before exit 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// getopts rejected the command line (unknown flag, missing value, ...).
+    Usage(String),
+    /// `flag` had a value that does not parse; `why` says what was expected.
+    Value {
+        /// The long flag name with dashes, e.g. `--header-timeout`.
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+        /// What was expected instead.
+        why: &'static str,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Usage(msg) => write!(f, "wslb: {msg} (see --help)"),
+            ConfigError::Value { flag, value, why } => {
+                write!(f, "wslb: invalid value {value:?} for {flag}: {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    /// Run the balancer.
+    Run(Box<Config>),
+    /// Print this text and exit 0.
+    Help(String),
+    /// Print the version and exit 0.
+    Version,
+}
+
+fn options() -> getopts::Options {
+    let mut o = getopts::Options::new();
+    o.optmulti(
+        "l",
+        "listen",
+        "proxy listener address (repeatable) [default: 127.0.0.1:8080]",
+        "ADDR",
+    );
+    o.optmulti(
+        "B",
+        "backend",
+        "static backend ws://host:port or http://host:port, optional ,weight=N (repeatable)",
+        "URL",
+    );
+    o.optopt(
+        "a",
+        "algorithm",
+        "fewest | random | round-robin | p2c [default: fewest]",
+        "ALG",
+    );
+    o.optopt(
+        "",
+        "protocols",
+        "which client protocols to serve: ws,http [default: ws,http]",
+        "LIST",
+    );
+    o.optopt(
+        "",
+        "header-timeout",
+        "whole request head must arrive within this [default: 10s]",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "connect-timeout",
+        "backend connect deadline [default: 3s]",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "idle-timeout",
+        "idle keep-alive / stalled HTTP exchange deadline [default: 60s]",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "drain-timeout",
+        "after SIGTERM, WebSocket clients get close 1001 after this [default: 10s]",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "max-connections",
+        "client connections held at once [default: 10000]",
+        "N",
+    );
+    o.optopt(
+        "",
+        "max-frame-size",
+        "largest WebSocket frame payload relayed, e.g. 16MiB [default: 16MiB]",
+        "SIZE",
+    );
+    o.optopt("", "log-format", "text | json [default: text]", "FMT");
+    o.optflag("q", "quiet", "log errors only");
+    o.optflag("v", "verbose", "log every connection");
+    o.optflag("h", "help", "print this help and exit");
+    o.optflag("V", "version", "print the version and exit");
+    o
+}
+
+/// Parses `args` (without the program name).
+pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, ConfigError> {
+    let opts = options();
+    let m = opts
+        .parse(args)
+        .map_err(|e| ConfigError::Usage(e.to_string()))?;
+    if m.opt_present("help") {
+        return Ok(Command::Help(
+            opts.usage("Usage: wslb [OPTIONS]\n\nA WebSocket + HTTP/1.1 load balancer."),
+        ));
+    }
+    if m.opt_present("version") {
+        return Ok(Command::Version);
+    }
+    if let Some(extra) = m.free.first() {
+        return Err(ConfigError::Usage(format!("unexpected argument {extra:?}")));
+    }
+    let mut cfg = Config::default();
+    let listen = m.opt_strs("listen");
+    if !listen.is_empty() {
+        cfg.listen = listen
+            .iter()
+            .map(|v| parse_addr(v).map_err(|why| bad("--listen", v, why)))
+            .collect::<Result<_, _>>()?;
+    }
+    for v in m.opt_strs("backend") {
+        cfg.backends.push(parse_backend(&v).map_err(|why| bad("--backend", &v, why))?);
+    }
+    if let Some(v) = m.opt_str("algorithm") {
+        cfg.algorithm = v
+            .parse()
+            .map_err(|_| bad("--algorithm", &v, "expected fewest, random, round-robin or p2c"))?;
+    }
+    if let Some(v) = m.opt_str("protocols") {
+        let (ws, http) = parse_protocols(&v).map_err(|why| bad("--protocols", &v, why))?;
+        cfg.websocket = ws;
+        cfg.http = http;
+    }
+    let durations: [(&'static str, &mut Duration); 4] = [
+        ("header-timeout", &mut cfg.header_timeout),
+        ("connect-timeout", &mut cfg.connect_timeout),
+        ("idle-timeout", &mut cfg.idle_timeout),
+        ("drain-timeout", &mut cfg.drain_timeout),
+    ];
+    for (name, slot) in durations {
+        if let Some(v) = m.opt_str(name) {
+            *slot = parse_duration(&v).map_err(|why| bad(flag_name(name), &v, why))?;
+        }
+    }
+    if let Some(v) = m.opt_str("max-connections") {
+        cfg.max_connections = match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(bad("--max-connections", &v, "expected a positive integer")),
+        };
+    }
+    if let Some(v) = m.opt_str("max-frame-size") {
+        cfg.max_frame_size = parse_size(&v).map_err(|why| bad("--max-frame-size", &v, why))?;
+    }
+    if let Some(v) = m.opt_str("log-format") {
+        cfg.log_format = match v.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(bad("--log-format", &v, "expected text or json")),
+        };
+    }
+    cfg.verbosity = match (m.opt_present("quiet"), m.opt_present("verbose")) {
+        (true, true) => return Err(ConfigError::Usage("-q and -v exclude each other".into())),
+        (true, false) => 0,
+        (false, true) => 2,
+        (false, false) => 1,
+    };
+    Ok(Command::Run(Box::new(cfg)))
+}
+
+fn bad(flag: &'static str, value: &str, why: &'static str) -> ConfigError {
+    ConfigError::Value {
+        flag,
+        value: value.to_string(),
+        why,
+    }
+}
+
+/// Maps a getopts long name to its `--flag` spelling for error lines.
+fn flag_name(name: &str) -> &'static str {
+    match name {
+        "header-timeout" => "--header-timeout",
+        "connect-timeout" => "--connect-timeout",
+        "idle-timeout" => "--idle-timeout",
+        _ => "--drain-timeout",
+    }
+}
+
+/// `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds. Zero is refused: every deadline
+/// here protects something.
+pub fn parse_duration(v: &str) -> Result<Duration, &'static str> {
+    const WHY: &str = "expected a duration like 500ms, 10s, 2m or 1h";
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    if num.is_empty() || num.len() > 12 {
+        return Err(WHY);
+    }
+    let n: u64 = num.parse().map_err(|_| WHY)?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(WHY),
+    };
+    if d.is_zero() {
+        return Err("duration must be greater than zero");
+    }
+    Ok(d)
+}
+
+/// `65536`, `64KiB`, `16MiB`, `1GiB` (also `k`/`m`/`g`, `KB`/`MB`/`GB` as binary multiples).
+pub fn parse_size(v: &str) -> Result<u64, &'static str> {
+    const WHY: &str = "expected a size like 65536, 64KiB or 16MiB";
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    if num.is_empty() || num.len() > 15 {
+        return Err(WHY);
+    }
+    let n: u64 = num.parse().map_err(|_| WHY)?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(WHY),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("size must be greater than zero"),
+        Some(s) => Ok(s),
+        None => Err(WHY),
+    }
+}
+
+fn parse_addr(v: &str) -> Result<SocketAddr, &'static str> {
+    const WHY: &str = "expected host:port, e.g. 127.0.0.1:8080";
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    // Names (localhost:8080) resolve once here, at startup.
+    v.to_socket_addrs()
+        .map_err(|_| WHY)?
+        .next()
+        .ok_or(WHY)
+}
+
+/// `ws://host:port[/path]` or `http://host:port[/path]` then optional `,weight=N`.
+pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
+    let mut parts = v.split(',');
+    let url = parts.next().unwrap_or_default().trim();
+    let mut weight = 1u32;
+    for opt in parts {
+        match opt.trim().split_once('=') {
+            Some(("weight", w)) => {
+                weight = match w.parse::<u32>() {
+                    Ok(n) if (1..=1000).contains(&n) => n,
+                    _ => return Err("weight must be an integer from 1 to 1000"),
+                }
+            }
+            _ => return Err("unknown backend option; expected weight=N"),
+        }
+    }
+    let authority = parse_backend_url(url)?;
+    let addr = parse_addr(authority).map_err(|_| "backend host:port does not resolve")?;
+    Ok(BackendSpec {
+        url: url.to_string(),
+        authority: authority.to_string(),
+        addr,
+        weight,
+    })
+}
+
+/// Returns the `host:port` of a plain backend URL. A pure function so the fuzzer can call it.
+pub fn parse_backend_url(url: &str) -> Result<&str, &'static str> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("expected a ws:// or http:// URL")?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let port = authority
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .ok_or("backend URL needs an explicit port")?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(authority),
+        _ => Err("backend port must be 1-65535"),
+    }
+}
+
+fn parse_protocols(v: &str) -> Result<(bool, bool), &'static str> {
+    let (mut ws, mut http) = (false, false);
+    for p in v.split(',') {
+        match p.trim() {
+            "ws" | "websocket" => ws = true,
+            "http" => http = true,
+            _ => return Err("expected a comma list of ws and http"),
+        }
+    }
+    Ok((ws, http))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Config, ConfigError> {
+        match parse_args(args)? {
+            Command::Run(c) => Ok(*c),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "10x", "-1s", "1.5s", "0s", "99999999999999s", " "] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("16m"), Ok(16 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        for bad in ["", "0", "1TB", "KiB", "999999999999999g"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backends() {
+        let b = parse_backend("ws://127.0.0.1:9001,weight=3").unwrap();
+        assert_eq!(b.weight, 3);
+        assert_eq!(b.authority, "127.0.0.1:9001");
+        assert_eq!(b.addr, "127.0.0.1:9001".parse().unwrap());
+        assert!(parse_backend("http://127.0.0.1:9001/x").is_ok());
+        for bad in [
+            "ftp://x:1",
+            "ws://127.0.0.1",
+            "ws://127.0.0.1:0",
+            "ws://127.0.0.1:70000",
+            "ws://127.0.0.1:1,weight=0",
+            "ws://127.0.0.1:1,color=red",
+        ] {
+            assert!(parse_backend(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_name_themselves() {
+        let e = run(&["--algorithm", "nope"]).unwrap_err();
+        assert!(e.to_string().contains("--algorithm"));
+        let e = run(&["--header-timeout", "10x"]).unwrap_err();
+        assert!(e.to_string().contains("--header-timeout"));
+        let e = run(&["--drain-timeout", "0"]).unwrap_err();
+        assert!(e.to_string().contains("--drain-timeout"));
+        assert!(matches!(run(&["--bogus"]), Err(ConfigError::Usage(_))));
+        assert!(matches!(run(&["stray"]), Err(ConfigError::Usage(_))));
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = run(&[
+            "-l",
+            "127.0.0.1:0",
+            "-B",
+            "ws://127.0.0.1:9001",
+            "-B",
+            "http://127.0.0.1:9002,weight=2",
+            "-a",
+            "p2c",
+            "--protocols",
+            "ws",
+            "--idle-timeout",
+            "5s",
+            "-q",
+        ])
+        .unwrap();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.algorithm, Algorithm::PowerOfTwo);
+        assert!(c.websocket && !c.http);
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.verbosity, 0);
+    }
+}

@@ -1,0 +1,1052 @@
+//! One client connection and its backend leg: the HTTP/1.1 exchange and WebSocket tunnel
+//! state machine. The server owns the slab, the timers and the event loop; a `Conn` only
+//! moves bytes and asks for backends through [`Ctx`].
+#![deny(clippy::indexing_slicing)]
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use rand::rngs::SmallRng;
+use rand::Rng;
+
+use crate::buffer::Buffer;
+use crate::config::Config;
+use crate::endpoint::{read_into, read_some, Io, Outbox, Ready};
+use crate::http::body::{BodyKind, BodyReader};
+use crate::http::head::{self, MAX_HEAD};
+use crate::http::rewrite::{self, ClientInfo};
+use crate::log;
+use crate::registry::Registry;
+use crate::ws::frames::{encode_close, Direction, FrameTracker};
+use crate::ws::handshake::{self, WsKey};
+
+/// Tokens below this are the server's own (listeners, signals, waker).
+pub const RESERVED_TOKENS: usize = 1024;
+/// Most progress rounds per readiness turn before yielding to other connections.
+const MAX_ROUNDS: usize = 32;
+/// How long a closing connection waits for the peer to read what it is owed and hang up.
+const LINGER: Duration = Duration::from_secs(2);
+/// Close code sent when the backend disappears mid-tunnel.
+const CLOSE_BACKEND_GONE: u16 = 1011;
+/// Close code sent to clients when the balancer shuts down.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// Which socket of a connection an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The accepted client socket.
+    Client,
+    /// The socket to the chosen backend.
+    Backend,
+}
+
+/// Slab key and side to token: two tokens per slab entry, above the reserved range.
+pub fn token_for(key: usize, side: Side) -> Token {
+    Token(RESERVED_TOKENS + key * 2 + usize::from(side == Side::Backend))
+}
+
+/// Token back to slab key and side; `None` for the server's own tokens.
+pub fn key_of(token: Token) -> Option<(usize, Side)> {
+    let n = token.0.checked_sub(RESERVED_TOKENS)?;
+    Some((n / 2, if n % 2 == 0 { Side::Client } else { Side::Backend }))
+}
+
+/// What the loop lends a connection while it runs.
+pub struct Ctx<'a> {
+    /// Flags.
+    pub cfg: &'a Config,
+    /// Backend pool.
+    pub backends: &'a mut Registry,
+    /// For registering backend sockets.
+    pub poll: &'a mio::Registry,
+    /// Randomness for selection.
+    pub rng: &'a mut SmallRng,
+    /// Time of this loop turn.
+    pub now: Instant,
+    /// SIGTERM received: finish exchanges, keep no connection alive.
+    pub draining: bool,
+}
+
+/// Outcome of driving a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drive {
+    /// Keep it.
+    Continue,
+    /// Ran out of rounds with work left: drive again next turn.
+    Yield,
+    /// Finished: deregister and remove.
+    Done,
+}
+
+/// The backend half of a connection.
+#[derive(Debug)]
+struct Leg {
+    stream: TcpStream,
+    ready: Ready,
+    backend: usize,
+    connecting_since: Option<Instant>,
+    /// Came from the keep-alive pool: a failure before any answer may be retried.
+    reused: bool,
+    from_backend: Buffer,
+    to_backend: Outbox,
+    /// Backend closed its sending side.
+    eof: bool,
+    /// Our FIN was sent to the backend.
+    fin_sent: bool,
+}
+
+#[derive(Debug)]
+enum Resp {
+    AwaitHead,
+    Body(BodyReader),
+}
+
+/// One HTTP request/response in flight.
+#[derive(Debug)]
+struct Exchange {
+    req_body: BodyReader,
+    resp: Resp,
+    head_request: bool,
+    ws_key: Option<WsKey>,
+    /// Close the client connection once the response is delivered.
+    close_after: bool,
+    backend_keep_alive: bool,
+    /// Some byte of the answer reached the client's outbox: no retry any more.
+    answered: bool,
+    /// Backends that failed for this request, not to be tried again.
+    failed: Vec<usize>,
+    started: Instant,
+    status: u16,
+}
+
+/// After 101: frames relayed both ways, tracked header by header.
+#[derive(Debug)]
+struct Tunnel {
+    up: FrameTracker,
+    down: FrameTracker,
+    /// Close code to inject into the client stream at the next frame boundary.
+    pending_close: Option<u16>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for (the rest of) a request head.
+    Head,
+    Exchange(Box<Exchange>),
+    Tunnel(Box<Tunnel>),
+    /// Flushing what the client is owed, then FIN, then waiting for its FIN.
+    Closing { since: Instant },
+}
+
+/// A client connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Generation: timers and other references hold `(key, gen)` and ignore a mismatch.
+    pub gen: u64,
+    /// Client id for logs.
+    pub id: u64,
+    key: usize,
+    client: TcpStream,
+    c_ready: Ready,
+    peer: SocketAddr,
+    from_client: Buffer,
+    to_client: Outbox,
+    c_eof: bool,
+    c_fin_sent: bool,
+    leg: Option<Leg>,
+    phase: Phase,
+    last_activity: Instant,
+    /// When the current request head started (first byte, or accept for the first one).
+    head_started: Option<Instant>,
+    /// Earliest deadline armed in the timer heap for this connection.
+    pub armed: Option<Instant>,
+    /// Finished and waiting to be reaped after this batch of events.
+    pub done: bool,
+}
+
+enum Step {
+    Progress,
+    Idle,
+    Done,
+}
+
+impl Conn {
+    /// A freshly accepted client.
+    pub fn new(key: usize, gen: u64, id: u64, client: TcpStream, peer: SocketAddr, now: Instant) -> Self {
+        Conn {
+            gen,
+            id,
+            key,
+            client,
+            c_ready: Ready::default(),
+            peer,
+            from_client: Buffer::default(),
+            to_client: Outbox::default(),
+            c_eof: false,
+            c_fin_sent: false,
+            leg: None,
+            phase: Phase::Head,
+            last_activity: now,
+            head_started: Some(now),
+            armed: None,
+            done: false,
+        }
+    }
+
+    /// The client socket, for registration.
+    pub fn client_mut(&mut self) -> &mut TcpStream {
+        &mut self.client
+    }
+
+    /// Folds a readiness event into the right side.
+    pub fn absorb(&mut self, side: Side, ev: &mio::event::Event) {
+        match side {
+            Side::Client => self.c_ready.absorb(ev),
+            Side::Backend => {
+                if let Some(leg) = &mut self.leg {
+                    leg.ready.absorb(ev);
+                }
+            }
+        }
+    }
+
+    /// Is this an established WebSocket tunnel?
+    pub fn is_tunnel(&self) -> bool {
+        matches!(self.phase, Phase::Tunnel(_))
+    }
+
+    /// Runs the state machine until nothing moves (or the round budget is spent).
+    pub fn drive(&mut self, ctx: &mut Ctx<'_>) -> Drive {
+        for _ in 0..MAX_ROUNDS {
+            match self.step(ctx) {
+                Step::Progress => self.last_activity = ctx.now,
+                Step::Idle => return Drive::Continue,
+                Step::Done => {
+                    self.drop_leg(ctx, false);
+                    return Drive::Done;
+                }
+            }
+        }
+        Drive::Yield
+    }
+
+    /// Releases everything the connection holds in the registry (called at reap).
+    pub fn teardown(&mut self, ctx: &mut Ctx<'_>) {
+        self.drop_leg(ctx, false);
+    }
+
+    /// The next instant at which [`Conn::expire`] has something to do.
+    pub fn deadline(&self, cfg: &Config) -> Option<Instant> {
+        match &self.phase {
+            Phase::Head => Some(match self.head_started {
+                Some(t) => t + cfg.header_timeout,
+                None => self.last_activity + cfg.idle_timeout,
+            }),
+            Phase::Exchange(_) => {
+                let connect = self
+                    .leg
+                    .as_ref()
+                    .and_then(|l| l.connecting_since)
+                    .map(|t| t + cfg.connect_timeout);
+                let idle = self.last_activity + cfg.idle_timeout;
+                Some(connect.map_or(idle, |c| c.min(idle)))
+            }
+            Phase::Tunnel(t) if t.pending_close.is_some() || self.c_eof || self.leg.as_ref().is_none_or(|l| l.eof) => {
+                Some(self.last_activity + LINGER)
+            }
+            Phase::Tunnel(_) => None,
+            Phase::Closing { since } => Some(*since + LINGER),
+        }
+    }
+
+    /// A deadline passed: act if it is still due.
+    pub fn expire(&mut self, ctx: &mut Ctx<'_>) -> Drive {
+        match self.deadline(ctx.cfg) {
+            Some(d) if d <= ctx.now => {}
+            _ => return Drive::Continue,
+        }
+        match &mut self.phase {
+            Phase::Head => {
+                if self.from_client.is_empty() {
+                    // An idle keep-alive connection (or one that never spoke) just closes.
+                    return Drive::Done;
+                }
+                log::debug("request head timeout", &[("client", &self.id)]);
+                self.fail(ctx, 408);
+            }
+            Phase::Exchange(_) => {
+                let connecting = self.leg.as_ref().is_some_and(|l| l.connecting_since.is_some());
+                if connecting {
+                    self.backend_failed(ctx, "connect timeout");
+                } else {
+                    log::error("backend timed out", &[("client", &self.id)]);
+                    self.fail(ctx, 504);
+                }
+            }
+            Phase::Tunnel(_) | Phase::Closing { .. } => return Drive::Done,
+        }
+        self.drive(ctx)
+    }
+
+    /// SIGTERM: stop keeping this connection alive; idle ones close now.
+    pub fn begin_drain(&mut self, ctx: &mut Ctx<'_>) -> Drive {
+        match &mut self.phase {
+            Phase::Head if self.from_client.is_empty() => return Drive::Done,
+            Phase::Exchange(ex) => ex.close_after = true,
+            _ => {}
+        }
+        self.drive(ctx)
+    }
+
+    /// Drain timeout: WebSocket clients get a close frame with `code`, others just close.
+    pub fn going_away(&mut self, ctx: &mut Ctx<'_>, code: u16) -> Drive {
+        match &mut self.phase {
+            Phase::Tunnel(t) => {
+                t.pending_close = Some(code);
+                self.last_activity = ctx.now;
+                self.drive(ctx)
+            }
+            Phase::Closing { .. } => Drive::Continue,
+            _ => Drive::Done,
+        }
+    }
+
+    fn step(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let mut progress = false;
+        // Client → balancer.
+        if self.c_ready.readable && !self.c_eof {
+            match &mut self.phase {
+                Phase::Tunnel(t) => {
+                    if let Some(leg) = &mut self.leg {
+                        if !leg.to_backend.buf.is_full() && t.pending_close.is_none() {
+                            match read_tracked(&mut self.client, &mut self.c_ready, &mut leg.to_backend.buf, &mut t.up) {
+                                Ok(Io::Progress(_)) => progress = true,
+                                Ok(Io::WouldBlock) => {}
+                                Ok(Io::Eof) | Ok(Io::Failed) => {
+                                    self.c_eof = true;
+                                    progress = true;
+                                }
+                                Err(code) => {
+                                    log::debug("bad frame from client", &[("client", &self.id), ("code", &code)]);
+                                    t.pending_close = Some(code);
+                                    self.c_eof = true;
+                                    progress = true;
+                                }
+                            }
+                        }
+                    }
+                }
+                Phase::Closing { .. } => {
+                    // Read and discard so our close does not turn into a reset that destroys
+                    // the answer still in flight to the client.
+                    let mut sink = [0u8; 4096];
+                    match read_some(&mut self.client, &mut self.c_ready, &mut sink) {
+                        Io::Progress(_) => progress = true,
+                        Io::WouldBlock => {}
+                        Io::Eof | Io::Failed => return Step::Done,
+                    }
+                }
+                _ => {
+                    if !self.from_client.is_full() {
+                        match read_into(&mut self.client, &mut self.c_ready, &mut self.from_client) {
+                            Io::Progress(_) => {
+                                if self.head_started.is_none() && matches!(self.phase, Phase::Head) {
+                                    self.head_started = Some(ctx.now);
+                                }
+                                progress = true;
+                            }
+                            Io::WouldBlock => {}
+                            Io::Eof => {
+                                self.c_eof = true;
+                                progress = true;
+                            }
+                            Io::Failed => return Step::Done,
+                        }
+                    }
+                }
+            }
+        }
+
+        // Protocol work.
+        match self.process(ctx) {
+            Step::Progress => progress = true,
+            Step::Done => return Step::Done,
+            Step::Idle => {}
+        }
+
+        // Balancer → backend, and backend connect completion.
+        if let Some(leg) = &mut self.leg {
+            if leg.connecting_since.is_some() && leg.ready.writable {
+                match connect_result(&leg.stream) {
+                    Ok(true) => {
+                        leg.connecting_since = None;
+                        ctx.backends.connect_ok(leg.backend);
+                        progress = true;
+                    }
+                    Ok(false) => leg.ready.writable = false,
+                    Err(e) => {
+                        let why = e.to_string();
+                        self.backend_failed(ctx, &why);
+                        return Step::Progress;
+                    }
+                }
+            }
+            if let Some(leg) = &mut self.leg {
+                if leg.connecting_since.is_none() {
+                    match leg.to_backend.flush(&mut leg.stream, &mut leg.ready) {
+                        Io::Progress(_) => progress = true,
+                        Io::Failed if matches!(self.phase, Phase::Tunnel(_)) => {
+                            leg.eof = true;
+                            leg.to_backend.buf.release();
+                            progress = true;
+                        }
+                        Io::Failed => {
+                            self.backend_lost(ctx);
+                            return Step::Progress;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+
+        // Backend → balancer.
+        if let Some(leg) = &mut self.leg {
+            if leg.connecting_since.is_none() && leg.ready.readable && !leg.eof {
+                let io = match &mut self.phase {
+                    Phase::Tunnel(t) if t.pending_close.is_none() => {
+                        if self.to_client.buf.is_full() {
+                            Ok(Io::WouldBlock)
+                        } else {
+                            read_tracked(&mut leg.stream, &mut leg.ready, &mut self.to_client.buf, &mut t.down)
+                        }
+                    }
+                    Phase::Tunnel(_) | Phase::Closing { .. } => Ok(Io::WouldBlock),
+                    _ => {
+                        if leg.from_backend.is_full() {
+                            Ok(Io::WouldBlock)
+                        } else {
+                            Ok(read_into(&mut leg.stream, &mut leg.ready, &mut leg.from_backend))
+                        }
+                    }
+                };
+                match io {
+                    Ok(Io::Progress(_)) => progress = true,
+                    Ok(Io::WouldBlock) => {}
+                    Ok(Io::Eof) | Ok(Io::Failed) => {
+                        leg.eof = true;
+                        progress = true;
+                    }
+                    Err(code) => {
+                        log::error("bad frame from backend", &[("client", &self.id), ("code", &code)]);
+                        if let Phase::Tunnel(t) = &mut self.phase {
+                            t.pending_close = Some(code);
+                        }
+                        leg.eof = true;
+                        progress = true;
+                    }
+                }
+            }
+        }
+
+        // Balancer → client.
+        match self.to_client.flush(&mut self.client, &mut self.c_ready) {
+            Io::Progress(_) => progress = true,
+            Io::Failed => return Step::Done,
+            _ => {}
+        }
+        if self.to_client.is_empty() && !self.c_fin_sent {
+            let finish = match &self.phase {
+                Phase::Closing { .. } => true,
+                Phase::Tunnel(_) => self.leg.as_ref().is_none_or(|l| l.eof && l.from_backend.is_empty()),
+                _ => false,
+            };
+            if finish {
+                let _ = self.client.shutdown(Shutdown::Write);
+                self.c_fin_sent = true;
+                progress = true;
+            }
+        }
+        if progress {
+            Step::Progress
+        } else {
+            Step::Idle
+        }
+    }
+
+    fn process(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        match &self.phase {
+            Phase::Head => self.process_head(ctx),
+            Phase::Exchange(_) => self.process_exchange(ctx),
+            Phase::Tunnel(_) => self.process_tunnel(ctx),
+            Phase::Closing { .. } => {
+                if self.c_fin_sent && self.c_eof {
+                    Step::Done
+                } else {
+                    Step::Idle
+                }
+            }
+        }
+    }
+
+    /// Answers `status` itself and closes the connection after it.
+    fn fail(&mut self, ctx: &mut Ctx<'_>, status: u16) {
+        self.drop_leg(ctx, false);
+        if let Phase::Exchange(ex) = &self.phase {
+            if ex.answered {
+                // Part of a response already went out: the only honest signal left is a close.
+                self.to_client.buf.release();
+                self.phase = Phase::Closing { since: ctx.now };
+                return;
+            }
+        }
+        // Whatever relayed bytes are queued belong to a completed earlier response.
+        if self.to_client.can_queue_head() {
+            rewrite::write_error(status, true, self.to_client.head_vec());
+        }
+        self.from_client.release();
+        self.phase = Phase::Closing { since: ctx.now };
+    }
+
+    fn process_head(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        if !self.to_client.can_queue_head() {
+            // A pipelined request waits until the previous response has left the relay
+            // buffer, so every head we queue for the client is in order.
+            return Step::Idle;
+        }
+        if self.from_client.is_empty() {
+            if self.c_eof {
+                self.phase = Phase::Closing { since: ctx.now };
+                return Step::Progress;
+            }
+            return Step::Idle;
+        }
+        let mut storage = head::header_storage();
+        let parsed = head::parse_request(self.from_client.data(), &mut storage);
+        let req = match parsed {
+            Ok(Some(req)) => req,
+            Ok(None) => {
+                if self.c_eof {
+                    self.phase = Phase::Closing { since: ctx.now };
+                    return Step::Progress;
+                }
+                if self.from_client.is_full() && self.from_client.len() < MAX_HEAD {
+                    // A head may legitimately exceed one buffer, up to the head limit.
+                    self.from_client.grow(MAX_HEAD);
+                    return Step::Progress;
+                }
+                return Step::Idle;
+            }
+            Err(e) => {
+                log::debug("bad request head", &[("client", &self.id), ("error", &e)]);
+                let status = e.status();
+                self.fail(ctx, status);
+                return Step::Progress;
+            }
+        };
+        let ws_key = if req.wants_websocket {
+            match handshake::validate_request(&req) {
+                Ok(_) if !ctx.cfg.websocket => Err(400),
+                Ok(k) => Ok(Some(k)),
+                Err(e) => {
+                    log::debug("bad websocket upgrade", &[("client", &self.id), ("error", &e)]);
+                    Err(e.status())
+                }
+            }
+        } else if !ctx.cfg.http {
+            Err(426)
+        } else {
+            Ok(None)
+        };
+        let ws_key = match ws_key {
+            Ok(k) => k,
+            Err(status) => {
+                self.fail(ctx, status);
+                return Step::Progress;
+            }
+        };
+        let client = ClientInfo {
+            peer: self.peer.ip(),
+            tls: false,
+        };
+        let mut to_backend = Outbox::default();
+        rewrite::write_request(&req, client, ws_key.is_some(), to_backend.head_vec());
+        let ex = Exchange {
+            req_body: BodyReader::new(req.body),
+            resp: Resp::AwaitHead,
+            head_request: req.method.eq_ignore_ascii_case("HEAD"),
+            ws_key,
+            close_after: !req.keep_alive || ctx.draining,
+            backend_keep_alive: false,
+            answered: false,
+            failed: Vec::new(),
+            started: ctx.now,
+            status: 0,
+        };
+        let head_len = req.head_len;
+        let req_keep_alive = req.keep_alive && !ctx.draining;
+        let has_body = req.body != BodyKind::Empty;
+        self.from_client.consume(head_len);
+        self.head_started = None;
+        self.phase = Phase::Exchange(Box::new(ex));
+        if ctx.backends.len() == 0 {
+            log::debug("no backend", &[("client", &self.id)]);
+            if has_body {
+                // The unread body would be taken for the next request: close instead.
+                self.fail(ctx, 503);
+            } else {
+                let close = !req_keep_alive;
+                rewrite::write_error(503, close, self.to_client.head_vec());
+                self.phase = if close { Phase::Closing { since: ctx.now } } else { Phase::Head };
+            }
+            return Step::Progress;
+        }
+        self.connect_backend(ctx, to_backend, false);
+        Step::Progress
+    }
+
+    /// Picks a backend (not among those that failed) and opens or reuses a connection;
+    /// answers 502 when none is left. `same_backend_fresh` retries the last failed backend
+    /// on a new connection (its pooled connection was stale, the backend is fine).
+    fn connect_backend(&mut self, ctx: &mut Ctx<'_>, mut to_backend: Outbox, same_backend_fresh: bool) {
+        let Phase::Exchange(ex) = &mut self.phase else {
+            return;
+        };
+        let token = token_for(self.key, Side::Backend);
+        let opened = loop {
+            let picked = if same_backend_fresh && ex.failed.len() == 1 {
+                ex.failed.last().copied()
+            } else {
+                ctx.backends.pick(ctx.cfg.algorithm, &ex.failed, ctx.now, ctx.rng)
+            };
+            let Some(id) = picked else {
+                break None;
+            };
+            let Some(addr) = ctx.backends.get(id).map(|b| b.addr) else {
+                ex.failed.push(id);
+                continue;
+            };
+            let pooled = if same_backend_fresh {
+                None
+            } else {
+                ctx.backends.checkout(id, ctx.now)
+            };
+            let reused = pooled.is_some();
+            let stream = match pooled {
+                Some(s) => Ok(s),
+                None => TcpStream::connect(addr),
+            };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    ctx.backends.connect_failed(id, ctx.now, &e);
+                    ex.failed.push(id);
+                    continue;
+                }
+            };
+            if let Err(e) = ctx
+                .poll
+                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            {
+                log::error("register failed", &[("error", &e)]);
+                break None;
+            }
+            break Some((id, stream, reused));
+        };
+        let Some((id, stream, reused)) = opened else {
+            log::error("no backend could be reached", &[("client", &self.id)]);
+            self.fail(ctx, 502);
+            return;
+        };
+        ctx.backends.acquire(id);
+        if log::enabled(log::Level::Debug) {
+            log::debug("paired", &[("client", &self.id), ("backend", &id), ("reused", &reused)]);
+        }
+        to_backend.rewind_head();
+        self.leg = Some(Leg {
+            stream,
+            // A pooled connection is usable now; a new one waits for its connect event.
+            ready: Ready {
+                readable: reused,
+                writable: reused,
+            },
+            backend: id,
+            connecting_since: if reused { None } else { Some(ctx.now) },
+            reused,
+            from_backend: Buffer::default(),
+            to_backend,
+            eof: false,
+            fin_sent: false,
+        });
+    }
+
+    /// Drops the backend leg; `reusable` returns its socket to the keep-alive pool.
+    fn drop_leg(&mut self, ctx: &mut Ctx<'_>, reusable: bool) -> Option<Outbox> {
+        let mut leg = self.leg.take()?;
+        ctx.backends.release(leg.backend);
+        let _ = ctx.poll.deregister(&mut leg.stream);
+        if reusable {
+            ctx.backends.checkin(leg.backend, leg.stream, ctx.now);
+        }
+        Some(leg.to_backend)
+    }
+
+    /// Connecting failed: try another backend while the client has seen nothing.
+    fn backend_failed(&mut self, ctx: &mut Ctx<'_>, why: &str) {
+        let Some(id) = self.leg.as_ref().map(|l| l.backend) else {
+            return;
+        };
+        ctx.backends.connect_failed(id, ctx.now, &why);
+        let to_backend = self.drop_leg(ctx, false).unwrap_or_default();
+        if let Phase::Exchange(ex) = &mut self.phase {
+            ex.failed.push(id);
+        }
+        self.connect_backend(ctx, to_backend, false);
+    }
+
+    /// The backend closed or reset during an exchange before the response was complete.
+    fn backend_lost(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(leg) = &self.leg else { return };
+        let retry = match &self.phase {
+            // A pooled connection the backend had already closed: nothing was processed,
+            // so sending the same head again on a fresh connection is safe.
+            Phase::Exchange(ex) => {
+                leg.reused
+                    && !ex.answered
+                    && leg.from_backend.is_empty()
+                    && ex.req_body.payload_bytes() == 0
+                    && matches!(ex.resp, Resp::AwaitHead)
+                    && leg.to_backend.buf.is_empty()
+            }
+            _ => false,
+        };
+        let id = leg.backend;
+        if retry {
+            let to_backend = self.drop_leg(ctx, false).unwrap_or_default();
+            if let Phase::Exchange(ex) = &mut self.phase {
+                ex.failed.push(id);
+            }
+            self.connect_backend(ctx, to_backend, true);
+            return;
+        }
+        let answered = matches!(&self.phase, Phase::Exchange(ex) if ex.answered);
+        if !answered {
+            log::error("backend closed before answering", &[("client", &self.id), ("backend", &id)]);
+        }
+        self.fail(ctx, 502);
+    }
+
+    fn process_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Phase::Exchange(ex) = &mut self.phase else {
+            return Step::Idle;
+        };
+        let mut progress = false;
+        let Some(leg) = &mut self.leg else {
+            return Step::Idle;
+        };
+        // Request body: client → backend, bounded by the backend outbox.
+        if !ex.req_body.is_done() && !self.from_client.is_empty() && leg.connecting_since.is_none() {
+            let room = BUF_ROOM.saturating_sub(leg.to_backend.buf.len());
+            let avail = self.from_client.data();
+            let chunk = avail.get(..room.min(avail.len())).unwrap_or_default();
+            match ex.req_body.feed(chunk) {
+                Ok(p) if p.consumed > 0 => {
+                    let part = chunk.get(..p.consumed).unwrap_or_default();
+                    leg.to_backend.buf.push(part);
+                    self.from_client.consume(p.consumed);
+                    progress = true;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::debug("bad request body", &[("client", &self.id), ("error", &e)]);
+                    self.fail(ctx, 400);
+                    return Step::Progress;
+                }
+            }
+        }
+        if self.c_eof && !ex.req_body.is_done() {
+            // The client gave up mid-body: nothing useful can follow.
+            self.drop_leg(ctx, false);
+            self.phase = Phase::Closing { since: ctx.now };
+            return Step::Progress;
+        }
+        if self.c_eof {
+            ex.close_after = true;
+        }
+
+        // Response: backend → client.
+        loop {
+            let Phase::Exchange(ex) = &mut self.phase else {
+                return Step::Progress;
+            };
+            let Some(leg) = &mut self.leg else {
+                return Step::Progress;
+            };
+            match &mut ex.resp {
+                Resp::AwaitHead => {
+                    if leg.from_backend.is_empty() {
+                        if leg.eof {
+                            self.backend_lost(ctx);
+                            return Step::Progress;
+                        }
+                        break;
+                    }
+                    if !self.to_client.can_queue_head() {
+                        break;
+                    }
+                    let mut storage = head::header_storage();
+                    let resp = match head::parse_response(leg.from_backend.data(), &mut storage, ex.head_request) {
+                        Ok(Some(r)) => r,
+                        Ok(None) if leg.eof => {
+                            self.fail(ctx, 502);
+                            return Step::Progress;
+                        }
+                        Ok(None) => {
+                            if leg.from_backend.is_full() && leg.from_backend.len() < MAX_HEAD {
+                                leg.from_backend.grow(MAX_HEAD);
+                                progress = true;
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            log::error("bad response head", &[("client", &self.id), ("error", &e)]);
+                            self.fail(ctx, 502);
+                            return Step::Progress;
+                        }
+                    };
+                    leg.to_backend.drop_head();
+                    if resp.status == 101 {
+                        let verdict = match &ex.ws_key {
+                            Some(key) => handshake::validate_response(&resp, key),
+                            None => Err(handshake::HandshakeError::BadUpgradeResponse),
+                        };
+                        if let Err(e) = verdict {
+                            log::error("bad upgrade response", &[("client", &self.id), ("error", &e)]);
+                            self.fail(ctx, 502);
+                            return Step::Progress;
+                        }
+                        rewrite::write_response(&resp, false, true, self.to_client.head_vec());
+                        let n = resp.head_len;
+                        leg.from_backend.consume(n);
+                        return self.open_tunnel(ctx);
+                    }
+                    if resp.status < 200 {
+                        // Interim answers (100 Continue, 103) go straight through.
+                        rewrite::write_response(&resp, false, false, self.to_client.head_vec());
+                        let n = resp.head_len;
+                        leg.from_backend.consume(n);
+                        ex.answered = true;
+                        progress = true;
+                        continue;
+                    }
+                    if !ex.req_body.is_done() || resp.body == BodyKind::UntilClose {
+                        ex.close_after = true;
+                    }
+                    ex.backend_keep_alive = resp.keep_alive;
+                    ex.status = resp.status;
+                    rewrite::write_response(&resp, ex.close_after, false, self.to_client.head_vec());
+                    let n = resp.head_len;
+                    ex.resp = Resp::Body(BodyReader::new(resp.body));
+                    leg.from_backend.consume(n);
+                    ex.answered = true;
+                    progress = true;
+                }
+                Resp::Body(body) => {
+                    if !body.is_done() && !leg.from_backend.is_empty() {
+                        let room = BUF_ROOM.saturating_sub(self.to_client.buf.len());
+                        let avail = leg.from_backend.data();
+                        let chunk = avail.get(..room.min(avail.len())).unwrap_or_default();
+                        match body.feed(chunk) {
+                            Ok(p) if p.consumed > 0 => {
+                                let part = chunk.get(..p.consumed).unwrap_or_default();
+                                self.to_client.buf.push(part);
+                                leg.from_backend.consume(p.consumed);
+                                progress = true;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                log::error("bad response body", &[("client", &self.id), ("error", &e)]);
+                                self.fail(ctx, 502);
+                                return Step::Progress;
+                            }
+                        }
+                    }
+                    let ended = body.is_done()
+                        || (leg.eof && leg.from_backend.is_empty() && body.is_until_close());
+                    if ended && ex.req_body.is_done() || ended && ex.close_after {
+                        return self.finish_exchange(ctx);
+                    }
+                    if leg.eof && leg.from_backend.is_empty() && !body.is_done() {
+                        // Truncated response: the client must not mistake it for complete.
+                        self.fail(ctx, 502);
+                        return Step::Progress;
+                    }
+                    break;
+                }
+            }
+        }
+        if progress {
+            Step::Progress
+        } else {
+            Step::Idle
+        }
+    }
+
+    fn finish_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Phase::Exchange(ex) = &self.phase else {
+            return Step::Idle;
+        };
+        let reusable = ex.backend_keep_alive
+            && ex.req_body.is_done()
+            && matches!(&ex.resp, Resp::Body(b) if !b.is_until_close())
+            && self.leg.as_ref().is_some_and(|l| !l.eof && l.from_backend.is_empty() && l.to_backend.is_empty());
+        if log::enabled(log::Level::Debug) {
+            let ms = ctx.now.duration_since(ex.started).as_millis();
+            log::debug("request done", &[("client", &self.id), ("status", &ex.status), ("ms", &ms)]);
+        }
+        let close = ex.close_after;
+        self.drop_leg(ctx, reusable);
+        if close {
+            self.phase = Phase::Closing { since: ctx.now };
+        } else {
+            self.phase = Phase::Head;
+            self.head_started = if self.from_client.is_empty() { None } else { Some(ctx.now) };
+        }
+        Step::Progress
+    }
+
+    fn open_tunnel(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let max = ctx.cfg.max_frame_size;
+        let mut t = Tunnel {
+            up: FrameTracker::new(Direction::ClientToServer, max),
+            down: FrameTracker::new(Direction::ServerToClient, max),
+            pending_close: None,
+        };
+        let Some(leg) = &mut self.leg else {
+            self.phase = Phase::Closing { since: ctx.now };
+            return Step::Progress;
+        };
+        // Bytes that arrived with the handshake belong to the frame streams.
+        let early_up = self.from_client.data();
+        if let Err(e) = t.up.feed(early_up) {
+            t.pending_close = Some(e.close_code());
+        } else {
+            leg.to_backend.buf.push(early_up);
+        }
+        self.from_client.release();
+        let early_down = leg.from_backend.data();
+        if let Err(e) = t.down.feed(early_down) {
+            t.pending_close = Some(e.close_code());
+        } else {
+            self.to_client.buf.push(early_down);
+        }
+        leg.from_backend.release();
+        log::debug("websocket open", &[("client", &self.id), ("backend", &leg.backend)]);
+        self.phase = Phase::Tunnel(Box::new(t));
+        Step::Progress
+    }
+
+    fn process_tunnel(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let Phase::Tunnel(t) = &mut self.phase else {
+            return Step::Idle;
+        };
+        let Some(leg) = &mut self.leg else {
+            return Step::Done;
+        };
+        if leg.eof && self.c_eof && leg.fin_sent {
+            return Step::Done;
+        }
+        // Client hung up: pass its FIN on once its last bytes reached the backend.
+        if self.c_eof && leg.to_backend.is_empty() && !leg.fin_sent {
+            let _ = leg.stream.shutdown(Shutdown::Write);
+            leg.fin_sent = true;
+            return Step::Progress;
+        }
+        if leg.eof && t.pending_close.is_none() && !t.down.close_seen() && !self.c_fin_sent {
+            // The backend vanished without a close handshake: tell the client why.
+            t.pending_close = Some(CLOSE_BACKEND_GONE);
+        }
+        if let Some(code) = t.pending_close {
+            if t.down.close_seen() {
+                // A close already went to the client; just finish.
+                t.pending_close = None;
+                self.phase = Phase::Closing { since: ctx.now };
+                self.drop_leg(ctx, false);
+                return Step::Progress;
+            }
+            if t.down.at_frame_boundary() && self.to_client.buf.has_room(8) {
+                let mut frame = [0u8; 8];
+                let n = encode_close(code, None, &mut frame);
+                self.to_client.buf.push(frame.get(..n).unwrap_or_default());
+                // Best effort: tell the backend too, masked as a client must.
+                if !leg.eof && t.up.at_frame_boundary() && !leg.fin_sent {
+                    let n = encode_close(code, Some(ctx.rng.random::<[u8; 4]>()), &mut frame);
+                    leg.to_backend.buf.push(frame.get(..n).unwrap_or_default());
+                    let _ = leg.to_backend.flush(&mut leg.stream, &mut leg.ready);
+                }
+                self.drop_leg(ctx, false);
+                self.phase = Phase::Closing { since: ctx.now };
+                return Step::Progress;
+            }
+            if leg.eof {
+                // Mid-frame with no more bytes coming: a TCP close is all that is left.
+                self.drop_leg(ctx, false);
+                self.phase = Phase::Closing { since: ctx.now };
+                return Step::Progress;
+            }
+        }
+        if leg.eof && t.down.close_seen() && self.to_client.is_empty() {
+            // Clean close handshake from the backend side: forward the FIN.
+            self.drop_leg(ctx, false);
+            self.phase = Phase::Closing { since: ctx.now };
+            return Step::Progress;
+        }
+        Step::Idle
+    }
+}
+
+/// Room an outbox buffer offers for relayed bytes.
+const BUF_ROOM: usize = crate::buffer::BUF_SIZE;
+
+/// Reads into `buf` and runs the new bytes through `tracker`; bytes of a bad frame are never
+/// committed, so nothing after a protocol error is relayed.
+fn read_tracked(stream: &mut TcpStream, ready: &mut Ready, buf: &mut Buffer, tracker: &mut FrameTracker) -> Result<Io, u16> {
+    let space = buf.space();
+    let io = read_some(stream, ready, space);
+    if let Io::Progress(n) = io {
+        let fresh = space.get(..n).unwrap_or_default();
+        tracker.feed(fresh).map_err(|e| e.close_code())?;
+        buf.commit(n);
+    }
+    Ok(io)
+}
+
+/// Non-blocking connect outcome: `Ok(true)` connected, `Ok(false)` not yet.
+fn connect_result(stream: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    match stream.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        for key in [0usize, 1, 7, 100_000] {
+            for side in [Side::Client, Side::Backend] {
+                assert_eq!(key_of(token_for(key, side)), Some((key, side)));
+            }
+        }
+        assert_eq!(key_of(Token(3)), None);
+    }
+}

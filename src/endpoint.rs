@@ -1,0 +1,195 @@
+//! One socket's side of a connection: readiness kept in userland, and non-blocking reads and
+//! writes turned into [`Io`] so state code never matches on `io::ErrorKind`.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+
+use crate::buffer::Buffer;
+
+/// Outcome of one non-blocking read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// Moved this many bytes (never 0).
+    Progress(usize),
+    /// Nothing to do until the next readiness event.
+    WouldBlock,
+    /// Peer closed its sending side (reads only).
+    Eof,
+    /// Connection reset or other fatal error.
+    Failed,
+}
+
+/// Edge-triggered readiness seen and not yet used up. A bit is set by an event and cleared
+/// only when an operation hits `WouldBlock`, so a stopped reader (full buffer) resumes
+/// without waiting for a new edge.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ready {
+    /// A read may make progress.
+    pub readable: bool,
+    /// A write may make progress.
+    pub writable: bool,
+}
+
+impl Ready {
+    /// Folds a poll event into the bits. Errors and hang-ups wake both directions so the next
+    /// read/write reports them.
+    pub fn absorb(&mut self, ev: &mio::event::Event) {
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            self.readable = true;
+        }
+        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+            self.writable = true;
+        }
+    }
+}
+
+fn classify(e: &io::Error) -> Option<Io> {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => Some(Io::WouldBlock),
+        io::ErrorKind::Interrupted => None,
+        _ => Some(Io::Failed),
+    }
+}
+
+/// Reads once into `dst`; clears `ready.readable` on `WouldBlock`.
+pub fn read_some(stream: &mut TcpStream, ready: &mut Ready, dst: &mut [u8]) -> Io {
+    if dst.is_empty() {
+        return Io::WouldBlock;
+    }
+    loop {
+        return match stream.read(dst) {
+            Ok(0) => Io::Eof,
+            Ok(n) => Io::Progress(n),
+            Err(e) => match classify(&e) {
+                None => continue,
+                Some(Io::WouldBlock) => {
+                    ready.readable = false;
+                    Io::WouldBlock
+                }
+                Some(other) => other,
+            },
+        };
+    }
+}
+
+/// Reads once into the free space of `buf`.
+pub fn read_into(stream: &mut TcpStream, ready: &mut Ready, buf: &mut Buffer) -> Io {
+    let io = read_some(stream, ready, buf.space());
+    if let Io::Progress(n) = io {
+        buf.commit(n);
+    }
+    io
+}
+
+/// Writes once from `src`; clears `ready.writable` on `WouldBlock`.
+pub fn write_some(stream: &mut TcpStream, ready: &mut Ready, src: &[u8]) -> Io {
+    if src.is_empty() {
+        return Io::WouldBlock;
+    }
+    loop {
+        return match stream.write(src) {
+            Ok(0) => Io::Failed,
+            Ok(n) => Io::Progress(n),
+            Err(e) => match classify(&e) {
+                None => continue,
+                Some(Io::WouldBlock) => {
+                    ready.writable = false;
+                    Io::WouldBlock
+                }
+                Some(other) => other,
+            },
+        };
+    }
+}
+
+/// Bytes owed to one peer: an optional head (a rewritten HTTP head or a frame the balancer
+/// made, which may exceed a buffer) always written before the relayed bytes in `buf`.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    head: Vec<u8>,
+    head_pos: usize,
+    /// Relayed bytes, written after `head`.
+    pub buf: Buffer,
+}
+
+impl Outbox {
+    /// Nothing left to write.
+    pub fn is_empty(&self) -> bool {
+        self.head_pos >= self.head.len() && self.buf.is_empty()
+    }
+
+    /// A head may be queued only when no relayed bytes wait, or it would overtake them.
+    pub fn can_queue_head(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Queues a head (call only when [`Outbox::can_queue_head`]).
+    pub fn queue_head(&mut self, bytes: &[u8]) {
+        if self.head_pos >= self.head.len() {
+            self.head.clear();
+            self.head_pos = 0;
+        }
+        self.head.extend_from_slice(bytes);
+    }
+
+    /// Hands out the head storage to write into directly (same rule as `queue_head`).
+    pub fn head_vec(&mut self) -> &mut Vec<u8> {
+        if self.head_pos >= self.head.len() {
+            self.head.clear();
+            self.head_pos = 0;
+        }
+        &mut self.head
+    }
+
+    /// Bytes of the head already written (a pooled connection that failed before answering
+    /// can be retried only if the whole head is still here).
+    pub fn head_written(&self) -> usize {
+        self.head_pos
+    }
+
+    /// Rewinds the head so it is written again on a fresh connection.
+    pub fn rewind_head(&mut self) {
+        self.head_pos = 0;
+    }
+
+    /// Forgets the head once it can no longer be needed, and frees it if large.
+    pub fn drop_head(&mut self) {
+        self.head.clear();
+        self.head_pos = 0;
+        if self.head.capacity() > 4096 {
+            self.head = Vec::new();
+        }
+    }
+
+    /// Writes as much as the socket takes. Returns bytes written, or the blocking outcome.
+    pub fn flush(&mut self, stream: &mut TcpStream, ready: &mut Ready) -> Io {
+        let mut total = 0;
+        while ready.writable && !self.is_empty() {
+            let io = if self.head_pos < self.head.len() {
+                let src = self.head.get(self.head_pos..).unwrap_or_default();
+                let io = write_some(stream, ready, src);
+                if let Io::Progress(n) = io {
+                    self.head_pos += n;
+                }
+                io
+            } else {
+                let io = write_some(stream, ready, self.buf.data());
+                if let Io::Progress(n) = io {
+                    self.buf.consume(n);
+                }
+                io
+            };
+            match io {
+                Io::Progress(n) => total += n,
+                Io::WouldBlock => break,
+                other => return other,
+            }
+        }
+        if total > 0 {
+            Io::Progress(total)
+        } else {
+            Io::WouldBlock
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! HTTP/1.1 request and response heads: httparse plus the framing decisions a proxy must
+//! make strictly (RFC 9112 §6), with hard limits. Pure and allocation-free: the caller owns
+//! the header storage and the input.
+
+use std::fmt;
+
+use super::body::BodyKind;
+
+/// Largest request/response head accepted (431 beyond).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields accepted (431 beyond).
+pub const MAX_HEADERS: usize = 100;
+
+/// Storage for one parse; lives on the caller's stack.
+pub type HeaderStorage<'b> = [httparse::Header<'b>; MAX_HEADERS];
+
+/// Empty header storage.
+pub fn header_storage<'b>() -> HeaderStorage<'b> {
+    [httparse::EMPTY_HEADER; MAX_HEADERS]
+}
+
+/// Why a head was refused. Each variant has exactly one status code ([`HeadError::status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// More than [`MAX_HEAD`] bytes without the end of the head.
+    TooLarge,
+    /// More than [`MAX_HEADERS`] fields.
+    TooManyHeaders,
+    /// Not HTTP/1.x syntax.
+    Malformed(httparse::Error),
+    /// Content-Length not a plain decimal, overflowing, or several that disagree.
+    BadContentLength,
+    /// Transfer-Encoding whose final coding is not `chunked` (requests), or on HTTP/1.0.
+    BadTransferEncoding,
+    /// Both Content-Length and Transfer-Encoding.
+    ConflictingFraming,
+    /// HTTP/1.1 request without exactly one Host.
+    BadHost,
+    /// A method the proxy does not relay (CONNECT).
+    MethodNotAllowed,
+}
+
+impl HeadError {
+    /// The one status code answered for this error.
+    pub fn status(self) -> u16 {
+        match self {
+            HeadError::TooLarge | HeadError::TooManyHeaders => 431,
+            HeadError::MethodNotAllowed => 405,
+            _ => 400,
+        }
+    }
+}
+
+impl fmt::Display for HeadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeadError::TooLarge => f.write_str("head too large"),
+            HeadError::TooManyHeaders => f.write_str("too many header fields"),
+            HeadError::Malformed(e) => write!(f, "malformed head: {e}"),
+            HeadError::BadContentLength => f.write_str("invalid Content-Length"),
+            HeadError::BadTransferEncoding => f.write_str("invalid Transfer-Encoding"),
+            HeadError::ConflictingFraming => {
+                f.write_str("both Content-Length and Transfer-Encoding")
+            }
+            HeadError::BadHost => f.write_str("missing or repeated Host"),
+            HeadError::MethodNotAllowed => f.write_str("method not relayed"),
+        }
+    }
+}
+
+impl std::error::Error for HeadError {}
+
+/// A parsed request head borrowing the input.
+#[derive(Debug)]
+pub struct Request<'h, 'b> {
+    /// Method token.
+    pub method: &'b str,
+    /// Request target as sent.
+    pub path: &'b str,
+    /// Minor version: 0 or 1.
+    pub version: u8,
+    /// The header fields in order.
+    pub headers: &'h [httparse::Header<'b>],
+    /// Bytes of the head, including the final CRLF CRLF.
+    pub head_len: usize,
+    /// How the body is delimited.
+    pub body: BodyKind,
+    /// The client wants the connection kept open after this exchange.
+    pub keep_alive: bool,
+    /// `Upgrade` names `websocket` (validity is checked by `ws::handshake`).
+    pub wants_websocket: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+}
+
+/// A parsed response head borrowing the input.
+#[derive(Debug)]
+pub struct Response<'h, 'b> {
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase as sent.
+    pub reason: &'b str,
+    /// Minor version: 0 or 1.
+    pub version: u8,
+    /// The header fields in order.
+    pub headers: &'h [httparse::Header<'b>],
+    /// Bytes of the head, including the final CRLF CRLF.
+    pub head_len: usize,
+    /// How the body is delimited.
+    pub body: BodyKind,
+    /// The backend is willing to keep the connection open.
+    pub keep_alive: bool,
+}
+
+fn map_httparse(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        other => HeadError::Malformed(other),
+    }
+}
+
+/// Does a comma-separated header value contain `token` (case-insensitive)?
+pub fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Finds the first header named `name`.
+pub fn header<'b>(headers: &[httparse::Header<'b>], name: &str) -> Option<&'b [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter()
+        .try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// Framing facts gathered from the header fields in one pass.
+struct Framing {
+    content_length: Option<u64>,
+    transfer_encoding: bool,
+    chunked_last: bool,
+    close: bool,
+    keep_alive: bool,
+    upgrade_websocket: bool,
+    expect_continue: bool,
+    hosts: usize,
+}
+
+fn scan(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
+    let mut f = Framing {
+        content_length: None,
+        transfer_encoding: false,
+        chunked_last: false,
+        close: false,
+        keep_alive: false,
+        upgrade_websocket: false,
+        expect_continue: false,
+        hosts: 0,
+    };
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            // A list value ("5, 5") or repeated fields must all agree (RFC 9112 §6.3).
+            for part in h.value.split(|&b| b == b',') {
+                let n = parse_decimal(part.trim_ascii()).ok_or(HeadError::BadContentLength)?;
+                match f.content_length {
+                    Some(prev) if prev != n => return Err(HeadError::BadContentLength),
+                    _ => f.content_length = Some(n),
+                }
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            f.transfer_encoding = true;
+            // Only the final coding matters for framing, across all fields in order.
+            if let Some(last) = h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).last() {
+                f.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            f.close |= has_token(h.value, "close");
+            f.keep_alive |= has_token(h.value, "keep-alive");
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            f.upgrade_websocket |= has_token(h.value, "websocket");
+        } else if name.eq_ignore_ascii_case("expect") {
+            f.expect_continue |= h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case("host") {
+            f.hosts += 1;
+        }
+    }
+    Ok(f)
+}
+
+/// Parses a request head. `Ok(None)` = incomplete (and still under the size limit).
+pub fn parse_request<'h, 'b>(
+    buf: &'b [u8],
+    storage: &'h mut HeaderStorage<'b>,
+) -> Result<Option<Request<'h, 'b>>, HeadError> {
+    let mut req = httparse::Request::new(storage);
+    let status = req.parse(buf).map_err(map_httparse)?;
+    let head_len = match status {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        httparse::Status::Partial => return Ok(None),
+    };
+    if head_len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed(httparse::Error::Token));
+    };
+    let headers: &'h [httparse::Header<'b>] = req.headers;
+    let f = scan(headers)?;
+    if method.eq_ignore_ascii_case("CONNECT") {
+        return Err(HeadError::MethodNotAllowed);
+    }
+    if version == 1 && f.hosts != 1 || f.hosts > 1 {
+        return Err(HeadError::BadHost);
+    }
+    let body = match (f.transfer_encoding, f.content_length) {
+        (true, Some(_)) => return Err(HeadError::ConflictingFraming),
+        (true, None) if version == 0 || !f.chunked_last => {
+            return Err(HeadError::BadTransferEncoding)
+        }
+        (true, None) => BodyKind::Chunked,
+        (false, Some(0)) | (false, None) => BodyKind::Empty,
+        (false, Some(n)) => BodyKind::Length(n),
+    };
+    let keep_alive = if version == 1 { !f.close } else { f.keep_alive && !f.close };
+    Ok(Some(Request {
+        method,
+        path,
+        version,
+        headers,
+        head_len,
+        body,
+        keep_alive,
+        wants_websocket: f.upgrade_websocket,
+        expect_continue: f.expect_continue,
+    }))
+}
+
+/// Parses a response head to a request whose method was HEAD when `head_request`.
+/// `Ok(None)` = incomplete (and still under the size limit).
+pub fn parse_response<'h, 'b>(
+    buf: &'b [u8],
+    storage: &'h mut HeaderStorage<'b>,
+    head_request: bool,
+) -> Result<Option<Response<'h, 'b>>, HeadError> {
+    let mut resp = httparse::Response::new(storage);
+    let status = resp.parse(buf).map_err(map_httparse)?;
+    let head_len = match status {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        httparse::Status::Partial => return Ok(None),
+    };
+    if head_len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let (Some(code), Some(version)) = (resp.code, resp.version) else {
+        return Err(HeadError::Malformed(httparse::Error::Status));
+    };
+    let reason = resp.reason.unwrap_or("");
+    let headers: &'h [httparse::Header<'b>] = resp.headers;
+    let f = scan(headers)?;
+    let body = if head_request || (100..200).contains(&code) || code == 204 || code == 304 {
+        BodyKind::Empty
+    } else {
+        match (f.transfer_encoding, f.content_length) {
+            (true, Some(_)) => return Err(HeadError::ConflictingFraming),
+            (true, None) if version == 0 => return Err(HeadError::BadTransferEncoding),
+            (true, None) if f.chunked_last => BodyKind::Chunked,
+            // A response whose final coding is not chunked is delimited by close (RFC 9112 §6.3).
+            (true, None) => BodyKind::UntilClose,
+            (false, Some(n)) => BodyKind::Length(n),
+            (false, None) => BodyKind::UntilClose,
+        }
+    };
+    let keep_alive = if version == 1 { !f.close } else { f.keep_alive && !f.close };
+    Ok(Some(Response {
+        status: code,
+        reason,
+        version,
+        headers,
+        head_len,
+        body,
+        keep_alive,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(bytes: &[u8]) -> Result<Option<(BodyKind, bool, bool, usize)>, HeadError> {
+        let mut st = header_storage();
+        parse_request(bytes, &mut st)
+            .map(|o| o.map(|r| (r.body, r.keep_alive, r.wants_websocket, r.head_len)))
+    }
+
+    #[test]
+    fn request_framing_table() {
+        use BodyKind::*;
+        let ok: &[(&[u8], BodyKind, bool)] = &[
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Empty, true),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Empty, false),
+            (b"GET / HTTP/1.0\r\n\r\n", Empty, false),
+            (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Empty, true),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n", Length(5), true),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", Length(5), true),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", Empty, true),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Chunked, true),
+        ];
+        for (bytes, body, ka) in ok {
+            let (b, k, _, n) = req(bytes).unwrap().unwrap();
+            assert_eq!((b, k, n), (*body, *ka, bytes.len()), "{}", String::from_utf8_lossy(bytes));
+            // Every strict prefix is incomplete, never an error (framing bugs live at boundaries).
+            for cut in 0..bytes.len() {
+                assert_eq!(req(&bytes[..cut]), Ok(None), "cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn request_errors_table() {
+        let bad: &[(&[u8], HeadError)] = &[
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", HeadError::ConflictingFraming),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", HeadError::BadContentLength),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n", HeadError::BadContentLength),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", HeadError::BadContentLength),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", HeadError::BadContentLength),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", HeadError::BadTransferEncoding),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", HeadError::BadTransferEncoding),
+            (b"GET / HTTP/1.1\r\n\r\n", HeadError::BadHost),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HeadError::BadHost),
+            (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", HeadError::MethodNotAllowed),
+        ];
+        for (bytes, err) in bad {
+            assert_eq!(req(bytes), Err(*err), "{}", String::from_utf8_lossy(bytes));
+        }
+        assert!(matches!(req(b"GET / HTTP/1.1\r\nbad header\r\n\r\n"), Err(HeadError::Malformed(_))));
+        assert!(matches!(req(b"\x00GET / HTTP/1.1\r\n\r\n"), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn limits() {
+        let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
+        big.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(req(&big), Err(HeadError::TooLarge));
+        assert_eq!(HeadError::TooLarge.status(), 431);
+        let mut many = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+        for i in 0..MAX_HEADERS {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(req(&many), Err(HeadError::TooManyHeaders));
+    }
+
+    #[test]
+    fn websocket_and_expect_flags() {
+        let mut st = header_storage();
+        let r = parse_request(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nExpect: 100-continue\r\n\r\n",
+            &mut st,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(r.wants_websocket && r.expect_continue);
+        assert_eq!(r.path, "/ws");
+    }
+
+    #[test]
+    fn response_framing() {
+        use BodyKind::*;
+        let cases: &[(&[u8], bool, BodyKind, bool)] = &[
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false, Length(3), true),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true, Empty, true),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, Chunked, true),
+            (b"HTTP/1.1 200 OK\r\n\r\n", false, UntilClose, true),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false, Empty, true),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false, Empty, true),
+            (b"HTTP/1.1 100 Continue\r\n\r\n", false, Empty, true),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false, Length(1), false),
+            (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false, Length(1), false),
+        ];
+        for (bytes, head, body, ka) in cases {
+            let mut st = header_storage();
+            let r = parse_response(bytes, &mut st, *head).unwrap().unwrap();
+            assert_eq!((r.body, r.keep_alive), (*body, *ka), "{}", String::from_utf8_lossy(bytes));
+        }
+        let mut st = header_storage();
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", &mut st, false).unwrap_err(),
+            HeadError::ConflictingFraming
+        );
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(has_token(b"keep-alive, Upgrade", "upgrade"));
+        assert!(!has_token(b"upgraded", "upgrade"));
+    }
+}

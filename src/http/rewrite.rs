@@ -1,0 +1,284 @@
+//! What the balancer writes: forwarded request/response heads re-serialised from what was
+//! parsed (one framing header, hop-by-hop fields removed, X-Forwarded-* added), and the
+//! canned error answers. Pure: writes into a caller's `Vec`.
+
+use std::net::IpAddr;
+
+use super::body::BodyKind;
+use super::head::{has_token, Request, Response};
+
+/// Fields that describe one hop (RFC 9110 §7.6.1) or that the balancer re-emits itself
+/// (framing, X-Forwarded-Proto/Host), so a client cannot smuggle its own copy through.
+const DROPPED: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "http2-settings",
+];
+
+fn named_by_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .any(|h| has_token(h.value, name))
+}
+
+fn is_dropped(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)) || named_by_connection(headers, name)
+}
+
+fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_framing(out: &mut Vec<u8>, body: BodyKind) {
+    match body {
+        BodyKind::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyKind::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        BodyKind::Empty | BodyKind::UntilClose => {}
+    }
+}
+
+/// How the client reached the balancer, for X-Forwarded-*.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    /// Peer address of the client socket.
+    pub peer: IpAddr,
+    /// Arrived over TLS.
+    pub tls: bool,
+}
+
+/// Writes the head forwarded to a backend. `websocket` re-adds the upgrade fields (which
+/// are hop-by-hop and so dropped with the rest) for a validated WebSocket handshake.
+pub fn write_request(req: &Request<'_, '_>, client: ClientInfo, websocket: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.as_bytes());
+    out.extend_from_slice(if req.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    let mut xff_done = false;
+    let mut host: Option<&[u8]> = None;
+    for h in req.headers {
+        if is_dropped(req.headers, h.name)
+            || h.name.eq_ignore_ascii_case("x-forwarded-proto")
+            || h.name.eq_ignore_ascii_case("x-forwarded-host")
+        {
+            continue;
+        }
+        if h.name.eq_ignore_ascii_case("host") {
+            host = Some(h.value);
+        }
+        if h.name.eq_ignore_ascii_case("x-forwarded-for") && !xff_done {
+            // Append to the first list; later duplicates are forwarded unchanged after it.
+            out.extend_from_slice(b"X-Forwarded-For: ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b", ");
+            out.extend_from_slice(client.peer.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+            xff_done = true;
+            continue;
+        }
+        put_header(out, h.name, h.value);
+    }
+    if !xff_done {
+        put_header(out, "X-Forwarded-For", client.peer.to_string().as_bytes());
+    }
+    put_header(
+        out,
+        "X-Forwarded-Proto",
+        if client.tls { b"https" } else { b"http" },
+    );
+    if let Some(host) = host {
+        put_header(out, "X-Forwarded-Host", host);
+    }
+    if websocket {
+        out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
+    } else if req.version == 0 {
+        // Without this an HTTP/1.0 request closes the pooled backend connection.
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    put_framing(out, req.body);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the head relayed to the client. `close` adds `Connection: close` (the balancer
+/// will close the client connection after this response); `websocket` is for a 101.
+pub fn write_response(resp: &Response<'_, '_>, close: bool, websocket: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(resp.status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers {
+        if is_dropped(resp.headers, h.name) {
+            continue;
+        }
+        put_header(out, h.name, h.value);
+    }
+    match resp.body {
+        BodyKind::Chunked | BodyKind::Length(_) => put_framing(out, resp.body),
+        // 204/304/HEAD answers keep the Content-Length the backend declared: it describes
+        // the representation, not this message's framing.
+        BodyKind::Empty | BodyKind::UntilClose => {
+            if let Some(cl) = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            {
+                if resp.status >= 200 && resp.body == BodyKind::Empty {
+                    put_header(out, "Content-Length", cl.value.trim_ascii());
+                }
+            }
+        }
+    }
+    if websocket {
+        out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
+    } else if close && resp.status >= 200 {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A complete answer generated by the balancer itself (errors). Always closes unless the
+/// status is 503/502 on a healthy connection; the caller decides and passes `close`.
+pub fn write_error(status: u16, close: bool, out: &mut Vec<u8>) {
+    let (reason, body) = match status {
+        400 => ("Bad Request", "bad request\n"),
+        403 => ("Forbidden", "forbidden\n"),
+        405 => ("Method Not Allowed", "method not allowed\n"),
+        408 => ("Request Timeout", "request timeout\n"),
+        426 => ("Upgrade Required", "upgrade required\n"),
+        429 => ("Too Many Requests", "too many requests\n"),
+        431 => (
+            "Request Header Fields Too Large",
+            "request header fields too large\n",
+        ),
+        501 => ("Not Implemented", "not implemented\n"),
+        502 => ("Bad Gateway", "bad gateway\n"),
+        503 => ("Service Unavailable", "no backend available\n"),
+        504 => ("Gateway Timeout", "gateway timeout\n"),
+        _ => ("Internal Server Error", "internal error\n"),
+    };
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: text/plain\r\nContent-Length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if status == 503 {
+        out.extend_from_slice(b"Retry-After: 1\r\n");
+    }
+    if status == 426 {
+        out.extend_from_slice(b"Sec-WebSocket-Version: 13\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::head::{header_storage, parse_request, parse_response};
+
+    fn forward(raw: &[u8], ws: bool) -> String {
+        let mut st = header_storage();
+        let req = parse_request(raw, &mut st).unwrap().unwrap();
+        let mut out = Vec::new();
+        let client = ClientInfo {
+            peer: "10.0.0.9".parse().unwrap(),
+            tls: false,
+        };
+        write_request(&req, client, ws, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_removed_and_forwarded_for_appended() {
+        let out = forward(
+            b"GET /p HTTP/1.1\r\nHost: ex\r\nConnection: keep-alive, Foo\r\nFoo: secret\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Connection: x\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nAccept: */*\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            out,
+            "GET /p HTTP/1.1\r\nHost: ex\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nAccept: */*\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ex\r\n\r\n"
+        );
+        // What was written parses back to the same framing.
+        let mut st = header_storage();
+        let again = parse_request(out.as_bytes(), &mut st).unwrap().unwrap();
+        assert_eq!(again.head_len, out.len());
+    }
+
+    #[test]
+    fn framing_reserialised_once() {
+        let out = forward(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            false,
+        );
+        assert!(out.contains("\r\nContent-Length: 5\r\n"));
+        assert_eq!(out.matches("Content-Length").count(), 1);
+        let out = forward(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert!(out.contains("\r\nTransfer-Encoding: chunked\r\n"));
+    }
+
+    #[test]
+    fn websocket_upgrade_fields_readded() {
+        let out = forward(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            true,
+        );
+        assert!(out.ends_with("Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"));
+        assert!(out.contains("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"));
+    }
+
+    #[test]
+    fn response_rewrite() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\nX-A: b\r\n\r\n";
+        let mut st = header_storage();
+        let resp = parse_response(raw, &mut st, false).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_response(&resp, true, false, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+        );
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n";
+        let mut st = header_storage();
+        let resp = parse_response(raw, &mut st, true).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_response(&resp, false, false, &mut out);
+        assert!(String::from_utf8(out).unwrap().contains("Content-Length: 42"), "HEAD keeps it");
+    }
+
+    #[test]
+    fn errors_are_complete_messages() {
+        for status in [400, 408, 431, 502, 503, 504] {
+            let mut out = Vec::new();
+            write_error(status, true, &mut out);
+            let mut st = header_storage();
+            let r = parse_response(&out, &mut st, false).unwrap().unwrap();
+            assert_eq!(r.status, status);
+            let BodyKind::Length(n) = r.body else { panic!() };
+            assert_eq!(r.head_len + n as usize, out.len());
+        }
+        let mut out = Vec::new();
+        write_error(503, false, &mut out);
+        assert!(String::from_utf8(out).unwrap().contains("Retry-After: 1\r\n"));
+    }
+}

@@ -1,0 +1,26 @@
+//! wslb: a single-threaded WebSocket + HTTP/1.1 load balancer on one `mio::Poll` loop.
+//!
+//! Crate map:
+//! - [`config`]: command-line flags into a [`Config`] (pure).
+//! - `server`: the event loop, listeners, accept, timers, reaping.
+//! - `conn`: one slab entry per client connection and its backend leg.
+//! - [`http`]: request/response heads, body framing, rewriting (pure).
+//! - [`ws`]: upgrade validation and the frame tracker (pure).
+//! - [`balance`]: backend selection algorithms (pure).
+//! - `timer`, `buffer`, `log`: small building blocks.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod balance;
+mod buffer;
+pub mod config;
+mod conn;
+mod endpoint;
+pub mod http;
+mod log;
+mod registry;
+mod server;
+mod timer;
+pub mod ws;
+
+pub use config::{Config, ConfigError};
+pub use server::{run, Server, ServerHandle};

@@ -1,0 +1,114 @@
+//! Log lines on stderr, text or JSON, filtered by verbosity. Set once at startup.
+
+use std::fmt::{Display, Write as _};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::LogFormat;
+
+/// Importance of a line; shown when `verbosity >= level as u8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Always shown.
+    Error = 0,
+    /// Shown by default.
+    Info = 1,
+    /// Shown with `-v`.
+    Debug = 2,
+}
+
+static VERBOSITY: AtomicU8 = AtomicU8::new(1);
+static JSON: AtomicU8 = AtomicU8::new(0);
+
+/// Applies `-q`/`-v` and `--log-format`.
+pub fn init(verbosity: u8, format: LogFormat) {
+    VERBOSITY.store(verbosity, Ordering::Relaxed);
+    JSON.store(u8::from(format == LogFormat::Json), Ordering::Relaxed);
+}
+
+/// Would a line at `level` be written? Lets hot paths skip formatting.
+pub fn enabled(level: Level) -> bool {
+    level as u8 <= VERBOSITY.load(Ordering::Relaxed)
+}
+
+fn json_escape(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// Writes one line: a message plus `key=value` fields.
+pub fn log(level: Level, msg: &str, fields: &[(&str, &dyn Display)]) {
+    if !enabled(level) {
+        return;
+    }
+    let lvl = match level {
+        Level::Error => "error",
+        Level::Info => "info",
+        Level::Debug => "debug",
+    };
+    let mut line = String::with_capacity(128);
+    if JSON.load(Ordering::Relaxed) == 1 {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let _ = write!(line, "{{\"ts\":{ts:.3},\"level\":\"{lvl}\",\"msg\":\"");
+        json_escape(&mut line, msg);
+        line.push('"');
+        for (k, v) in fields {
+            line.push_str(",\"");
+            json_escape(&mut line, k);
+            line.push_str("\":\"");
+            json_escape(&mut line, &v.to_string());
+            line.push('"');
+        }
+        line.push('}');
+    } else {
+        let _ = write!(line, "wslb: {lvl}: {msg}");
+        for (k, v) in fields {
+            let _ = write!(line, " {k}={v}");
+        }
+    }
+    line.push('\n');
+    // A full or closed stderr must never stop the balancer.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Logs at [`Level::Error`].
+pub fn error(msg: &str, fields: &[(&str, &dyn Display)]) {
+    log(Level::Error, msg, fields);
+}
+
+/// Logs at [`Level::Info`].
+pub fn info(msg: &str, fields: &[(&str, &dyn Display)]) {
+    log(Level::Info, msg, fields);
+}
+
+/// Logs at [`Level::Debug`].
+pub fn debug(msg: &str, fields: &[(&str, &dyn Display)]) {
+    log(Level::Debug, msg, fields);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_json() {
+        let mut s = String::new();
+        json_escape(&mut s, "a\"b\\c\n\u{1}");
+        assert_eq!(s, "a\\\"b\\\\c\\n\\u0001");
+    }
+}

@@ -1,0 +1,856 @@
+//! WebSocket frame tracking (RFC 6455 §5) for a byte-for-byte relay.
+//!
+//! The balancer never decodes payloads: [`FrameTracker`] reads frame headers only (through
+//! tungstenite's [`FrameHeader::parse`], so the bit layout lives in one well-tested place) and
+//! skips payload bytes by count. That is enough to know where frames and messages end, so the
+//! balancer can insert its own frames between messages, count traffic and enforce limits
+//! without buffering or copying what it forwards.
+
+use std::fmt;
+use std::io::Cursor;
+
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Longest possible frame header: 2 bytes + 8 length bytes + 4 mask bytes.
+const MAX_HEADER: usize = 14;
+
+/// Control frames carry at most this many payload bytes (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: u64 = 125;
+
+/// Which way the tracked bytes flow; decides the masking rule (RFC 6455 §5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server: every frame MUST be masked.
+    ClientToServer,
+    /// Server to client: no frame may be masked.
+    ServerToClient,
+}
+
+impl Direction {
+    fn requires_mask(self) -> bool {
+        self == Direction::ClientToServer
+    }
+}
+
+/// Why a frame stream was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// A frame's mask bit does not match its [`Direction`].
+    Masking,
+    /// Opcode 0x3-0x7 or 0xB-0xF.
+    ReservedOpcode,
+    /// A control frame with more than 125 payload bytes.
+    ControlTooLong,
+    /// A control frame without the FIN bit.
+    FragmentedControl,
+    /// A continuation frame with no fragmented message open.
+    UnexpectedContinuation,
+    /// A new text/binary frame while a fragmented message is still open.
+    ExpectedContinuation,
+    /// A frame payload larger than the tracker's limit.
+    TooLarge,
+    /// Bytes after a close frame in the same direction.
+    DataAfterClose,
+    /// A header tungstenite rejected for another reason, or a 64-bit length with its top bit set.
+    BadHeader,
+}
+
+impl FrameError {
+    /// WebSocket close code to send when failing the connection for this error (RFC 6455 §7.4.1).
+    pub fn close_code(self) -> u16 {
+        match self {
+            FrameError::TooLarge => 1009,
+            _ => 1002,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            FrameError::Masking => "wrong frame masking",
+            FrameError::ReservedOpcode => "reserved opcode",
+            FrameError::ControlTooLong => "control frame too long",
+            FrameError::FragmentedControl => "fragmented control frame",
+            FrameError::UnexpectedContinuation => "unexpected continuation frame",
+            FrameError::ExpectedContinuation => "expected continuation frame",
+            FrameError::TooLarge => "frame too large",
+            FrameError::DataAfterClose => "data after close frame",
+            FrameError::BadHeader => "bad frame header",
+        }
+    }
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// What completing the current frame means for the message-level state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Text, binary or continuation; `ends_message` when it carries FIN.
+    Data {
+        ends_message: bool,
+    },
+    Close,
+    /// Ping or pong.
+    Other,
+}
+
+/// The frame whose payload is being skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Payload {
+    kind: Kind,
+    remaining: u64,
+    /// Payload bytes already seen; the close code sits at offsets 0 and 1.
+    offset: u64,
+    /// All zeros when unmasked, so unmasking is a no-op.
+    mask: [u8; 4],
+    code: [u8; 2],
+}
+
+impl Payload {
+    /// Keeps the (unmasked) close code bytes out of `chunk`, which starts at `self.offset`.
+    fn capture_close_code(&mut self, chunk: &[u8]) {
+        if self.kind != Kind::Close {
+            return;
+        }
+        let start = usize::try_from(self.offset).unwrap_or(2);
+        for (i, &b) in (start..2).zip(chunk) {
+            if let (Some(slot), Some(&m)) = (self.code.get_mut(i), self.mask.get(i % 4)) {
+                *slot = b ^ m;
+            }
+        }
+    }
+}
+
+/// Follows one direction of a WebSocket connection, header by header. Small and heap-free:
+/// at most one partial header (14 bytes) plus counters.
+#[derive(Debug, Clone)]
+pub struct FrameTracker {
+    direction: Direction,
+    max_payload: u64,
+    header: [u8; MAX_HEADER],
+    header_len: usize,
+    payload: Option<Payload>,
+    fragmented: bool,
+    close_seen: bool,
+    close_code: Option<u16>,
+    messages: u64,
+    frames: u64,
+    error: Option<FrameError>,
+}
+
+impl FrameTracker {
+    /// `max_payload`: largest frame payload accepted (frame length checked from the header, before any payload).
+    pub fn new(direction: Direction, max_payload: u64) -> Self {
+        FrameTracker {
+            direction,
+            max_payload,
+            header: [0; MAX_HEADER],
+            header_len: 0,
+            payload: None,
+            fragmented: false,
+            close_seen: false,
+            close_code: None,
+            messages: 0,
+            frames: 0,
+            error: None,
+        }
+    }
+
+    /// Scans all of `input` (always consumes it all); returns the number of frames completed in it.
+    ///
+    /// After an error the tracker keeps returning that error: the stream cannot be resynced.
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, FrameError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.scan(input).inspect_err(|&e| self.error = Some(e))
+    }
+
+    /// Between two frames (no partial header, no payload outstanding).
+    ///
+    /// False once the tracker has failed: nothing may be inserted into a broken stream.
+    pub fn at_frame_boundary(&self) -> bool {
+        self.error.is_none() && self.header_len == 0 && self.payload.is_none()
+    }
+
+    /// At a frame boundary and not inside a fragmented data message: a frame of our own can be inserted here.
+    ///
+    /// Stays true after a close frame; the caller decides whether anything may follow it.
+    pub fn at_message_boundary(&self) -> bool {
+        self.at_frame_boundary() && !self.fragmented
+    }
+
+    /// A complete close frame has gone through.
+    pub fn close_seen(&self) -> bool {
+        self.close_seen
+    }
+
+    /// Close code carried by that close frame if it had >= 2 payload bytes (unmasked using the frame's mask; the code may be split across feeds).
+    pub fn close_code(&self) -> Option<u16> {
+        self.close_code
+    }
+
+    /// Completed data messages (a fragmented message counts once, when its final frame completes).
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+
+    /// Completed frames of any kind.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// The error this tracker stopped on, if any.
+    pub fn error(&self) -> Option<FrameError> {
+        self.error
+    }
+
+    fn scan(&mut self, mut input: &[u8]) -> Result<usize, FrameError> {
+        let mut completed = 0;
+        while !input.is_empty() {
+            if let Some(mut p) = self.payload {
+                let take = usize::try_from(p.remaining).map_or(input.len(), |r| r.min(input.len()));
+                let (chunk, rest) = input.split_at_checked(take).unwrap_or((input, &[]));
+                p.capture_close_code(chunk);
+                p.offset = p.offset.saturating_add(chunk.len() as u64);
+                p.remaining = p.remaining.saturating_sub(chunk.len() as u64);
+                input = rest;
+                if p.remaining == 0 {
+                    self.payload = None;
+                    self.complete(&p);
+                    completed += 1;
+                } else {
+                    self.payload = Some(p);
+                }
+            } else {
+                // Checked on the first byte so nothing after a close is forwarded at all.
+                if self.close_seen {
+                    return Err(FrameError::DataAfterClose);
+                }
+                let (used, frame_done) = self.header_bytes(input)?;
+                input = input.get(used..).unwrap_or(&[]);
+                if frame_done {
+                    completed += 1;
+                }
+            }
+        }
+        Ok(completed)
+    }
+
+    /// Adds bytes to the partial header; once it is whole, validates it and starts the payload.
+    /// Returns the input bytes used and whether a frame (one without payload) completed.
+    fn header_bytes(&mut self, input: &[u8]) -> Result<(usize, bool), FrameError> {
+        let start = self.header_len;
+        let n = (MAX_HEADER - start).min(input.len());
+        let filled = start + n;
+        match (self.header.get_mut(start..filled), input.get(..n)) {
+            (Some(dst), Some(src)) => dst.copy_from_slice(src),
+            _ => return Err(FrameError::BadHeader),
+        }
+        let bytes = self.header.get(..filled).ok_or(FrameError::BadHeader)?;
+        let mut cursor = Cursor::new(bytes);
+        match FrameHeader::parse(&mut cursor) {
+            Ok(None) if filled < MAX_HEADER => {
+                self.header_len = filled;
+                Ok((n, false))
+            }
+            Ok(None) => Err(FrameError::BadHeader),
+            Ok(Some((header, len))) => {
+                // The previous feed could not parse `start` bytes, so the header ends in this input.
+                let used = usize::try_from(cursor.position())
+                    .ok()
+                    .and_then(|end| end.checked_sub(start))
+                    .filter(|&used| used > 0 && used <= n)
+                    .ok_or(FrameError::BadHeader)?;
+                self.header_len = 0;
+                let done = self.start_frame(&header, len)?;
+                Ok((used, done))
+            }
+            // tungstenite's only failure on an in-memory cursor is a reserved opcode.
+            Err(_) => Err(match bytes.first().map(|b| b & 0x0f) {
+                Some(3..=7 | 0xb..=0xf) => FrameError::ReservedOpcode,
+                _ => FrameError::BadHeader,
+            }),
+        }
+    }
+
+    /// Applies the RFC 6455 rules to a complete header; `true` when the frame is already complete.
+    fn start_frame(&mut self, header: &FrameHeader, len: u64) -> Result<bool, FrameError> {
+        if header.mask.is_some() != self.direction.requires_mask() {
+            return Err(FrameError::Masking);
+        }
+        let kind = match header.opcode {
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                return Err(FrameError::ReservedOpcode)
+            }
+            OpCode::Control(c) => {
+                if len > MAX_CONTROL_PAYLOAD {
+                    return Err(FrameError::ControlTooLong);
+                }
+                if !header.is_final {
+                    return Err(FrameError::FragmentedControl);
+                }
+                if c == Control::Close {
+                    Kind::Close
+                } else {
+                    Kind::Other
+                }
+            }
+            OpCode::Data(Data::Continue) => {
+                if !self.fragmented {
+                    return Err(FrameError::UnexpectedContinuation);
+                }
+                Kind::Data {
+                    ends_message: header.is_final,
+                }
+            }
+            OpCode::Data(_) => {
+                if self.fragmented {
+                    return Err(FrameError::ExpectedContinuation);
+                }
+                Kind::Data {
+                    ends_message: header.is_final,
+                }
+            }
+        };
+        // RFC 6455 §5.2: the most significant bit of a 64-bit length MUST be 0.
+        if len > i64::MAX as u64 {
+            return Err(FrameError::BadHeader);
+        }
+        if len > self.max_payload {
+            return Err(FrameError::TooLarge);
+        }
+        if let Kind::Data { ends_message } = kind {
+            self.fragmented = !ends_message;
+        }
+        let p = Payload {
+            kind,
+            remaining: len,
+            offset: 0,
+            mask: header.mask.unwrap_or_default(),
+            code: [0; 2],
+        };
+        if len == 0 {
+            self.complete(&p);
+            Ok(true)
+        } else {
+            self.payload = Some(p);
+            Ok(false)
+        }
+    }
+
+    fn complete(&mut self, p: &Payload) {
+        self.frames = self.frames.saturating_add(1);
+        match p.kind {
+            Kind::Data { ends_message: true } => self.messages = self.messages.saturating_add(1),
+            Kind::Data {
+                ends_message: false,
+            }
+            | Kind::Other => {}
+            Kind::Close => {
+                self.close_seen = true;
+                self.close_code = (p.offset >= 2).then(|| u16::from_be_bytes(p.code));
+            }
+        }
+    }
+}
+
+/// Encodes a close frame with `code` and no reason into `out`, masked with `mask` when given (client→server frames must be masked). Returns the length (4 unmasked, 8 masked).
+pub fn encode_close(code: u16, mask: Option<[u8; 4]>, out: &mut [u8; 8]) -> usize {
+    let [c0, c1] = code.to_be_bytes();
+    match mask {
+        None => {
+            *out = [0x88, 0x02, c0, c1, 0, 0, 0, 0];
+            4
+        }
+        Some([m0, m1, m2, m3]) => {
+            *out = [0x88, 0x82, m0, m1, m2, m3, c0 ^ m0, c1 ^ m1];
+            8
+        }
+    }
+}
+
+/// Encodes the header of a single unfragmented frame (opcode 0x1 text, 0x2 binary, 0x9 ping, 0xA pong, 0x8 close) with payload length `len` into `out`, unmasked (server→client), returning header length.
+///
+/// Only the low 4 bits of `opcode` are used; the caller keeps control payloads <= 125 bytes.
+pub fn encode_header(opcode: u8, len: u64, out: &mut [u8; 14]) -> usize {
+    let first = 0x80 | (opcode & 0x0f);
+    let [b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, ..] = out;
+    *b0 = first;
+    if let Ok(short @ 0..=125) = u8::try_from(len) {
+        *b1 = short;
+        2
+    } else if let Ok(medium) = u16::try_from(len) {
+        *b1 = 126;
+        [*b2, *b3] = medium.to_be_bytes();
+        4
+    } else {
+        *b1 = 127;
+        [*b2, *b3, *b4, *b5, *b6, *b7, *b8, *b9] = len.to_be_bytes();
+        10
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::protocol::frame::{CloseFrame, Frame};
+
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn bytes(frame: Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame.format(&mut out).unwrap();
+        out
+    }
+
+    fn masked(mut frame: Frame, mask: [u8; 4]) -> Frame {
+        frame.header_mut().mask = Some(mask);
+        frame
+    }
+
+    fn text(s: &str, fin: bool) -> Frame {
+        Frame::message(s.as_bytes().to_vec(), OpCode::Data(Data::Text), fin)
+    }
+
+    fn binary(len: usize, fin: bool) -> Frame {
+        let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        Frame::message(data, OpCode::Data(Data::Binary), fin)
+    }
+
+    fn cont(s: &str, fin: bool) -> Frame {
+        Frame::message(s.as_bytes().to_vec(), OpCode::Data(Data::Continue), fin)
+    }
+
+    fn close(code: u16, reason: &'static str) -> Frame {
+        Frame::close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        }))
+    }
+
+    /// Everything observable after feeding.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Seen {
+        completed: usize,
+        frames: u64,
+        messages: u64,
+        frame_boundary: bool,
+        message_boundary: bool,
+        close_seen: bool,
+        close_code: Option<u16>,
+    }
+
+    fn run(dir: Direction, max: u64, parts: &[&[u8]]) -> Result<Seen, FrameError> {
+        let mut t = FrameTracker::new(dir, max);
+        let mut completed = 0;
+        for part in parts {
+            completed += t.feed(part)?;
+        }
+        Ok(Seen {
+            completed,
+            frames: t.frames(),
+            messages: t.messages(),
+            frame_boundary: t.at_frame_boundary(),
+            message_boundary: t.at_message_boundary(),
+            close_seen: t.close_seen(),
+            close_code: t.close_code(),
+        })
+    }
+
+    /// Whole, byte by byte and every two-way split must agree.
+    fn check_splits(dir: Direction, max: u64, input: &[u8]) -> Result<Seen, FrameError> {
+        let whole = run(dir, max, &[input]);
+        let single: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(run(dir, max, &single), whole, "byte by byte");
+        for i in 0..=input.len() {
+            let (a, b) = input.split_at(i);
+            assert_eq!(run(dir, max, &[a, b]), whole, "split at {i}");
+        }
+        whole
+    }
+
+    fn conversation(mask: Option<[u8; 4]>) -> Vec<u8> {
+        let frames = [
+            text("hello", true),
+            binary(3, true),
+            Frame::ping(b"p".to_vec()),
+            Frame::pong(Vec::new()),
+            text("", true),
+            close(1000, "bye"),
+        ];
+        frames
+            .into_iter()
+            .flat_map(|f| bytes(if let Some(m) = mask { masked(f, m) } else { f }))
+            .collect()
+    }
+
+    #[test]
+    fn server_to_client_unmasked() {
+        let input = conversation(None);
+        let seen = check_splits(Direction::ServerToClient, 1 << 20, &input).unwrap();
+        assert_eq!(
+            seen,
+            Seen {
+                completed: 6,
+                frames: 6,
+                messages: 3,
+                frame_boundary: true,
+                message_boundary: true,
+                close_seen: true,
+                close_code: Some(1000),
+            }
+        );
+    }
+
+    #[test]
+    fn client_to_server_masked() {
+        let input = conversation(Some(MASK));
+        let seen = check_splits(Direction::ClientToServer, 1 << 20, &input).unwrap();
+        assert_eq!((seen.frames, seen.messages), (6, 3));
+        assert_eq!(seen.close_code, Some(1000));
+    }
+
+    #[test]
+    fn fragmented_message_with_ping() {
+        let parts = [
+            bytes(masked(text("hel", false), MASK)),
+            bytes(masked(Frame::ping(b"x".to_vec()), MASK)),
+            bytes(masked(cont("lo ", false), MASK)),
+            bytes(masked(cont("world", true), MASK)),
+        ];
+        let mut t = FrameTracker::new(Direction::ClientToServer, 1024);
+        let expected_message_boundary = [false, false, false, true];
+        for (part, &mb) in parts.iter().zip(&expected_message_boundary) {
+            assert_eq!(t.feed(part), Ok(1));
+            assert!(t.at_frame_boundary());
+            assert_eq!(t.at_message_boundary(), mb);
+        }
+        assert_eq!((t.frames(), t.messages()), (4, 1));
+
+        let all = parts.concat();
+        let seen = check_splits(Direction::ClientToServer, 1024, &all).unwrap();
+        assert_eq!((seen.frames, seen.messages), (4, 1));
+    }
+
+    #[test]
+    fn boundaries_mid_frame() {
+        let frame = bytes(text("hello", true));
+        let mut t = FrameTracker::new(Direction::ServerToClient, 1024);
+        assert!(t.at_frame_boundary() && t.at_message_boundary());
+        assert_eq!(t.feed(&frame[..1]), Ok(0)); // partial header
+        assert!(!t.at_frame_boundary());
+        assert_eq!(t.feed(&frame[1..4]), Ok(0)); // inside payload
+        assert!(!t.at_frame_boundary() && !t.at_message_boundary());
+        assert_eq!(t.feed(&frame[4..]), Ok(1));
+        assert!(t.at_message_boundary());
+    }
+
+    #[test]
+    fn lengths_16_and_64_bit() {
+        for len in [126, 300, 65535, 65536, 70_000] {
+            let s2c = bytes(binary(len, true));
+            let c2s = bytes(masked(binary(len, true), MASK));
+            let mut t = FrameTracker::new(Direction::ServerToClient, 70_000);
+            assert_eq!(t.feed(&s2c), Ok(1), "len {len}");
+            let mut t = FrameTracker::new(Direction::ClientToServer, 70_000);
+            assert_eq!(t.feed(&c2s), Ok(1), "len {len}");
+        }
+        // Every split of a 16-bit and a 64-bit frame, plus a frame after each.
+        for len in [300, 70_000] {
+            let input = [
+                bytes(masked(binary(len, true), MASK)),
+                bytes(masked(text("x", true), MASK)),
+            ]
+            .concat();
+            let seen = check_splits(Direction::ClientToServer, 70_000, &input).unwrap();
+            assert_eq!((seen.frames, seen.messages), (2, 2));
+        }
+    }
+
+    #[test]
+    fn max_payload_limit() {
+        let at = bytes(binary(100, true));
+        let over = bytes(binary(101, true));
+        assert_eq!(
+            run(Direction::ServerToClient, 100, &[&at]).unwrap().frames,
+            1
+        );
+        assert_eq!(
+            check_splits(Direction::ServerToClient, 100, &over),
+            Err(FrameError::TooLarge)
+        );
+        // Rejected on the header alone, before any payload arrives.
+        let mut t = FrameTracker::new(Direction::ServerToClient, 100);
+        assert_eq!(t.feed(&over[..2]), Err(FrameError::TooLarge));
+        // 64-bit lengths too.
+        let big = bytes(binary(70_000, true));
+        let mut t = FrameTracker::new(Direction::ServerToClient, 69_999);
+        assert_eq!(t.feed(&big[..10]), Err(FrameError::TooLarge));
+    }
+
+    #[test]
+    fn close_code_split_across_feeds() {
+        let frame = bytes(masked(close(4321, "reason"), MASK));
+        // Header is 6 bytes (2 + mask); the code is bytes 6 and 7.
+        for i in 0..frame.len() {
+            for j in i..frame.len() {
+                let mut t = FrameTracker::new(Direction::ClientToServer, 1024);
+                assert_eq!(t.feed(&frame[..i]), Ok(0));
+                assert_eq!(t.feed(&frame[i..j]), Ok(0));
+                assert!(!t.close_seen());
+                assert_eq!(t.feed(&frame[j..]), Ok(1));
+                assert!(t.close_seen());
+                assert_eq!(t.close_code(), Some(4321), "splits {i} {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn close_without_code() {
+        let empty = bytes(Frame::close(None));
+        let seen = check_splits(Direction::ServerToClient, 1024, &empty).unwrap();
+        assert!(seen.close_seen);
+        assert_eq!(seen.close_code, None);
+        // A one-byte close body is invalid (RFC 6455 §5.5.1) but carries no code either way.
+        let one = [0x88, 0x01, 0x03];
+        let seen = run(Direction::ServerToClient, 1024, &[&one]).unwrap();
+        assert_eq!((seen.close_seen, seen.close_code), (true, None));
+    }
+
+    #[test]
+    fn rsv_bits_pass_through() {
+        let mut f = text("compressed", true);
+        f.header_mut().rsv1 = true;
+        let seen = check_splits(Direction::ServerToClient, 1024, &bytes(f)).unwrap();
+        assert_eq!(seen.messages, 1);
+    }
+
+    fn expect_err(dir: Direction, max: u64, input: &[u8], err: FrameError) {
+        assert_eq!(check_splits(dir, max, input), Err(err));
+        let mut t = FrameTracker::new(dir, max);
+        assert_eq!(t.feed(input), Err(err));
+        // The error sticks, even for input that would be fine on its own.
+        assert_eq!(t.feed(&bytes(text("ok", true))), Err(err));
+        assert_eq!(t.error(), Some(err));
+        assert!(!t.at_frame_boundary());
+    }
+
+    #[test]
+    fn error_masking() {
+        use Direction::*;
+        expect_err(
+            ClientToServer,
+            1024,
+            &bytes(text("a", true)),
+            FrameError::Masking,
+        );
+        expect_err(
+            ServerToClient,
+            1024,
+            &bytes(masked(text("a", true), MASK)),
+            FrameError::Masking,
+        );
+    }
+
+    #[test]
+    fn error_reserved_opcode() {
+        for op in [3u8, 7, 0xb, 0xf] {
+            expect_err(
+                Direction::ServerToClient,
+                1024,
+                &[0x80 | op, 0x00],
+                FrameError::ReservedOpcode,
+            );
+            let masked = [0x80 | op, 0x81, 1, 2, 3, 4, 5];
+            expect_err(
+                Direction::ClientToServer,
+                1024,
+                &masked,
+                FrameError::ReservedOpcode,
+            );
+        }
+    }
+
+    #[test]
+    fn error_control_too_long() {
+        let ping = bytes(Frame::ping(vec![0u8; 126]));
+        expect_err(
+            Direction::ServerToClient,
+            1024,
+            &ping,
+            FrameError::ControlTooLong,
+        );
+        let ok = bytes(Frame::ping(vec![0u8; 125]));
+        assert_eq!(
+            run(Direction::ServerToClient, 1024, &[&ok]).unwrap().frames,
+            1
+        );
+    }
+
+    #[test]
+    fn error_fragmented_control() {
+        let mut ping = Frame::ping(b"x".to_vec());
+        ping.header_mut().is_final = false;
+        expect_err(
+            Direction::ServerToClient,
+            1024,
+            &bytes(ping),
+            FrameError::FragmentedControl,
+        );
+    }
+
+    #[test]
+    fn error_unexpected_continuation() {
+        expect_err(
+            Direction::ServerToClient,
+            1024,
+            &bytes(cont("x", true)),
+            FrameError::UnexpectedContinuation,
+        );
+        let after_complete = [bytes(text("a", true)), bytes(cont("b", true))].concat();
+        expect_err(
+            Direction::ServerToClient,
+            1024,
+            &after_complete,
+            FrameError::UnexpectedContinuation,
+        );
+    }
+
+    #[test]
+    fn error_expected_continuation() {
+        let input = [bytes(text("a", false)), bytes(binary(1, true))].concat();
+        expect_err(
+            Direction::ServerToClient,
+            1024,
+            &input,
+            FrameError::ExpectedContinuation,
+        );
+    }
+
+    #[test]
+    fn error_data_after_close() {
+        let input = [bytes(close(1000, "")), bytes(text("late", true))].concat();
+        expect_err(
+            Direction::ServerToClient,
+            1024,
+            &input,
+            FrameError::DataAfterClose,
+        );
+        let input = [bytes(Frame::close(None)), bytes(Frame::ping(Vec::new()))].concat();
+        expect_err(
+            Direction::ServerToClient,
+            1024,
+            &input,
+            FrameError::DataAfterClose,
+        );
+    }
+
+    #[test]
+    fn error_bad_header_length_top_bit() {
+        let input = [0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 1];
+        expect_err(
+            Direction::ServerToClient,
+            u64::MAX,
+            &input,
+            FrameError::BadHeader,
+        );
+    }
+
+    #[test]
+    fn error_mapping() {
+        assert_eq!(FrameError::TooLarge.close_code(), 1009);
+        assert_eq!(FrameError::Masking.close_code(), 1002);
+        assert_eq!(FrameError::DataAfterClose.close_code(), 1002);
+        assert_eq!(FrameError::ReservedOpcode.to_string(), "reserved opcode");
+        let e: &dyn std::error::Error = &FrameError::TooLarge;
+        assert_eq!(e.to_string(), "frame too large");
+    }
+
+    fn parse(buf: &[u8]) -> (FrameHeader, u64, u64) {
+        let mut cursor = Cursor::new(buf);
+        let (h, len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+        (h, len, cursor.position())
+    }
+
+    #[test]
+    fn encode_close_round_trip() {
+        let mut out = [0u8; 8];
+        assert_eq!(encode_close(1001, None, &mut out), 4);
+        let (h, len, pos) = parse(&out[..4]);
+        assert_eq!(
+            (h.opcode, h.is_final, h.mask, len, pos),
+            (OpCode::Control(Control::Close), true, None, 2, 2)
+        );
+        assert_eq!(&out[2..4], &1001u16.to_be_bytes());
+        let seen = run(Direction::ServerToClient, 1024, &[&out[..4]]).unwrap();
+        assert_eq!(seen.close_code, Some(1001));
+
+        assert_eq!(encode_close(1009, Some(MASK), &mut out), 8);
+        let (h, len, pos) = parse(&out);
+        assert_eq!(
+            (h.opcode, h.mask, len, pos),
+            (OpCode::Control(Control::Close), Some(MASK), 2, 6)
+        );
+        assert_eq!(out.to_vec(), bytes(masked(close(1009, ""), MASK)));
+        let seen = check_splits(Direction::ClientToServer, 1024, &out).unwrap();
+        assert_eq!(seen.close_code, Some(1009));
+    }
+
+    #[test]
+    fn encode_header_round_trip() {
+        let cases = [
+            (0x1, 0u64, 2),
+            (0x2, 125, 2),
+            (0x2, 126, 4),
+            (0x1, 65535, 4),
+            (0x2, 65536, 10),
+            (0x2, 1 << 40, 10),
+            (0x9, 5, 2),
+            (0xa, 0, 2),
+            (0x8, 2, 2),
+        ];
+        for (opcode, len, header_len) in cases {
+            let mut out = [0u8; 14];
+            assert_eq!(encode_header(opcode, len, &mut out), header_len);
+            let (h, parsed_len, pos) = parse(&out[..header_len]);
+            assert_eq!(u8::from(h.opcode), opcode);
+            assert!(h.is_final && !h.rsv1 && h.mask.is_none());
+            assert_eq!((parsed_len, pos), (len, header_len as u64));
+            let mut expected = Vec::new();
+            FrameHeader {
+                opcode: OpCode::from(opcode),
+                ..FrameHeader::default()
+            }
+            .format(len, &mut expected)
+            .unwrap();
+            assert_eq!(&out[..header_len], expected.as_slice());
+        }
+    }
+
+    #[test]
+    fn never_panics_and_splits_agree_on_noise() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..5_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 40) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|i| (seed.rotate_left(i as u32 * 7) & 0xff) as u8)
+                .collect();
+            for dir in [Direction::ClientToServer, Direction::ServerToClient] {
+                let whole = run(dir, 64, &[&input]);
+                let single: Vec<&[u8]> = input.chunks(1).collect();
+                assert_eq!(run(dir, 64, &single), whole);
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! WebSocket upgrade validation and frame tracking. Pure: no sockets, no mio.
+pub mod frames;
+pub mod handshake;
