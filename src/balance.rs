@@ -194,7 +194,10 @@ mod tests {
 
     #[test]
     fn fewest_picks_least_loaded_and_breaks_ties_randomly() {
-        assert_eq!(histogram(Algorithm::Fewest, &cands(&[(3, 1), (1, 1), (2, 1)]), 50), [0, 50, 0]);
+        assert_eq!(
+            histogram(Algorithm::Fewest, &cands(&[(3, 1), (1, 1), (2, 1)]), 50),
+            [0, 50, 0]
+        );
         let h = histogram(Algorithm::Fewest, &cands(&[(1, 1), (1, 1), (5, 1)]), 4000);
         assert_eq!(h[2], 0);
         assert!((1700..2300).contains(&h[0]), "{h:?}");
@@ -203,7 +206,10 @@ mod tests {
     #[test]
     fn fewest_respects_weight() {
         // 4 active on weight 4 is lighter than 2 active on weight 1.
-        assert_eq!(histogram(Algorithm::Fewest, &cands(&[(2, 1), (4, 4)]), 20), [0, 20]);
+        assert_eq!(
+            histogram(Algorithm::Fewest, &cands(&[(2, 1), (4, 4)]), 20),
+            [0, 20]
+        );
     }
 
     #[test]
@@ -211,17 +217,26 @@ mod tests {
         let h = histogram(Algorithm::Random, &cands(&[(0, 1), (0, 3)]), 40_000);
         let share = h[1] as f64 / 40_000.0;
         assert!((0.72..0.78).contains(&share), "{h:?}");
-        let h = histogram(Algorithm::Random, &cands(&[(0, 1), (0, 1), (0, 1), (0, 1)]), 40_000);
+        let h = histogram(
+            Algorithm::Random,
+            &cands(&[(0, 1), (0, 1), (0, 1), (0, 1)]),
+            40_000,
+        );
         assert!(h.iter().all(|&n| (9_000..11_000).contains(&n)), "{h:?}");
     }
 
     #[test]
     fn round_robin_is_exact_and_smooth() {
-        assert_eq!(histogram(Algorithm::RoundRobin, &cands(&[(0, 1), (0, 1), (0, 1)]), 9), [3, 3, 3]);
+        assert_eq!(
+            histogram(Algorithm::RoundRobin, &cands(&[(0, 1), (0, 1), (0, 1)]), 9),
+            [3, 3, 3]
+        );
         let c = cands(&[(0, 3), (0, 1)]);
         let mut sel = Selector::default();
         let mut rng = SmallRng::seed_from_u64(1);
-        let seq: Vec<usize> = (0..8).map(|_| sel.pick(Algorithm::RoundRobin, &c, &mut rng).unwrap()).collect();
+        let seq: Vec<usize> = (0..8)
+            .map(|_| sel.pick(Algorithm::RoundRobin, &c, &mut rng).unwrap())
+            .collect();
         // Smooth: the weight-1 backend is not starved for 3 picks in a row at the start.
         assert_eq!(seq, [0, 0, 1, 0, 0, 0, 1, 0]);
         assert_eq!(histogram(Algorithm::RoundRobin, &c, 400), [300, 100]);
@@ -232,7 +247,11 @@ mod tests {
         let h = histogram(Algorithm::PowerOfTwo, &cands(&[(0, 1), (10, 1)]), 1000);
         assert_eq!(h, [1000, 0]);
         // With 4 backends the most loaded one can only win when paired with... nobody.
-        let h = histogram(Algorithm::PowerOfTwo, &cands(&[(0, 1), (1, 1), (2, 1), (9, 1)]), 4000);
+        let h = histogram(
+            Algorithm::PowerOfTwo,
+            &cands(&[(0, 1), (1, 1), (2, 1), (9, 1)]),
+            4000,
+        );
         assert_eq!(h[3], 0);
         assert!(h[0] > h[1] && h[1] > h[2], "{h:?}");
     }

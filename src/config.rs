@@ -199,9 +199,9 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         .parse(args)
         .map_err(|e| ConfigError::Usage(e.to_string()))?;
     if m.opt_present("help") {
-        return Ok(Command::Help(
-            opts.usage("Usage: wslb [OPTIONS]\n\nA WebSocket + HTTP/1.1 load balancer."),
-        ));
+        return Ok(Command::Help(opts.usage(
+            "Usage: wslb [OPTIONS]\n\nA WebSocket + HTTP/1.1 load balancer.",
+        )));
     }
     if m.opt_present("version") {
         return Ok(Command::Version);
@@ -218,12 +218,17 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
             .collect::<Result<_, _>>()?;
     }
     for v in m.opt_strs("backend") {
-        cfg.backends.push(parse_backend(&v).map_err(|why| bad("--backend", &v, why))?);
+        cfg.backends
+            .push(parse_backend(&v).map_err(|why| bad("--backend", &v, why))?);
     }
     if let Some(v) = m.opt_str("algorithm") {
-        cfg.algorithm = v
-            .parse()
-            .map_err(|_| bad("--algorithm", &v, "expected fewest, random, round-robin or p2c"))?;
+        cfg.algorithm = v.parse().map_err(|_| {
+            bad(
+                "--algorithm",
+                &v,
+                "expected fewest, random, round-robin or p2c",
+            )
+        })?;
     }
     if let Some(v) = m.opt_str("protocols") {
         let (ws, http) = parse_protocols(&v).map_err(|why| bad("--protocols", &v, why))?;
@@ -338,10 +343,7 @@ fn parse_addr(v: &str) -> Result<SocketAddr, &'static str> {
         return Ok(a);
     }
     // Names (localhost:8080) resolve once here, at startup.
-    v.to_socket_addrs()
-        .map_err(|_| WHY)?
-        .next()
-        .ok_or(WHY)
+    v.to_socket_addrs().map_err(|_| WHY)?.next().ok_or(WHY)
 }
 
 /// `ws://host:port[/path]` or `http://host:port[/path]` then optional `,weight=N`.

@@ -51,7 +51,14 @@ pub fn token_for(key: usize, side: Side) -> Token {
 /// Token back to slab key and side; `None` for the server's own tokens.
 pub fn key_of(token: Token) -> Option<(usize, Side)> {
     let n = token.0.checked_sub(RESERVED_TOKENS)?;
-    Some((n / 2, if n % 2 == 0 { Side::Client } else { Side::Backend }))
+    Some((
+        n / 2,
+        if n % 2 == 0 {
+            Side::Client
+        } else {
+            Side::Backend
+        },
+    ))
 }
 
 /// What the loop lends a connection while it runs.
@@ -138,7 +145,9 @@ enum Phase {
     Exchange(Box<Exchange>),
     Tunnel(Box<Tunnel>),
     /// Flushing what the client is owed, then FIN, then waiting for its FIN.
-    Closing { since: Instant },
+    Closing {
+        since: Instant,
+    },
 }
 
 /// A client connection.
@@ -175,7 +184,14 @@ enum Step {
 
 impl Conn {
     /// A freshly accepted client.
-    pub fn new(key: usize, gen: u64, id: u64, client: TcpStream, peer: SocketAddr, now: Instant) -> Self {
+    pub fn new(
+        key: usize,
+        gen: u64,
+        id: u64,
+        client: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Self {
         Conn {
             gen,
             id,
@@ -254,7 +270,11 @@ impl Conn {
                 let idle = self.last_activity + cfg.idle_timeout;
                 Some(connect.map_or(idle, |c| c.min(idle)))
             }
-            Phase::Tunnel(t) if t.pending_close.is_some() || self.c_eof || self.leg.as_ref().is_none_or(|l| l.eof) => {
+            Phase::Tunnel(t)
+                if t.pending_close.is_some()
+                    || self.c_eof
+                    || self.leg.as_ref().is_none_or(|l| l.eof) =>
+            {
                 Some(self.last_activity + LINGER)
             }
             Phase::Tunnel(_) => None,
@@ -278,7 +298,10 @@ impl Conn {
                 self.fail(ctx, 408);
             }
             Phase::Exchange(_) => {
-                let connecting = self.leg.as_ref().is_some_and(|l| l.connecting_since.is_some());
+                let connecting = self
+                    .leg
+                    .as_ref()
+                    .is_some_and(|l| l.connecting_since.is_some());
                 if connecting {
                     self.backend_failed(ctx, "connect timeout");
                 } else {
@@ -322,7 +345,12 @@ impl Conn {
                 Phase::Tunnel(t) => {
                     if let Some(leg) = &mut self.leg {
                         if !leg.to_backend.buf.is_full() && t.pending_close.is_none() {
-                            match read_tracked(&mut self.client, &mut self.c_ready, &mut leg.to_backend.buf, &mut t.up) {
+                            match read_tracked(
+                                &mut self.client,
+                                &mut self.c_ready,
+                                &mut leg.to_backend.buf,
+                                &mut t.up,
+                            ) {
                                 Ok(Io::Progress(_)) => progress = true,
                                 Ok(Io::WouldBlock) => {}
                                 Ok(Io::Eof) | Ok(Io::Failed) => {
@@ -330,7 +358,10 @@ impl Conn {
                                     progress = true;
                                 }
                                 Err(code) => {
-                                    log::debug("bad frame from client", &[("client", &self.id), ("code", &code)]);
+                                    log::debug(
+                                        "bad frame from client",
+                                        &[("client", &self.id), ("code", &code)],
+                                    );
                                     t.pending_close = Some(code);
                                     self.c_eof = true;
                                     progress = true;
@@ -351,9 +382,11 @@ impl Conn {
                 }
                 _ => {
                     if !self.from_client.is_full() {
-                        match read_into(&mut self.client, &mut self.c_ready, &mut self.from_client) {
+                        match read_into(&mut self.client, &mut self.c_ready, &mut self.from_client)
+                        {
                             Io::Progress(_) => {
-                                if self.head_started.is_none() && matches!(self.phase, Phase::Head) {
+                                if self.head_started.is_none() && matches!(self.phase, Phase::Head)
+                                {
                                     self.head_started = Some(ctx.now);
                                 }
                                 progress = true;
@@ -421,7 +454,12 @@ impl Conn {
                         if self.to_client.buf.is_full() {
                             Ok(Io::WouldBlock)
                         } else {
-                            read_tracked(&mut leg.stream, &mut leg.ready, &mut self.to_client.buf, &mut t.down)
+                            read_tracked(
+                                &mut leg.stream,
+                                &mut leg.ready,
+                                &mut self.to_client.buf,
+                                &mut t.down,
+                            )
                         }
                     }
                     Phase::Tunnel(_) | Phase::Closing { .. } => Ok(Io::WouldBlock),
@@ -429,7 +467,11 @@ impl Conn {
                         if leg.from_backend.is_full() {
                             Ok(Io::WouldBlock)
                         } else {
-                            Ok(read_into(&mut leg.stream, &mut leg.ready, &mut leg.from_backend))
+                            Ok(read_into(
+                                &mut leg.stream,
+                                &mut leg.ready,
+                                &mut leg.from_backend,
+                            ))
                         }
                     }
                 };
@@ -441,7 +483,10 @@ impl Conn {
                         progress = true;
                     }
                     Err(code) => {
-                        log::error("bad frame from backend", &[("client", &self.id), ("code", &code)]);
+                        log::error(
+                            "bad frame from backend",
+                            &[("client", &self.id), ("code", &code)],
+                        );
                         if let Phase::Tunnel(t) = &mut self.phase {
                             t.pending_close = Some(code);
                         }
@@ -459,12 +504,7 @@ impl Conn {
             _ => {}
         }
         if self.to_client.is_empty() && !self.c_fin_sent {
-            let finish = match &self.phase {
-                Phase::Closing { .. } => true,
-                Phase::Tunnel(_) => self.leg.as_ref().is_none_or(|l| l.eof && l.from_backend.is_empty()),
-                _ => false,
-            };
-            if finish {
+            if matches!(self.phase, Phase::Closing { .. }) {
                 let _ = self.client.shutdown(Shutdown::Write);
                 self.c_fin_sent = true;
                 progress = true;
@@ -552,7 +592,10 @@ impl Conn {
                 Ok(_) if !ctx.cfg.websocket => Err(400),
                 Ok(k) => Ok(Some(k)),
                 Err(e) => {
-                    log::debug("bad websocket upgrade", &[("client", &self.id), ("error", &e)]);
+                    log::debug(
+                        "bad websocket upgrade",
+                        &[("client", &self.id), ("error", &e)],
+                    );
                     Err(e.status())
                 }
             }
@@ -600,7 +643,11 @@ impl Conn {
             } else {
                 let close = !req_keep_alive;
                 rewrite::write_error(503, close, self.to_client.head_vec());
-                self.phase = if close { Phase::Closing { since: ctx.now } } else { Phase::Head };
+                self.phase = if close {
+                    Phase::Closing { since: ctx.now }
+                } else {
+                    Phase::Head
+                };
             }
             return Step::Progress;
         }
@@ -611,7 +658,12 @@ impl Conn {
     /// Picks a backend (not among those that failed) and opens or reuses a connection;
     /// answers 502 when none is left. `same_backend_fresh` retries the last failed backend
     /// on a new connection (its pooled connection was stale, the backend is fine).
-    fn connect_backend(&mut self, ctx: &mut Ctx<'_>, mut to_backend: Outbox, same_backend_fresh: bool) {
+    fn connect_backend(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        mut to_backend: Outbox,
+        same_backend_fresh: bool,
+    ) {
         let Phase::Exchange(ex) = &mut self.phase else {
             return;
         };
@@ -620,7 +672,8 @@ impl Conn {
             let picked = if same_backend_fresh && ex.failed.len() == 1 {
                 ex.failed.last().copied()
             } else {
-                ctx.backends.pick(ctx.cfg.algorithm, &ex.failed, ctx.now, ctx.rng)
+                ctx.backends
+                    .pick(ctx.cfg.algorithm, &ex.failed, ctx.now, ctx.rng)
             };
             let Some(id) = picked else {
                 break None;
@@ -647,9 +700,9 @@ impl Conn {
                     continue;
                 }
             };
-            if let Err(e) = ctx
-                .poll
-                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            if let Err(e) =
+                ctx.poll
+                    .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             {
                 log::error("register failed", &[("error", &e)]);
                 break None;
@@ -663,7 +716,10 @@ impl Conn {
         };
         ctx.backends.acquire(id);
         if log::enabled(log::Level::Debug) {
-            log::debug("paired", &[("client", &self.id), ("backend", &id), ("reused", &reused)]);
+            log::debug(
+                "paired",
+                &[("client", &self.id), ("backend", &id), ("reused", &reused)],
+            );
         }
         to_backend.rewind_head();
         self.leg = Some(Leg {
@@ -734,7 +790,10 @@ impl Conn {
         }
         let answered = matches!(&self.phase, Phase::Exchange(ex) if ex.answered);
         if !answered {
-            log::error("backend closed before answering", &[("client", &self.id), ("backend", &id)]);
+            log::error(
+                "backend closed before answering",
+                &[("client", &self.id), ("backend", &id)],
+            );
         }
         self.fail(ctx, 502);
     }
@@ -748,7 +807,8 @@ impl Conn {
             return Step::Idle;
         };
         // Request body: client → backend, bounded by the backend outbox.
-        if !ex.req_body.is_done() && !self.from_client.is_empty() && leg.connecting_since.is_none() {
+        if !ex.req_body.is_done() && !self.from_client.is_empty() && leg.connecting_since.is_none()
+        {
             let room = BUF_ROOM.saturating_sub(leg.to_backend.buf.len());
             let avail = self.from_client.data();
             let chunk = avail.get(..room.min(avail.len())).unwrap_or_default();
@@ -798,7 +858,11 @@ impl Conn {
                         break;
                     }
                     let mut storage = head::header_storage();
-                    let resp = match head::parse_response(leg.from_backend.data(), &mut storage, ex.head_request) {
+                    let resp = match head::parse_response(
+                        leg.from_backend.data(),
+                        &mut storage,
+                        ex.head_request,
+                    ) {
                         Ok(Some(r)) => r,
                         Ok(None) if leg.eof => {
                             self.fail(ctx, 502);
@@ -824,7 +888,10 @@ impl Conn {
                             None => Err(handshake::HandshakeError::BadUpgradeResponse),
                         };
                         if let Err(e) = verdict {
-                            log::error("bad upgrade response", &[("client", &self.id), ("error", &e)]);
+                            log::error(
+                                "bad upgrade response",
+                                &[("client", &self.id), ("error", &e)],
+                            );
                             self.fail(ctx, 502);
                             return Step::Progress;
                         }
@@ -847,7 +914,12 @@ impl Conn {
                     }
                     ex.backend_keep_alive = resp.keep_alive;
                     ex.status = resp.status;
-                    rewrite::write_response(&resp, ex.close_after, false, self.to_client.head_vec());
+                    rewrite::write_response(
+                        &resp,
+                        ex.close_after,
+                        false,
+                        self.to_client.head_vec(),
+                    );
                     let n = resp.head_len;
                     ex.resp = Resp::Body(BodyReader::new(resp.body));
                     leg.from_backend.consume(n);
@@ -868,7 +940,10 @@ impl Conn {
                             }
                             Ok(_) => {}
                             Err(e) => {
-                                log::error("bad response body", &[("client", &self.id), ("error", &e)]);
+                                log::error(
+                                    "bad response body",
+                                    &[("client", &self.id), ("error", &e)],
+                                );
                                 self.fail(ctx, 502);
                                 return Step::Progress;
                             }
@@ -902,10 +977,16 @@ impl Conn {
         let reusable = ex.backend_keep_alive
             && ex.req_body.is_done()
             && matches!(&ex.resp, Resp::Body(b) if !b.is_until_close())
-            && self.leg.as_ref().is_some_and(|l| !l.eof && l.from_backend.is_empty() && l.to_backend.is_empty());
+            && self
+                .leg
+                .as_ref()
+                .is_some_and(|l| !l.eof && l.from_backend.is_empty() && l.to_backend.is_empty());
         if log::enabled(log::Level::Debug) {
             let ms = ctx.now.duration_since(ex.started).as_millis();
-            log::debug("request done", &[("client", &self.id), ("status", &ex.status), ("ms", &ms)]);
+            log::debug(
+                "request done",
+                &[("client", &self.id), ("status", &ex.status), ("ms", &ms)],
+            );
         }
         let close = ex.close_after;
         self.drop_leg(ctx, reusable);
@@ -913,7 +994,11 @@ impl Conn {
             self.phase = Phase::Closing { since: ctx.now };
         } else {
             self.phase = Phase::Head;
-            self.head_started = if self.from_client.is_empty() { None } else { Some(ctx.now) };
+            self.head_started = if self.from_client.is_empty() {
+                None
+            } else {
+                Some(ctx.now)
+            };
         }
         Step::Progress
     }
@@ -944,7 +1029,10 @@ impl Conn {
             self.to_client.buf.push(early_down);
         }
         leg.from_backend.release();
-        log::debug("websocket open", &[("client", &self.id), ("backend", &leg.backend)]);
+        log::debug(
+            "websocket open",
+            &[("client", &self.id), ("backend", &leg.backend)],
+        );
         self.phase = Phase::Tunnel(Box::new(t));
         Step::Progress
     }
@@ -965,7 +1053,7 @@ impl Conn {
             leg.fin_sent = true;
             return Step::Progress;
         }
-        if leg.eof && t.pending_close.is_none() && !t.down.close_seen() && !self.c_fin_sent {
+        if leg.eof && t.pending_close.is_none() && !t.down.close_seen() {
             // The backend vanished without a close handshake: tell the client why.
             t.pending_close = Some(CLOSE_BACKEND_GONE);
         }
@@ -1013,7 +1101,12 @@ const BUF_ROOM: usize = crate::buffer::BUF_SIZE;
 
 /// Reads into `buf` and runs the new bytes through `tracker`; bytes of a bad frame are never
 /// committed, so nothing after a protocol error is relayed.
-fn read_tracked(stream: &mut TcpStream, ready: &mut Ready, buf: &mut Buffer, tracker: &mut FrameTracker) -> Result<Io, u16> {
+fn read_tracked(
+    stream: &mut TcpStream,
+    ready: &mut Ready,
+    buf: &mut Buffer,
+    tracker: &mut FrameTracker,
+) -> Result<Io, u16> {
     let space = buf.space();
     let io = read_some(stream, ready, space);
     if let Io::Progress(n) = io {

@@ -8,7 +8,10 @@
 //! - [`ws`]: upgrade validation and the frame tracker (pure).
 //! - [`balance`]: backend selection algorithms (pure).
 //! - `timer`, `buffer`, `log`: small building blocks.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod balance;
 mod buffer;

@@ -136,7 +136,11 @@ impl Registry {
             b.idle.clear();
             log::error(
                 "backend connect failed",
-                &[("backend", &b.name), ("error", why), ("retry_in_ms", &backoff.as_millis())],
+                &[
+                    ("backend", &b.name),
+                    ("error", why),
+                    ("retry_in_ms", &backoff.as_millis()),
+                ],
             );
         }
     }
@@ -183,7 +187,8 @@ impl Registry {
     /// Drops pooled connections past their age.
     pub fn sweep_idle(&mut self, now: Instant) {
         for (_, b) in &mut self.backends {
-            b.idle.retain(|(_, since)| now.duration_since(*since) <= POOL_MAX_AGE);
+            b.idle
+                .retain(|(_, since)| now.duration_since(*since) <= POOL_MAX_AGE);
         }
     }
 

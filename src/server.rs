@@ -90,9 +90,8 @@ impl Server {
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
         for (i, addr) in cfg.listen.iter().enumerate() {
-            let mut l = TcpListener::bind(*addr).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            })?;
+            let mut l = TcpListener::bind(*addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             poll.registry()
                 .register(&mut l, Token(FIRST_LISTENER + i), Interest::READABLE)?;
             let local = l.local_addr()?;
@@ -108,7 +107,10 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let backends = Registry::from_specs(&cfg.backends);
         if backends.len() == 0 {
-            log::info("no backend configured: requests get 503 until one is added", &[]);
+            log::info(
+                "no backend configured: requests get 503 until one is added",
+                &[],
+            );
         }
         Ok(Server {
             poll,
@@ -150,7 +152,11 @@ impl Server {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         self.timers.add(
             Instant::now() + SWEEP_EVERY,
-            TimerKey { key: 0, gen: 0, kind: TimerKind::Sweep },
+            TimerKey {
+                key: 0,
+                gen: 0,
+                kind: TimerKind::Sweep,
+            },
         );
         while !self.finished {
             let now = Instant::now();
@@ -208,9 +214,13 @@ impl Server {
                 self.accept(t - FIRST_LISTENER);
             }
             token => {
-                let Some((key, side)) = key_of(token) else { return };
+                let Some((key, side)) = key_of(token) else {
+                    return;
+                };
                 // Sporadic events for connections that just went away are normal.
-                let Some(conn) = self.conns.get_mut(key) else { return };
+                let Some(conn) = self.conns.get_mut(key) else {
+                    return;
+                };
                 if conn.done {
                     return;
                 }
@@ -222,7 +232,9 @@ impl Server {
 
     /// Lends a connection the loop's shared state, then acts on its answer.
     fn with_conn(&mut self, key: usize, f: impl FnOnce(&mut Conn, &mut Ctx<'_>) -> Drive) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if conn.done {
             return;
         }
@@ -248,7 +260,11 @@ impl Server {
                 conn.armed = Some(at);
                 self.timers.add(
                     at,
-                    TimerKey { key, gen: conn.gen, kind: TimerKind::Conn },
+                    TimerKey {
+                        key,
+                        gen: conn.gen,
+                        kind: TimerKind::Conn,
+                    },
                 );
             }
         }
@@ -271,7 +287,9 @@ impl Server {
                 self.accept_blocked = true;
                 return;
             }
-            let Some(listener) = self.listeners.get(idx) else { return };
+            let Some(listener) = self.listeners.get(idx) else {
+                return;
+            };
             let (mut stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -283,7 +301,11 @@ impl Server {
                     self.accept_blocked = true;
                     self.timers.add(
                         Instant::now() + ACCEPT_BACKOFF,
-                        TimerKey { key: 0, gen: 0, kind: TimerKind::AcceptResume },
+                        TimerKey {
+                            key: 0,
+                            gen: 0,
+                            kind: TimerKind::AcceptResume,
+                        },
                     );
                     return;
                 }
@@ -307,13 +329,27 @@ impl Server {
                 continue;
             }
             let now = Instant::now();
-            let conn = entry.insert(Conn::new(key, self.next_gen, self.next_id, stream, peer, now));
+            let conn = entry.insert(Conn::new(
+                key,
+                self.next_gen,
+                self.next_id,
+                stream,
+                peer,
+                now,
+            ));
             if log::enabled(log::Level::Debug) {
                 log::debug("client connected", &[("client", &conn.id), ("peer", &peer)]);
             }
             if let Some(at) = conn.deadline(&self.cfg) {
                 conn.armed = Some(at);
-                self.timers.add(at, TimerKey { key, gen: conn.gen, kind: TimerKind::Conn });
+                self.timers.add(
+                    at,
+                    TimerKey {
+                        key,
+                        gen: conn.gen,
+                        kind: TimerKind::Conn,
+                    },
+                );
             }
         }
     }
@@ -323,7 +359,9 @@ impl Server {
         while let Some(t) = self.timers.pop_expired(now) {
             match t.kind {
                 TimerKind::Conn => {
-                    let Some(conn) = self.conns.get_mut(t.key) else { continue };
+                    let Some(conn) = self.conns.get_mut(t.key) else {
+                        continue;
+                    };
                     if conn.gen != t.gen || conn.done {
                         continue;
                     }
@@ -366,7 +404,9 @@ impl Server {
     fn reap(&mut self) {
         let keys = std::mem::take(&mut self.to_reap);
         for key in keys {
-            let Some(mut conn) = self.conns.try_remove(key) else { continue };
+            let Some(mut conn) = self.conns.try_remove(key) else {
+                continue;
+            };
             let mut ctx = Ctx {
                 cfg: &self.cfg,
                 backends: &mut self.backends,
@@ -393,7 +433,10 @@ impl Server {
         self.draining = true;
         log::info(
             "draining: no new connections",
-            &[("connections", &self.conns.len()), ("drain_timeout_ms", &self.cfg.drain_timeout.as_millis())],
+            &[
+                ("connections", &self.conns.len()),
+                ("drain_timeout_ms", &self.cfg.drain_timeout.as_millis()),
+            ],
         );
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l);
@@ -401,11 +444,19 @@ impl Server {
         let now = Instant::now();
         self.timers.add(
             now + self.cfg.drain_timeout,
-            TimerKey { key: 0, gen: 0, kind: TimerKind::Drain },
+            TimerKey {
+                key: 0,
+                gen: 0,
+                kind: TimerKind::Drain,
+            },
         );
         self.timers.add(
             now + self.cfg.drain_timeout + HARD_STOP_GRACE,
-            TimerKey { key: 0, gen: 0, kind: TimerKind::HardStop },
+            TimerKey {
+                key: 0,
+                gen: 0,
+                kind: TimerKind::HardStop,
+            },
         );
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {

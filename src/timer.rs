@@ -91,6 +91,9 @@ mod tests {
         assert_eq!(t.pop_expired(later), Some(key(2, TimerKind::Drain)));
         assert_eq!(t.pop_expired(later), None);
         assert_eq!(t.len(), 1);
-        assert_eq!(t.next_timeout(later + Duration::from_secs(1)), Some(Duration::ZERO));
+        assert_eq!(
+            t.next_timeout(later + Duration::from_secs(1)),
+            Some(Duration::ZERO)
+        );
     }
 }

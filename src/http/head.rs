@@ -138,8 +138,9 @@ fn parse_decimal(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    v.iter()
-        .try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    v.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Framing facts gathered from the header fields in one pass.
@@ -231,7 +232,11 @@ pub fn parse_request<'h, 'b>(
         (false, Some(0)) | (false, None) => BodyKind::Empty,
         (false, Some(n)) => BodyKind::Length(n),
     };
-    let keep_alive = if version == 1 { !f.close } else { f.keep_alive && !f.close };
+    let keep_alive = if version == 1 {
+        !f.close
+    } else {
+        f.keep_alive && !f.close
+    };
     Ok(Some(Request {
         method,
         path,
@@ -281,7 +286,11 @@ pub fn parse_response<'h, 'b>(
             (false, None) => BodyKind::UntilClose,
         }
     };
-    let keep_alive = if version == 1 { !f.close } else { f.keep_alive && !f.close };
+    let keep_alive = if version == 1 {
+        !f.close
+    } else {
+        f.keep_alive && !f.close
+    };
     Ok(Some(Response {
         status: code,
         reason,
@@ -308,17 +317,46 @@ mod tests {
         use BodyKind::*;
         let ok: &[(&[u8], BodyKind, bool)] = &[
             (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Empty, true),
-            (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Empty, false),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                Empty,
+                false,
+            ),
             (b"GET / HTTP/1.0\r\n\r\n", Empty, false),
-            (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Empty, true),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n", Length(5), true),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", Length(5), true),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", Empty, true),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Chunked, true),
+            (
+                b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                Empty,
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                Length(5),
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+                Length(5),
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                Empty,
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Chunked,
+                true,
+            ),
         ];
         for (bytes, body, ka) in ok {
             let (b, k, _, n) = req(bytes).unwrap().unwrap();
-            assert_eq!((b, k, n), (*body, *ka, bytes.len()), "{}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                (b, k, n),
+                (*body, *ka, bytes.len()),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
             // Every strict prefix is incomplete, never an error (framing bugs live at boundaries).
             for cut in 0..bytes.len() {
                 assert_eq!(req(&bytes[..cut]), Ok(None), "cut {cut}");
@@ -343,8 +381,14 @@ mod tests {
         for (bytes, err) in bad {
             assert_eq!(req(bytes), Err(*err), "{}", String::from_utf8_lossy(bytes));
         }
-        assert!(matches!(req(b"GET / HTTP/1.1\r\nbad header\r\n\r\n"), Err(HeadError::Malformed(_))));
-        assert!(matches!(req(b"\x00GET / HTTP/1.1\r\n\r\n"), Err(HeadError::Malformed(_))));
+        assert!(matches!(
+            req(b"GET / HTTP/1.1\r\nbad header\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            req(b"\x00GET / HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -378,24 +422,64 @@ mod tests {
     fn response_framing() {
         use BodyKind::*;
         let cases: &[(&[u8], bool, BodyKind, bool)] = &[
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false, Length(3), true),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true, Empty, true),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, Chunked, true),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                false,
+                Length(3),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                true,
+                Empty,
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                Chunked,
+                true,
+            ),
             (b"HTTP/1.1 200 OK\r\n\r\n", false, UntilClose, true),
             (b"HTTP/1.1 204 No Content\r\n\r\n", false, Empty, true),
-            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false, Empty, true),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                Empty,
+                true,
+            ),
             (b"HTTP/1.1 100 Continue\r\n\r\n", false, Empty, true),
-            (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false, Length(1), false),
-            (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false, Length(1), false),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Length(1),
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Length(1),
+                false,
+            ),
         ];
         for (bytes, head, body, ka) in cases {
             let mut st = header_storage();
             let r = parse_response(bytes, &mut st, *head).unwrap().unwrap();
-            assert_eq!((r.body, r.keep_alive), (*body, *ka), "{}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                (r.body, r.keep_alive),
+                (*body, *ka),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
         }
         let mut st = header_storage();
         assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", &mut st, false).unwrap_err(),
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                &mut st,
+                false
+            )
+            .unwrap_err(),
             HeadError::ConflictingFraming
         );
     }

@@ -61,11 +61,20 @@ pub struct ClientInfo {
 
 /// Writes the head forwarded to a backend. `websocket` re-adds the upgrade fields (which
 /// are hop-by-hop and so dropped with the rest) for a validated WebSocket handshake.
-pub fn write_request(req: &Request<'_, '_>, client: ClientInfo, websocket: bool, out: &mut Vec<u8>) {
+pub fn write_request(
+    req: &Request<'_, '_>,
+    client: ClientInfo,
+    websocket: bool,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
-    out.extend_from_slice(if req.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    out.extend_from_slice(if req.version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     let mut xff_done = false;
     let mut host: Option<&[u8]> = None;
     for h in req.headers {
@@ -263,7 +272,12 @@ mod tests {
         let resp = parse_response(raw, &mut st, true).unwrap().unwrap();
         let mut out = Vec::new();
         write_response(&resp, false, false, &mut out);
-        assert!(String::from_utf8(out).unwrap().contains("Content-Length: 42"), "HEAD keeps it");
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("Content-Length: 42"),
+            "HEAD keeps it"
+        );
     }
 
     #[test]
@@ -274,11 +288,15 @@ mod tests {
             let mut st = header_storage();
             let r = parse_response(&out, &mut st, false).unwrap().unwrap();
             assert_eq!(r.status, status);
-            let BodyKind::Length(n) = r.body else { panic!() };
+            let BodyKind::Length(n) = r.body else {
+                panic!()
+            };
             assert_eq!(r.head_len + n as usize, out.len());
         }
         let mut out = Vec::new();
         write_error(503, false, &mut out);
-        assert!(String::from_utf8(out).unwrap().contains("Retry-After: 1\r\n"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Retry-After: 1\r\n"));
     }
 }

@@ -141,12 +141,30 @@ mod tests {
     fn invalid_requests() {
         let cases = [
             (GOOD.replace("GET", "POST"), HandshakeError::WrongMethod),
-            (GOOD.replace("HTTP/1.1", "HTTP/1.0"), HandshakeError::WrongVersion),
-            (GOOD.replace("Connection: Upgrade", "Connection: keep-alive"), HandshakeError::MissingConnectionUpgrade),
-            (GOOD.replace("Version: 13", "Version: 8"), HandshakeError::UnsupportedVersion),
-            (GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short=="), HandshakeError::BadKey),
-            (GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZQ=x"), HandshakeError::BadKey),
-            (GOOD.replace("\r\n\r\n", "\r\nContent-Length: 2\r\n\r\n"), HandshakeError::UnexpectedBody),
+            (
+                GOOD.replace("HTTP/1.1", "HTTP/1.0"),
+                HandshakeError::WrongVersion,
+            ),
+            (
+                GOOD.replace("Connection: Upgrade", "Connection: keep-alive"),
+                HandshakeError::MissingConnectionUpgrade,
+            ),
+            (
+                GOOD.replace("Version: 13", "Version: 8"),
+                HandshakeError::UnsupportedVersion,
+            ),
+            (
+                GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short=="),
+                HandshakeError::BadKey,
+            ),
+            (
+                GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZQ=x"),
+                HandshakeError::BadKey,
+            ),
+            (
+                GOOD.replace("\r\n\r\n", "\r\nContent-Length: 2\r\n\r\n"),
+                HandshakeError::UnexpectedBody,
+            ),
         ];
         for (raw, err) in cases {
             assert_eq!(check(&raw), Err(err), "{raw}");
