@@ -289,6 +289,10 @@ fn respond(
     let text = ("Content-Type", "text/plain".to_string());
     let chunked = ("Transfer-Encoding", "chunked".to_string());
     match req.path.as_str() {
+        "/demo" => {
+            let html = ("Content-Type", "text/html; charset=utf-8".to_string());
+            simple(s, 200, name, keep, &[html], DEMO_PAGE.as_bytes())?;
+        }
         "/echo" => {
             let len = ("X-Body-Len", body.len().to_string());
             simple(s, 200, name, keep, &[len], &body)?;
@@ -426,3 +430,30 @@ fn ws_echo(ws: &mut WebSocket<TcpStream>, name: &str) -> tungstenite::Result<()>
         }
     }
 }
+
+/// The page `make run` points a browser at: each button press opens a WebSocket through the
+/// balancer and shows which backend answered, so the balancing is visible.
+const DEMO_PAGE: &str = r#"<!doctype html>
+<meta charset="utf-8"><title>wslb demo</title>
+<style>body{font:16px system-ui;margin:2em}li{font-family:monospace}</style>
+<h1>wslb demo</h1>
+<p>Each click opens a new WebSocket through the balancer and asks the backend its name.
+Open sockets stay open, so <code>fewest</code> spreads them evenly.</p>
+<button id="open">Open a WebSocket</button> <button id="http">Plain HTTP request</button>
+<ul id="log"></ul>
+<script>
+const log = (t) => { const li = document.createElement("li"); li.textContent = t; document.getElementById("log").prepend(li); };
+const held = [];
+document.getElementById("open").onclick = () => {
+  const ws = new WebSocket(location.origin.replace(/^http/, "ws") + "/ws");
+  ws.onopen = () => ws.send("whoami");
+  ws.onmessage = (e) => log("websocket #" + (held.length + 1) + " answered by backend " + e.data);
+  ws.onclose = (e) => log("websocket closed, code " + e.code);
+  held.push(ws);
+};
+document.getElementById("http").onclick = async () => {
+  const r = await fetch("/");
+  log("http: " + (await r.text()).trim());
+};
+</script>
+"#;

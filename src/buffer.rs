@@ -142,6 +142,7 @@ impl Buffer {
     }
 
     /// Bytes of heap held (0 when idle).
+    #[cfg(test)]
     pub fn allocated(&self) -> usize {
         self.data.capacity()
     }

@@ -229,11 +229,6 @@ impl Conn {
         }
     }
 
-    /// Is this an established WebSocket tunnel?
-    pub fn is_tunnel(&self) -> bool {
-        matches!(self.phase, Phase::Tunnel(_))
-    }
-
     /// Runs the state machine until nothing moves (or the round budget is spent).
     pub fn drive(&mut self, ctx: &mut Ctx<'_>) -> Drive {
         for _ in 0..MAX_ROUNDS {
@@ -503,12 +498,13 @@ impl Conn {
             Io::Failed => return Step::Done,
             _ => {}
         }
-        if self.to_client.is_empty() && !self.c_fin_sent {
-            if matches!(self.phase, Phase::Closing { .. }) {
-                let _ = self.client.shutdown(Shutdown::Write);
-                self.c_fin_sent = true;
-                progress = true;
-            }
+        if self.to_client.is_empty()
+            && !self.c_fin_sent
+            && matches!(self.phase, Phase::Closing { .. })
+        {
+            let _ = self.client.shutdown(Shutdown::Write);
+            self.c_fin_sent = true;
+            progress = true;
         }
         if progress {
             Step::Progress
@@ -951,7 +947,7 @@ impl Conn {
                     }
                     let ended = body.is_done()
                         || (leg.eof && leg.from_backend.is_empty() && body.is_until_close());
-                    if ended && ex.req_body.is_done() || ended && ex.close_after {
+                    if ended && (ex.req_body.is_done() || ex.close_after) {
                         return self.finish_exchange(ctx);
                     }
                     if leg.eof && leg.from_backend.is_empty() && !body.is_done() {

@@ -124,15 +124,6 @@ impl Outbox {
         self.buf.is_empty()
     }
 
-    /// Queues a head (call only when [`Outbox::can_queue_head`]).
-    pub fn queue_head(&mut self, bytes: &[u8]) {
-        if self.head_pos >= self.head.len() {
-            self.head.clear();
-            self.head_pos = 0;
-        }
-        self.head.extend_from_slice(bytes);
-    }
-
     /// Hands out the head storage to write into directly (same rule as `queue_head`).
     pub fn head_vec(&mut self) -> &mut Vec<u8> {
         if self.head_pos >= self.head.len() {
@@ -140,12 +131,6 @@ impl Outbox {
             self.head_pos = 0;
         }
         &mut self.head
-    }
-
-    /// Bytes of the head already written (a pooled connection that failed before answering
-    /// can be retried only if the whole head is still here).
-    pub fn head_written(&self) -> usize {
-        self.head_pos
     }
 
     /// Rewinds the head so it is written again on a fresh connection.

@@ -192,11 +192,6 @@ impl Registry {
         }
     }
 
-    /// Iterates all backends.
-    pub fn iter(&self) -> impl Iterator<Item = (usize, &Backend)> {
-        self.backends.iter()
-    }
-
     /// Sets how a backend takes part in selection (for later registration support).
     #[allow(dead_code)]
     pub fn forget(&mut self, id: usize) {

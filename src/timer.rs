@@ -61,11 +61,6 @@ impl Timers {
             _ => None,
         }
     }
-
-    /// Number of armed (possibly stale) deadlines.
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
 }
 
 #[cfg(test)]
@@ -90,7 +85,6 @@ mod tests {
         assert_eq!(t.pop_expired(later), Some(key(1, TimerKind::Conn)));
         assert_eq!(t.pop_expired(later), Some(key(2, TimerKind::Drain)));
         assert_eq!(t.pop_expired(later), None);
-        assert_eq!(t.len(), 1);
         assert_eq!(
             t.next_timeout(later + Duration::from_secs(1)),
             Some(Duration::ZERO)

@@ -180,7 +180,12 @@ fn scan(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             f.transfer_encoding = true;
             // Only the final coding matters for framing, across all fields in order.
-            if let Some(last) = h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).last() {
+            if let Some(last) = h
+                .value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .next_back()
+            {
                 f.chunked_last = last.eq_ignore_ascii_case(b"chunked");
             }
         } else if name.eq_ignore_ascii_case("connection") {
