@@ -1,0 +1,322 @@
+//! The registration protocol's messages (docs/PROTOCOL.md): decode what a backend sends,
+//! encode what the balancer answers. Pure: text in, values out, no I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::parse_backend_url;
+
+/// The protocol version this balancer speaks.
+pub const VERSION: u64 = 1;
+/// Largest control message accepted.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Most bindings one backend may announce.
+pub const MAX_BINDINGS: usize = 16;
+/// Most tags one backend may carry.
+pub const MAX_TAGS: usize = 32;
+
+/// A backend's announcement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Stable id chosen by the backend; a restart re-registers under the same guid.
+    pub guid: String,
+    /// URLs as announced.
+    pub bindings: Vec<String>,
+    /// Resolved endpoints of `bindings`, same order.
+    pub addrs: Vec<SocketAddr>,
+    /// Relative weight (1-1000).
+    pub weight: u32,
+    /// Most connections this backend wants at once; 0 = no limit.
+    pub max_connections: u32,
+    /// Free-form labels (used by admin filters).
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A message from a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendMsg {
+    /// Announce or update (bindings, weight, ...).
+    Register(Registration),
+    /// Take no new clients; existing ones stay.
+    Drain,
+    /// Leave the pool now.
+    Deregister,
+}
+
+/// Why a control message was refused. [`ControlError::code`] is the wire `code`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    /// Not a JSON object.
+    BadJson,
+    /// `type` missing or unknown.
+    UnknownType,
+    /// `version` missing or not [`VERSION`].
+    BadVersion,
+    /// A field is missing or invalid; the text names it.
+    BadField(&'static str),
+    /// Over [`MAX_MESSAGE`].
+    TooLarge,
+    /// A binary frame (the protocol is text only).
+    Binary,
+    /// `drain`/`deregister` before `register`.
+    NotRegistered,
+    /// The same guid registered on another control connection.
+    Replaced,
+}
+
+impl ControlError {
+    /// Machine-readable code sent in `error` messages.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::BadJson => "bad_json",
+            ControlError::UnknownType => "unknown_type",
+            ControlError::BadVersion => "bad_version",
+            ControlError::BadField(_) => "bad_field",
+            ControlError::TooLarge => "too_large",
+            ControlError::Binary => "binary",
+            ControlError::NotRegistered => "not_registered",
+            ControlError::Replaced => "replaced",
+        }
+    }
+
+    /// WebSocket close code that follows the `error` message.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            ControlError::TooLarge => 1009,
+            ControlError::Binary => 1003,
+            ControlError::Replaced => 1000,
+            _ => 1008,
+        }
+    }
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControlError::BadJson => f.write_str("message is not a JSON object"),
+            ControlError::UnknownType => f.write_str("missing or unknown message type"),
+            ControlError::BadVersion => write!(f, "unsupported protocol version (this balancer speaks {VERSION})"),
+            ControlError::BadField(why) => f.write_str(why),
+            ControlError::TooLarge => write!(f, "message larger than {MAX_MESSAGE} bytes"),
+            ControlError::Binary => f.write_str("binary messages are not part of the protocol"),
+            ControlError::NotRegistered => f.write_str("register first"),
+            ControlError::Replaced => f.write_str("the same guid registered on another connection"),
+        }
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+fn valid_guid(g: &str) -> bool {
+    (1..=128).contains(&g.len())
+        && g.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// A binding must be an IP literal or `localhost`: resolving names would block the loop.
+pub fn binding_addr(url: &str) -> Result<SocketAddr, &'static str> {
+    let authority = parse_backend_url(url)?;
+    if let Ok(a) = authority.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match authority.rsplit_once(':') {
+        Some(("localhost", port)) => port
+            .parse::<u16>()
+            .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p))
+            .map_err(|_| "bad port"),
+        _ => Err("binding host must be an IP address or localhost"),
+    }
+}
+
+fn registration(obj: &Map<String, Value>) -> Result<Registration, ControlError> {
+    match obj.get("version").and_then(Value::as_u64) {
+        Some(VERSION) => {}
+        _ => return Err(ControlError::BadVersion),
+    }
+    let guid = obj
+        .get("guid")
+        .and_then(Value::as_str)
+        .filter(|g| valid_guid(g))
+        .ok_or(ControlError::BadField("guid must be 1-128 characters of A-Z a-z 0-9 - _ . :"))?
+        .to_string();
+    let list = obj
+        .get("bindings")
+        .and_then(Value::as_array)
+        .filter(|l| (1..=MAX_BINDINGS).contains(&l.len()))
+        .ok_or(ControlError::BadField("bindings must be a list of 1-16 URLs"))?;
+    let mut bindings = Vec::with_capacity(list.len());
+    let mut addrs = Vec::with_capacity(list.len());
+    for b in list {
+        let url = b
+            .as_str()
+            .ok_or(ControlError::BadField("bindings must be strings"))?;
+        let addr = binding_addr(url).map_err(|_| {
+            ControlError::BadField("binding must be ws://IP:PORT or http://IP:PORT")
+        })?;
+        bindings.push(url.to_string());
+        addrs.push(addr);
+    }
+    let weight = match obj.get("weight") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|w| (1..=1000).contains(w))
+            .ok_or(ControlError::BadField("weight must be an integer from 1 to 1000"))?
+            as u32,
+    };
+    let max_connections = match obj.get("max_connections") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or(ControlError::BadField("max_connections must be a non-negative integer"))?,
+    };
+    let mut tags = BTreeMap::new();
+    match obj.get("tags") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) if m.len() <= MAX_TAGS => {
+            for (k, v) in m {
+                let v = v
+                    .as_str()
+                    .ok_or(ControlError::BadField("tag values must be strings"))?;
+                tags.insert(k.clone(), v.to_string());
+            }
+        }
+        Some(_) => return Err(ControlError::BadField("tags must be an object of up to 32 strings")),
+    }
+    Ok(Registration {
+        guid,
+        bindings,
+        addrs,
+        weight,
+        max_connections,
+        tags,
+    })
+}
+
+/// Decodes one text message from a backend.
+pub fn decode(text: &str) -> Result<BackendMsg, ControlError> {
+    if text.len() > MAX_MESSAGE {
+        return Err(ControlError::TooLarge);
+    }
+    let value: Value = serde_json::from_str(text).map_err(|_| ControlError::BadJson)?;
+    let Value::Object(obj) = value else {
+        return Err(ControlError::BadJson);
+    };
+    match obj.get("type").and_then(Value::as_str) {
+        Some("register") => registration(&obj).map(BackendMsg::Register),
+        Some("drain") => Ok(BackendMsg::Drain),
+        Some("deregister") => Ok(BackendMsg::Deregister),
+        _ => Err(ControlError::UnknownType),
+    }
+}
+
+/// Encodes a backend message (used by the agent; the inverse of [`decode`]).
+pub fn encode(msg: &BackendMsg) -> String {
+    match msg {
+        BackendMsg::Register(r) => json!({
+            "type": "register",
+            "version": VERSION,
+            "guid": r.guid,
+            "bindings": r.bindings,
+            "weight": r.weight,
+            "max_connections": r.max_connections,
+            "tags": r.tags,
+        })
+        .to_string(),
+        BackendMsg::Drain => json!({"type": "drain"}).to_string(),
+        BackendMsg::Deregister => json!({"type": "deregister"}).to_string(),
+    }
+}
+
+/// `registered` answer.
+pub fn registered(guid: &str, heartbeat_ms: u64) -> String {
+    json!({
+        "type": "registered",
+        "version": VERSION,
+        "guid": guid,
+        "balancer": concat!("wslb ", env!("CARGO_PKG_VERSION")),
+        "heartbeat_ms": heartbeat_ms,
+    })
+    .to_string()
+}
+
+/// Acknowledges `drain` / `deregister`.
+pub fn ack(what: &str) -> String {
+    json!({ "type": what }).to_string()
+}
+
+/// `error` answer (the connection is closed after it).
+pub fn error(e: &ControlError) -> String {
+    json!({"type": "error", "code": e.code(), "message": e.to_string()}).to_string()
+}
+
+/// Tells a backend that the balancer could not reach one of its bindings.
+pub fn unreachable(binding: &str, reason: &str) -> String {
+    json!({"type": "unreachable", "binding": binding, "reason": reason}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"type":"register","version":1,"guid":"api-1","bindings":["ws://127.0.0.1:9001","http://localhost:9002"],"weight":3,"max_connections":100,"tags":{"zone":"a"}}"#;
+
+    #[test]
+    fn register_round_trip() {
+        let BackendMsg::Register(r) = decode(GOOD).unwrap() else { panic!() };
+        assert_eq!(r.guid, "api-1");
+        assert_eq!(r.addrs, ["127.0.0.1:9001".parse().unwrap(), "127.0.0.1:9002".parse().unwrap()]);
+        assert_eq!((r.weight, r.max_connections), (3, 100));
+        assert_eq!(r.tags.get("zone").map(String::as_str), Some("a"));
+        let again = decode(&encode(&BackendMsg::Register(r.clone()))).unwrap();
+        assert_eq!(again, BackendMsg::Register(r));
+        assert_eq!(decode(r#"{"type":"drain"}"#), Ok(BackendMsg::Drain));
+        assert_eq!(decode(&encode(&BackendMsg::Deregister)), Ok(BackendMsg::Deregister));
+    }
+
+    #[test]
+    fn defaults() {
+        let BackendMsg::Register(r) =
+            decode(r#"{"type":"register","version":1,"guid":"g","bindings":["ws://[::1]:80"]}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((r.weight, r.max_connections, r.tags.len()), (1, 0, 0));
+    }
+
+    #[test]
+    fn refusals_name_their_cause() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "bad_json"),
+            ("[1,2]", "bad_json"),
+            (r#"{"type":"hello"}"#, "unknown_type"),
+            (r#"{"version":1}"#, "unknown_type"),
+            (r#"{"type":"register","version":2,"guid":"g","bindings":["ws://127.0.0.1:1"]}"#, "bad_version"),
+            (r#"{"type":"register","guid":"g","bindings":["ws://127.0.0.1:1"]}"#, "bad_version"),
+            (r#"{"type":"register","version":1,"guid":"","bindings":["ws://127.0.0.1:1"]}"#, "bad_field"),
+            (r#"{"type":"register","version":1,"guid":"a b","bindings":["ws://127.0.0.1:1"]}"#, "bad_field"),
+            (r#"{"type":"register","version":1,"guid":"g","bindings":[]}"#, "bad_field"),
+            (r#"{"type":"register","version":1,"guid":"g","bindings":["ftp://127.0.0.1:1"]}"#, "bad_field"),
+            (r#"{"type":"register","version":1,"guid":"g","bindings":["ws://example.com:80"]}"#, "bad_field"),
+            (r#"{"type":"register","version":1,"guid":"g","bindings":["ws://127.0.0.1:1"],"weight":0}"#, "bad_field"),
+            (r#"{"type":"register","version":1,"guid":"g","bindings":["ws://127.0.0.1:1"],"tags":{"a":1}}"#, "bad_field"),
+        ];
+        for (text, code) in cases {
+            assert_eq!(decode(text).unwrap_err().code(), *code, "{text}");
+        }
+        let big = format!(r#"{{"type":"drain","pad":"{}"}}"#, "x".repeat(MAX_MESSAGE));
+        assert_eq!(decode(&big), Err(ControlError::TooLarge));
+        assert_eq!(ControlError::TooLarge.close_code(), 1009);
+    }
+
+    #[test]
+    fn answers_are_json() {
+        let v: Value = serde_json::from_str(&registered("g", 5000)).unwrap();
+        assert_eq!(v["type"], "registered");
+        let v: Value = serde_json::from_str(&error(&ControlError::UnknownType)).unwrap();
+        assert_eq!(v["code"], "unknown_type");
+    }
+}
