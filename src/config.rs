@@ -18,6 +18,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// What happens to a registered backend's client connections when its control connection
+/// is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBackendLost {
+    /// They stay up; only new clients avoid the backend.
+    Keep,
+    /// They are closed (WebSocket clients get 1001... via a TCP close of the pair).
+    Close,
+}
+
 /// A static backend given with `-B`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
@@ -56,6 +66,14 @@ pub struct Config {
     pub max_connections: usize,
     /// Largest WebSocket frame payload relayed (close 1009 beyond).
     pub max_frame_size: u64,
+    /// Control listener for backend registration (off when `None`).
+    pub control: Option<SocketAddr>,
+    /// Bearer token required on control connections; `None` = loopback peers only.
+    pub token: Option<String>,
+    /// Control-connection ping interval; 3 missed = backend lost.
+    pub heartbeat: Duration,
+    /// Fate of client connections when their backend's control connection is lost.
+    pub on_backend_lost: OnBackendLost,
     /// Log line shape.
     pub log_format: LogFormat,
     /// 0 = errors only, 1 = normal, 2 = verbose.
@@ -76,6 +94,10 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_frame_size: 16 << 20,
+            control: None,
+            token: None,
+            heartbeat: Duration::from_secs(5),
+            on_backend_lost: OnBackendLost::Keep,
             log_format: LogFormat::Text,
             verbosity: 1,
         }
@@ -184,6 +206,30 @@ fn options() -> getopts::Options {
         "largest WebSocket frame payload relayed, e.g. 16MiB [default: 16MiB]",
         "SIZE",
     );
+    o.optopt(
+        "",
+        "control",
+        "listener for backend self-registration at /register [default: off]",
+        "ADDR",
+    );
+    o.optopt(
+        "",
+        "token",
+        "bearer token backends must present (or env WSLB_TOKEN) [default: none = loopback only]",
+        "TOKEN",
+    );
+    o.optopt(
+        "",
+        "heartbeat",
+        "control ping interval; 3 missed = backend lost [default: 5s]",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "on-backend-lost",
+        "keep | close: client connections of a backend whose control connection is lost [default: keep]",
+        "WHAT",
+    );
     o.optopt("", "log-format", "text | json [default: text]", "FMT");
     o.optflag("q", "quiet", "log errors only");
     o.optflag("v", "verbose", "log every connection");
@@ -235,11 +281,28 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         cfg.websocket = ws;
         cfg.http = http;
     }
-    let durations: [(&'static str, &mut Duration); 4] = [
+    if let Some(v) = m.opt_str("control") {
+        cfg.control = Some(parse_addr(&v).map_err(|why| bad("--control", &v, why))?);
+    }
+    if let Some(v) = m.opt_str("token") {
+        if v.is_empty() || v.len() > 4096 {
+            return Err(bad("--token", "", "expected 1-4096 characters"));
+        }
+        cfg.token = Some(v);
+    }
+    if let Some(v) = m.opt_str("on-backend-lost") {
+        cfg.on_backend_lost = match v.as_str() {
+            "keep" => OnBackendLost::Keep,
+            "close" => OnBackendLost::Close,
+            _ => return Err(bad("--on-backend-lost", &v, "expected keep or close")),
+        };
+    }
+    let durations: [(&'static str, &mut Duration); 5] = [
         ("header-timeout", &mut cfg.header_timeout),
         ("connect-timeout", &mut cfg.connect_timeout),
         ("idle-timeout", &mut cfg.idle_timeout),
         ("drain-timeout", &mut cfg.drain_timeout),
+        ("heartbeat", &mut cfg.heartbeat),
     ];
     for (name, slot) in durations {
         if let Some(v) = m.opt_str(name) {
@@ -285,6 +348,7 @@ fn flag_name(name: &str) -> &'static str {
         "header-timeout" => "--header-timeout",
         "connect-timeout" => "--connect-timeout",
         "idle-timeout" => "--idle-timeout",
+        "heartbeat" => "--heartbeat",
         _ => "--drain-timeout",
     }
 }

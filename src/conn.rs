@@ -94,6 +94,8 @@ struct Leg {
     stream: TcpStream,
     ready: Ready,
     backend: usize,
+    /// Address dialled (for reporting which binding failed).
+    addr: SocketAddr,
     connecting_since: Option<Instant>,
     /// Came from the keep-alive pool: a failure before any answer may be retried.
     reused: bool,
@@ -215,6 +217,11 @@ impl Conn {
     /// The client socket, for registration.
     pub fn client_mut(&mut self) -> &mut TcpStream {
         &mut self.client
+    }
+
+    /// The backend this connection is paired with, if any.
+    pub fn backend_id(&self) -> Option<usize> {
+        self.leg.as_ref().map(|l| l.backend)
     }
 
     /// Folds a readiness event into the right side.
@@ -631,7 +638,7 @@ impl Conn {
         self.from_client.consume(head_len);
         self.head_started = None;
         self.phase = Phase::Exchange(Box::new(ex));
-        if ctx.backends.len() == 0 {
+        if !ctx.backends.any_eligible() {
             log::debug("no backend", &[("client", &self.id)]);
             if has_body {
                 // The unread body would be taken for the next request: close instead.
@@ -674,7 +681,7 @@ impl Conn {
             let Some(id) = picked else {
                 break None;
             };
-            let Some(addr) = ctx.backends.get(id).map(|b| b.addr) else {
+            let Some(addr) = ctx.backends.next_addr(id) else {
                 ex.failed.push(id);
                 continue;
             };
@@ -691,7 +698,7 @@ impl Conn {
             let mut stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
-                    ctx.backends.connect_failed(id, ctx.now, &e);
+                    ctx.backends.connect_failed(id, Some(addr), ctx.now, &e);
                     ex.failed.push(id);
                     continue;
                 }
@@ -703,9 +710,9 @@ impl Conn {
                 log::error("register failed", &[("error", &e)]);
                 break None;
             }
-            break Some((id, stream, reused));
+            break Some((id, addr, stream, reused));
         };
-        let Some((id, stream, reused)) = opened else {
+        let Some((id, addr, stream, reused)) = opened else {
             log::error("no backend could be reached", &[("client", &self.id)]);
             self.fail(ctx, 502);
             return;
@@ -726,6 +733,7 @@ impl Conn {
                 writable: reused,
             },
             backend: id,
+            addr,
             connecting_since: if reused { None } else { Some(ctx.now) },
             reused,
             from_backend: Buffer::default(),
@@ -748,10 +756,10 @@ impl Conn {
 
     /// Connecting failed: try another backend while the client has seen nothing.
     fn backend_failed(&mut self, ctx: &mut Ctx<'_>, why: &str) {
-        let Some(id) = self.leg.as_ref().map(|l| l.backend) else {
+        let Some((id, addr)) = self.leg.as_ref().map(|l| (l.backend, Some(l.addr))) else {
             return;
         };
-        ctx.backends.connect_failed(id, ctx.now, &why);
+        ctx.backends.connect_failed(id, addr, ctx.now, &why);
         let to_backend = self.drop_leg(ctx, false).unwrap_or_default();
         if let Phase::Exchange(ex) = &mut self.phase {
             ex.failed.push(id);

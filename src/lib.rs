@@ -17,6 +17,7 @@ pub mod balance;
 mod buffer;
 pub mod config;
 mod conn;
+pub mod control;
 mod endpoint;
 pub mod http;
 mod log;

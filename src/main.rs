@@ -15,16 +15,25 @@ fn main() -> ExitCode {
             println!("wslb {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Ok(Command::Run(cfg)) => match wslb::run(*cfg) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("wslb: {e}");
-                ExitCode::FAILURE
+        Ok(Command::Run(mut cfg)) => {
+            if cfg.token.is_none() {
+                cfg.token = std::env::var("WSLB_TOKEN").ok().filter(|t| !t.is_empty());
             }
-        },
+            run(*cfg)
+        }
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cfg: wslb::Config) -> ExitCode {
+    match wslb::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wslb: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The backend pool: every backend the balancer may pick, its load, its health, and its idle
 //! keep-alive connections.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use slab::Slab;
 
 use crate::balance::{Algorithm, Candidate, Selector};
 use crate::config::BackendSpec;
+use crate::control::protocol::Registration;
 use crate::log;
 
 /// Idle keep-alive connections kept per backend.
@@ -21,13 +23,62 @@ const DOWN_BASE: Duration = Duration::from_millis(500);
 /// Longest back-off.
 const DOWN_MAX: Duration = Duration::from_secs(30);
 
+/// Where a backend is in its life (docs/PROTOCOL.md, "Backend states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    /// Eligible for new clients.
+    Ready,
+    /// Asked for no new clients; existing ones stay.
+    Draining,
+    /// Control connection lost or deregistered: kept only while connections still use it.
+    Gone,
+}
+
+impl BackendState {
+    /// Lower-case name for logs and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Ready => "ready",
+            BackendState::Draining => "draining",
+            BackendState::Gone => "gone",
+        }
+    }
+}
+
+/// A control connection, by slab key and generation.
+pub type Owner = (usize, u64);
+
+/// A connect failure the backend's control connection should hear about.
+#[derive(Debug)]
+pub struct Unreachable {
+    /// Control connection to tell.
+    pub owner: Owner,
+    /// The binding that failed.
+    pub binding: String,
+    /// Why.
+    pub reason: String,
+}
+
 /// One backend.
 #[derive(Debug)]
 pub struct Backend {
-    /// Stable name: the URL for static backends.
+    /// Stable name: the URL for static backends, the guid for registered ones.
     pub name: String,
-    /// Where to connect.
-    pub addr: SocketAddr,
+    /// Registered (not `-B`) backends have a guid.
+    pub guid: Option<String>,
+    /// URLs as given or announced.
+    pub bindings: Vec<String>,
+    /// Where to connect, same order as `bindings`.
+    pub addrs: Vec<SocketAddr>,
+    next_addr: usize,
+    /// Life-cycle state.
+    pub state: BackendState,
+    /// The control connection that registered it.
+    pub owner: Option<Owner>,
+    /// Most connections at once; 0 = no limit.
+    pub max_connections: u32,
+    /// Labels from the registration.
+    pub tags: BTreeMap<String, String>,
     /// Relative weight.
     pub weight: u32,
     /// Active connections: WebSocket tunnels plus in-flight HTTP exchanges.
@@ -47,6 +98,8 @@ pub struct Registry {
     backends: Slab<Backend>,
     selector: Selector,
     scratch: Vec<Candidate>,
+    /// Connect failures of registered backends, for the server to pass on.
+    pub unreachable: Vec<Unreachable>,
 }
 
 impl Registry {
@@ -54,28 +107,95 @@ impl Registry {
     pub fn from_specs(specs: &[BackendSpec]) -> Self {
         let mut r = Registry::default();
         for s in specs {
-            r.backends.insert(Backend {
-                name: s.url.clone(),
-                addr: s.addr,
-                weight: s.weight,
-                active: 0,
-                failures: 0,
-                down_until: None,
-                selected: 0,
-                idle: Vec::new(),
-            });
+            r.backends.insert(Backend::new(
+                s.url.clone(),
+                None,
+                vec![s.url.clone()],
+                vec![s.addr],
+                s.weight,
+            ));
         }
         r
     }
 
-    /// Number of backends known, healthy or not.
+    /// Number of backends known, in any state.
     pub fn len(&self) -> usize {
         self.backends.len()
     }
 
-    /// Looks up a backend.
-    pub fn get(&self, id: usize) -> Option<&Backend> {
-        self.backends.get(id)
+    /// Adds or updates a registered backend. Returns its id, whether it is new (as opposed
+    /// to a guid seen before), and the previous owner if another control connection held it.
+    pub fn register(&mut self, reg: &Registration, owner: Owner) -> (usize, bool, Option<Owner>) {
+        let existing = self
+            .backends
+            .iter()
+            .find(|(_, b)| b.guid.as_deref() == Some(reg.guid.as_str()))
+            .map(|(id, _)| id);
+        let fresh = existing.is_none();
+        let id = match existing {
+            Some(id) => id,
+            None => self.backends.insert(Backend::new(
+                reg.guid.clone(),
+                Some(reg.guid.clone()),
+                Vec::new(),
+                Vec::new(),
+                reg.weight,
+            )),
+        };
+        let Some(b) = self.backends.get_mut(id) else {
+            return (id, fresh, None);
+        };
+        if b.addrs != reg.addrs {
+            // New bindings: old pooled connections point elsewhere, old failures do not apply.
+            b.idle.clear();
+            b.failures = 0;
+            b.down_until = None;
+            b.next_addr = 0;
+        }
+        b.bindings = reg.bindings.clone();
+        b.addrs = reg.addrs.clone();
+        b.weight = reg.weight;
+        b.max_connections = reg.max_connections;
+        b.tags = reg.tags.clone();
+        b.state = BackendState::Ready;
+        let previous = b.owner.replace(owner).filter(|&o| o != owner);
+        (id, fresh, previous)
+    }
+
+    /// Changes a backend's state; a `Gone` backend with no connections is removed.
+    pub fn set_state(&mut self, id: usize, state: BackendState) {
+        if let Some(b) = self.backends.get_mut(id) {
+            b.state = state;
+            if state == BackendState::Gone {
+                b.owner = None;
+                b.idle.clear();
+            }
+        }
+        self.remove_if_unused(id);
+    }
+
+    fn remove_if_unused(&mut self, id: usize) {
+        let unused = self
+            .backends
+            .get(id)
+            .is_some_and(|b| b.state == BackendState::Gone && b.active == 0);
+        if unused {
+            self.backends.remove(id);
+            self.selector.forget(id);
+        }
+    }
+
+    /// Next address to connect to for `id` (rotating over its bindings).
+    pub fn next_addr(&mut self, id: usize) -> Option<SocketAddr> {
+        let b = self.backends.get_mut(id)?;
+        let addr = *b.addrs.get(b.next_addr % b.addrs.len().max(1))?;
+        b.next_addr = b.next_addr.wrapping_add(1);
+        Some(addr)
+    }
+
+    /// Has at least one backend that could take a client (else the answer is 503).
+    pub fn any_eligible(&self) -> bool {
+        self.backends.iter().any(|(_, b)| b.eligible())
     }
 
     /// Picks a backend not in `exclude`. Backends marked down are used only when every
@@ -91,7 +211,7 @@ impl Registry {
             self.scratch.clear();
             for (id, b) in &self.backends {
                 let down = b.down_until.is_some_and(|t| t > now);
-                if exclude.contains(&id) || (down && !allow_down) {
+                if !b.eligible() || exclude.contains(&id) || (down && !allow_down) {
                     continue;
                 }
                 self.scratch.push(Candidate {
@@ -123,11 +243,30 @@ impl Registry {
         if let Some(b) = self.backends.get_mut(id) {
             b.active = b.active.saturating_sub(1);
         }
+        self.remove_if_unused(id);
     }
 
     /// A connect to `id` failed: back off exponentially before preferring it again.
-    pub fn connect_failed(&mut self, id: usize, now: Instant, why: &dyn std::fmt::Display) {
+    pub fn connect_failed(
+        &mut self,
+        id: usize,
+        addr: Option<SocketAddr>,
+        now: Instant,
+        why: &dyn std::fmt::Display,
+    ) {
         if let Some(b) = self.backends.get_mut(id) {
+            if let Some(owner) = b.owner {
+                let binding = addr
+                    .and_then(|a| b.addrs.iter().position(|x| *x == a))
+                    .and_then(|i| b.bindings.get(i))
+                    .cloned()
+                    .unwrap_or_default();
+                self.unreachable.push(Unreachable {
+                    owner,
+                    binding,
+                    reason: why.to_string(),
+                });
+            }
             b.failures = b.failures.saturating_add(1);
             let backoff = DOWN_BASE
                 .saturating_mul(1 << b.failures.min(7).saturating_sub(1))
@@ -176,7 +315,11 @@ impl Registry {
 
     /// Returns a deregistered, quiet keep-alive connection to `id`'s pool.
     pub fn checkin(&mut self, id: usize, stream: TcpStream, now: Instant) {
-        if let Some(b) = self.backends.get_mut(id) {
+        if let Some(b) = self
+            .backends
+            .get_mut(id)
+            .filter(|b| b.state != BackendState::Gone)
+        {
             if b.idle.len() >= POOL_PER_BACKEND {
                 b.idle.remove(0);
             }
@@ -192,12 +335,43 @@ impl Registry {
         }
     }
 
-    /// Sets how a backend takes part in selection (for later registration support).
-    #[allow(dead_code)]
-    pub fn forget(&mut self, id: usize) {
-        if self.backends.try_remove(id).is_some() {
-            self.selector.forget(id);
+    /// Iterates all backends.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &Backend)> {
+        self.backends.iter()
+    }
+}
+
+impl Backend {
+    fn new(
+        name: String,
+        guid: Option<String>,
+        bindings: Vec<String>,
+        addrs: Vec<SocketAddr>,
+        weight: u32,
+    ) -> Self {
+        Backend {
+            name,
+            guid,
+            bindings,
+            addrs,
+            next_addr: 0,
+            state: BackendState::Ready,
+            owner: None,
+            max_connections: 0,
+            tags: BTreeMap::new(),
+            weight,
+            active: 0,
+            failures: 0,
+            down_until: None,
+            selected: 0,
+            idle: Vec::new(),
         }
+    }
+
+    /// May take a new client now (state and connection cap; health is a preference).
+    pub fn eligible(&self) -> bool {
+        self.state == BackendState::Ready
+            && (self.max_connections == 0 || self.active < self.max_connections)
     }
 }
 
@@ -217,7 +391,7 @@ mod tests {
         let mut r = Registry::from_specs(&specs);
         let mut rng = SmallRng::seed_from_u64(3);
         let now = Instant::now();
-        r.connect_failed(0, now, &"refused");
+        r.connect_failed(0, None, now, &"refused");
         for _ in 0..20 {
             assert_eq!(r.pick(Algorithm::Random, &[], now, &mut rng), Some(1));
         }

@@ -15,15 +15,20 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::config::Config;
+use crate::config::{Config, OnBackendLost};
 use crate::conn::{key_of, token_for, Conn, Ctx, Drive, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS};
+use crate::control::protocol::{self as control_protocol, ControlError};
+use crate::control::session::{ControlAuth, ControlConn, ControlDrive, ControlEvent};
 use crate::log;
-use crate::registry::Registry;
+use crate::registry::{BackendState, Registry};
 use crate::timer::{TimerKey, TimerKind, Timers};
 
 const WAKER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const FIRST_LISTENER: usize = 2;
+const CONTROL_LISTENER: Token = Token(RESERVED_TOKENS - 1);
+/// Control connections use tokens from here up; proxy tokens never reach this far.
+const CONTROL_BASE: usize = usize::MAX / 2;
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// Pause after EMFILE/ENFILE before accepting again: long enough not to spin, short enough
@@ -55,6 +60,12 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     local_addrs: Vec<SocketAddr>,
     conns: Slab<Conn>,
+    control_listener: Option<TcpListener>,
+    control_addr: Option<SocketAddr>,
+    controls: Slab<ControlConn>,
+    control_auth: ControlAuth,
+    control_events: Vec<ControlEvent>,
+    controls_to_reap: Vec<usize>,
     timers: Timers,
     backends: Registry,
     cfg: Config,
@@ -99,8 +110,30 @@ impl Server {
             local_addrs.push(local);
             listeners.push(l);
         }
-        if FIRST_LISTENER + listeners.len() > RESERVED_TOKENS {
+        if FIRST_LISTENER + listeners.len() >= CONTROL_LISTENER.0 {
             return Err(io::Error::other("too many listeners"));
+        }
+        let mut control_listener = None;
+        let mut control_addr = None;
+        if let Some(addr) = cfg.control {
+            let mut l = TcpListener::bind(addr).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} (--control): {e}"),
+                )
+            })?;
+            poll.registry()
+                .register(&mut l, CONTROL_LISTENER, Interest::READABLE)?;
+            let local = l.local_addr()?;
+            log::info(&format!("control listening on {local}"), &[]);
+            if cfg.token.is_none() {
+                log::info(
+                    "no --token: control connections accepted from loopback addresses only",
+                    &[],
+                );
+            }
+            control_addr = Some(local);
+            control_listener = Some(l);
         }
         let mut signals = Signals::new([SIGTERM, SIGINT])?;
         poll.registry()
@@ -117,6 +150,14 @@ impl Server {
             listeners,
             local_addrs,
             conns: Slab::with_capacity(1024),
+            control_listener,
+            control_addr,
+            controls: Slab::new(),
+            control_auth: ControlAuth {
+                token: cfg.token.clone(),
+            },
+            control_events: Vec::new(),
+            controls_to_reap: Vec::new(),
             timers: Timers::default(),
             backends,
             cfg,
@@ -137,6 +178,11 @@ impl Server {
     /// Addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Address of the control listener, if enabled.
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.control_addr
     }
 
     /// A handle that stops this server from another thread.
@@ -176,7 +222,9 @@ impl Server {
             }
             self.fire_timers();
             self.run_yielded();
+            self.send_unreachable_notices();
             self.reap();
+            self.reap_controls();
             if self.accept_blocked && !self.draining {
                 self.accept_all();
             }
@@ -210,8 +258,20 @@ impl Server {
                     self.begin_drain();
                 }
             }
+            CONTROL_LISTENER => self.accept_controls(),
             Token(t) if (FIRST_LISTENER..RESERVED_TOKENS).contains(&t) => {
                 self.accept(t - FIRST_LISTENER);
+            }
+            Token(t) if t >= CONTROL_BASE => {
+                let key = t - CONTROL_BASE;
+                let Some(c) = self.controls.get_mut(key) else {
+                    return;
+                };
+                if c.done {
+                    return;
+                }
+                c.absorb(ev);
+                self.drive_control(key);
             }
             token => {
                 let Some((key, side)) = key_of(token) else {
@@ -384,6 +444,28 @@ impl Server {
                     log::info("drain grace over: exiting", &[("left", &self.conns.len())]);
                     self.finished = true;
                 }
+                TimerKind::Control => {
+                    let Some(c) = self.controls.get_mut(t.key) else {
+                        continue;
+                    };
+                    if c.gen != t.gen || c.done {
+                        continue;
+                    }
+                    c.armed = None;
+                    let (hdr, hb) = (self.cfg.header_timeout, self.cfg.heartbeat);
+                    if c.expire(now, hdr, hb) == ControlDrive::Done {
+                        if c.guid.is_some() {
+                            log::error(
+                                "backend lost: heartbeats missed",
+                                &[("guid", &c.guid.as_deref().unwrap_or("-"))],
+                            );
+                        }
+                        c.done = true;
+                        self.controls_to_reap.push(t.key);
+                    } else {
+                        self.drive_control(t.key);
+                    }
+                }
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
                     self.timers.add(now + SWEEP_EVERY, t);
@@ -441,6 +523,9 @@ impl Server {
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l);
         }
+        if let Some(mut l) = self.control_listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
         let now = Instant::now();
         self.timers.add(
             now + self.cfg.drain_timeout,
@@ -461,6 +546,220 @@ impl Server {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.with_conn(key, |c, ctx| c.begin_drain(ctx));
+        }
+    }
+
+    fn accept_controls(&mut self) {
+        loop {
+            let Some(listener) = &self.control_listener else {
+                return;
+            };
+            let (mut stream, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_fd_exhaustion(&e) => {
+                    // Control connections are few; the next readiness edge retries.
+                    log::error("control accept failed", &[("error", &e)]);
+                    return;
+                }
+                Err(_) => continue,
+            };
+            self.next_gen += 1;
+            let now = Instant::now();
+            let entry = self.controls.vacant_entry();
+            let key = entry.key();
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(CONTROL_BASE + key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                log::error("register failed", &[("error", &e)]);
+                continue;
+            }
+            let c = entry.insert(ControlConn::new(self.next_gen, stream, peer, now));
+            let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
+            c.armed = Some(at);
+            self.timers.add(
+                at,
+                TimerKey {
+                    key,
+                    gen: c.gen,
+                    kind: TimerKind::Control,
+                },
+            );
+        }
+    }
+
+    fn drive_control(&mut self, key: usize) {
+        let Some(c) = self.controls.get_mut(key) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut events = std::mem::take(&mut self.control_events);
+        let outcome = c.drive(now, &self.control_auth, &mut events);
+        let gen = c.gen;
+        for ev in events.drain(..) {
+            self.apply_control_event(key, gen, ev);
+        }
+        self.control_events = events;
+        let Some(c) = self.controls.get_mut(key) else {
+            return;
+        };
+        if outcome == ControlDrive::Done {
+            if !c.done {
+                c.done = true;
+                self.controls_to_reap.push(key);
+            }
+            return;
+        }
+        let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
+        if c.armed.is_none_or(|armed| at < armed) {
+            c.armed = Some(at);
+            self.timers.add(
+                at,
+                TimerKey {
+                    key,
+                    gen,
+                    kind: TimerKind::Control,
+                },
+            );
+        }
+    }
+
+    /// The backend registered by control connection `(key, gen)`, if any.
+    fn owned_backend(&self, key: usize, gen: u64) -> Option<usize> {
+        self.backends
+            .iter()
+            .find(|(_, b)| b.owner == Some((key, gen)))
+            .map(|(id, _)| id)
+    }
+
+    fn apply_control_event(&mut self, key: usize, gen: u64, ev: ControlEvent) {
+        let owned = self.owned_backend(key, gen);
+        let Some(c) = self.controls.get_mut(key) else {
+            return;
+        };
+        let peer = c.peer;
+        match ev {
+            ControlEvent::Connected => log::info("server connected", &[("peer", &peer)]),
+            ControlEvent::Register(reg) => {
+                if c.guid.as_deref().is_some_and(|g| g != reg.guid) {
+                    // Same connection, new identity: the old entry is gone.
+                    if let Some(id) = owned {
+                        self.backends.set_state(id, BackendState::Gone);
+                    }
+                }
+                let (id, fresh, previous) = self.backends.register(&reg, (key, gen));
+                let hb = u64::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
+                if let Some(c) = self.controls.get_mut(key) {
+                    c.guid = Some(reg.guid.clone());
+                    c.send_text(control_protocol::registered(&reg.guid, hb));
+                }
+                let bindings = reg.bindings.join(",");
+                log::info(
+                    if fresh {
+                        "server ready"
+                    } else {
+                        "server ready (updated)"
+                    },
+                    &[
+                        ("guid", &reg.guid),
+                        ("bindings", &bindings),
+                        ("weight", &reg.weight),
+                        ("backend", &id),
+                    ],
+                );
+                if let Some((old_key, old_gen)) = previous {
+                    if let Some(old) = self
+                        .controls
+                        .get_mut(old_key)
+                        .filter(|o| o.gen == old_gen && !o.done)
+                    {
+                        old.refuse(&ControlError::Replaced);
+                        old.done = true;
+                        self.controls_to_reap.push(old_key);
+                    }
+                }
+            }
+            ControlEvent::Drain => match owned {
+                Some(id) => {
+                    self.backends.set_state(id, BackendState::Draining);
+                    c.send_text(control_protocol::ack("drained"));
+                    log::info(
+                        "server draining",
+                        &[
+                            ("guid", &c.guid.as_deref().unwrap_or("-")),
+                            ("state", &BackendState::Draining.as_str()),
+                        ],
+                    );
+                }
+                None => c.refuse(&ControlError::NotRegistered),
+            },
+            ControlEvent::Deregister => match owned {
+                Some(id) => {
+                    c.close_with(control_protocol::ack("deregistered"));
+                    log::info(
+                        "server disconnected",
+                        &[
+                            ("guid", &c.guid.as_deref().unwrap_or("-")),
+                            ("reason", &"deregister"),
+                        ],
+                    );
+                    self.backend_lost(id);
+                }
+                None => c.refuse(&ControlError::NotRegistered),
+            },
+        }
+    }
+
+    /// A registered backend left: out of selection at once; its clients stay or go per flag.
+    fn backend_lost(&mut self, id: usize) {
+        if self.cfg.on_backend_lost == OnBackendLost::Close {
+            let keys: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.backend_id() == Some(id))
+                .map(|(k, _)| k)
+                .collect();
+            for key in keys {
+                self.with_conn(key, |c, ctx| c.going_away(ctx, CLOSE_GOING_AWAY));
+            }
+        }
+        self.backends.set_state(id, BackendState::Gone);
+    }
+
+    fn send_unreachable_notices(&mut self) {
+        for n in std::mem::take(&mut self.backends.unreachable) {
+            let (key, gen) = n.owner;
+            if let Some(c) = self
+                .controls
+                .get_mut(key)
+                .filter(|c| c.gen == gen && !c.done)
+            {
+                c.send_text(control_protocol::unreachable(&n.binding, &n.reason));
+            }
+        }
+    }
+
+    fn reap_controls(&mut self) {
+        for key in std::mem::take(&mut self.controls_to_reap) {
+            let Some(mut c) = self.controls.try_remove(key) else {
+                continue;
+            };
+            if let Some(id) = self.owned_backend(key, c.gen) {
+                log::info(
+                    "server disconnected",
+                    &[
+                        ("guid", &c.guid.as_deref().unwrap_or("-")),
+                        ("reason", &"control connection lost"),
+                    ],
+                );
+                self.backend_lost(id);
+            }
+            if let Some(s) = c.stream_mut() {
+                let _ = self.poll.registry().deregister(s);
+            }
         }
     }
 }

@@ -22,6 +22,8 @@ pub enum TimerKind {
     HardStop,
     /// Periodic housekeeping (stale pooled backend connections).
     Sweep,
+    /// A control connection's deadline (handshake, heartbeat).
+    Control,
 }
 
 /// Identifies the owner of a deadline.

@@ -98,7 +98,10 @@ impl fmt::Display for ControlError {
         match self {
             ControlError::BadJson => f.write_str("message is not a JSON object"),
             ControlError::UnknownType => f.write_str("missing or unknown message type"),
-            ControlError::BadVersion => write!(f, "unsupported protocol version (this balancer speaks {VERSION})"),
+            ControlError::BadVersion => write!(
+                f,
+                "unsupported protocol version (this balancer speaks {VERSION})"
+            ),
             ControlError::BadField(why) => f.write_str(why),
             ControlError::TooLarge => write!(f, "message larger than {MAX_MESSAGE} bytes"),
             ControlError::Binary => f.write_str("binary messages are not part of the protocol"),
@@ -112,7 +115,8 @@ impl std::error::Error for ControlError {}
 
 fn valid_guid(g: &str) -> bool {
     (1..=128).contains(&g.len())
-        && g.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && g.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// A binding must be an IP literal or `localhost`: resolving names would block the loop.
@@ -139,13 +143,17 @@ fn registration(obj: &Map<String, Value>) -> Result<Registration, ControlError> 
         .get("guid")
         .and_then(Value::as_str)
         .filter(|g| valid_guid(g))
-        .ok_or(ControlError::BadField("guid must be 1-128 characters of A-Z a-z 0-9 - _ . :"))?
+        .ok_or(ControlError::BadField(
+            "guid must be 1-128 characters of A-Z a-z 0-9 - _ . :",
+        ))?
         .to_string();
     let list = obj
         .get("bindings")
         .and_then(Value::as_array)
         .filter(|l| (1..=MAX_BINDINGS).contains(&l.len()))
-        .ok_or(ControlError::BadField("bindings must be a list of 1-16 URLs"))?;
+        .ok_or(ControlError::BadField(
+            "bindings must be a list of 1-16 URLs",
+        ))?;
     let mut bindings = Vec::with_capacity(list.len());
     let mut addrs = Vec::with_capacity(list.len());
     for b in list {
@@ -163,15 +171,18 @@ fn registration(obj: &Map<String, Value>) -> Result<Registration, ControlError> 
         Some(v) => v
             .as_u64()
             .filter(|w| (1..=1000).contains(w))
-            .ok_or(ControlError::BadField("weight must be an integer from 1 to 1000"))?
-            as u32,
+            .ok_or(ControlError::BadField(
+                "weight must be an integer from 1 to 1000",
+            ))? as u32,
     };
     let max_connections = match obj.get("max_connections") {
         None | Some(Value::Null) => 0,
         Some(v) => v
             .as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or(ControlError::BadField("max_connections must be a non-negative integer"))?,
+            .ok_or(ControlError::BadField(
+                "max_connections must be a non-negative integer",
+            ))?,
     };
     let mut tags = BTreeMap::new();
     match obj.get("tags") {
@@ -184,7 +195,11 @@ fn registration(obj: &Map<String, Value>) -> Result<Registration, ControlError> 
                 tags.insert(k.clone(), v.to_string());
             }
         }
-        Some(_) => return Err(ControlError::BadField("tags must be an object of up to 32 strings")),
+        Some(_) => {
+            return Err(ControlError::BadField(
+                "tags must be an object of up to 32 strings",
+            ))
+        }
     }
     Ok(Registration {
         guid,
@@ -266,21 +281,33 @@ mod tests {
 
     #[test]
     fn register_round_trip() {
-        let BackendMsg::Register(r) = decode(GOOD).unwrap() else { panic!() };
+        let BackendMsg::Register(r) = decode(GOOD).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.guid, "api-1");
-        assert_eq!(r.addrs, ["127.0.0.1:9001".parse().unwrap(), "127.0.0.1:9002".parse().unwrap()]);
+        assert_eq!(
+            r.addrs,
+            [
+                "127.0.0.1:9001".parse().unwrap(),
+                "127.0.0.1:9002".parse().unwrap()
+            ]
+        );
         assert_eq!((r.weight, r.max_connections), (3, 100));
         assert_eq!(r.tags.get("zone").map(String::as_str), Some("a"));
         let again = decode(&encode(&BackendMsg::Register(r.clone()))).unwrap();
         assert_eq!(again, BackendMsg::Register(r));
         assert_eq!(decode(r#"{"type":"drain"}"#), Ok(BackendMsg::Drain));
-        assert_eq!(decode(&encode(&BackendMsg::Deregister)), Ok(BackendMsg::Deregister));
+        assert_eq!(
+            decode(&encode(&BackendMsg::Deregister)),
+            Ok(BackendMsg::Deregister)
+        );
     }
 
     #[test]
     fn defaults() {
         let BackendMsg::Register(r) =
-            decode(r#"{"type":"register","version":1,"guid":"g","bindings":["ws://[::1]:80"]}"#).unwrap()
+            decode(r#"{"type":"register","version":1,"guid":"g","bindings":["ws://[::1]:80"]}"#)
+                .unwrap()
         else {
             panic!()
         };
@@ -294,15 +321,42 @@ mod tests {
             ("[1,2]", "bad_json"),
             (r#"{"type":"hello"}"#, "unknown_type"),
             (r#"{"version":1}"#, "unknown_type"),
-            (r#"{"type":"register","version":2,"guid":"g","bindings":["ws://127.0.0.1:1"]}"#, "bad_version"),
-            (r#"{"type":"register","guid":"g","bindings":["ws://127.0.0.1:1"]}"#, "bad_version"),
-            (r#"{"type":"register","version":1,"guid":"","bindings":["ws://127.0.0.1:1"]}"#, "bad_field"),
-            (r#"{"type":"register","version":1,"guid":"a b","bindings":["ws://127.0.0.1:1"]}"#, "bad_field"),
-            (r#"{"type":"register","version":1,"guid":"g","bindings":[]}"#, "bad_field"),
-            (r#"{"type":"register","version":1,"guid":"g","bindings":["ftp://127.0.0.1:1"]}"#, "bad_field"),
-            (r#"{"type":"register","version":1,"guid":"g","bindings":["ws://example.com:80"]}"#, "bad_field"),
-            (r#"{"type":"register","version":1,"guid":"g","bindings":["ws://127.0.0.1:1"],"weight":0}"#, "bad_field"),
-            (r#"{"type":"register","version":1,"guid":"g","bindings":["ws://127.0.0.1:1"],"tags":{"a":1}}"#, "bad_field"),
+            (
+                r#"{"type":"register","version":2,"guid":"g","bindings":["ws://127.0.0.1:1"]}"#,
+                "bad_version",
+            ),
+            (
+                r#"{"type":"register","guid":"g","bindings":["ws://127.0.0.1:1"]}"#,
+                "bad_version",
+            ),
+            (
+                r#"{"type":"register","version":1,"guid":"","bindings":["ws://127.0.0.1:1"]}"#,
+                "bad_field",
+            ),
+            (
+                r#"{"type":"register","version":1,"guid":"a b","bindings":["ws://127.0.0.1:1"]}"#,
+                "bad_field",
+            ),
+            (
+                r#"{"type":"register","version":1,"guid":"g","bindings":[]}"#,
+                "bad_field",
+            ),
+            (
+                r#"{"type":"register","version":1,"guid":"g","bindings":["ftp://127.0.0.1:1"]}"#,
+                "bad_field",
+            ),
+            (
+                r#"{"type":"register","version":1,"guid":"g","bindings":["ws://example.com:80"]}"#,
+                "bad_field",
+            ),
+            (
+                r#"{"type":"register","version":1,"guid":"g","bindings":["ws://127.0.0.1:1"],"weight":0}"#,
+                "bad_field",
+            ),
+            (
+                r#"{"type":"register","version":1,"guid":"g","bindings":["ws://127.0.0.1:1"],"tags":{"a":1}}"#,
+                "bad_field",
+            ),
         ];
         for (text, code) in cases {
             assert_eq!(decode(text).unwrap_err().code(), *code, "{text}");

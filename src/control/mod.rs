@@ -1,0 +1,3 @@
+//! Backend self-registration: the control protocol codec (pure) and the control connection.
+pub mod protocol;
+pub(crate) mod session;

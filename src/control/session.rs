@@ -1,0 +1,457 @@
+//! One control connection from a backend: the HTTP upgrade (with authentication), then the
+//! registration protocol over tungstenite on the non-blocking socket. Control traffic is a few
+//! small messages per backend, so this side favours tungstenite's completeness over the
+//! zero-copy relay of the data path.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use super::protocol::{self, BackendMsg, ControlError, Registration, MAX_MESSAGE};
+use crate::buffer::Buffer;
+use crate::endpoint::{read_into, Io, Outbox, Ready};
+use crate::http::head::{self, header};
+use crate::http::rewrite;
+use crate::ws::handshake;
+
+/// Missed heartbeats after which a backend is considered lost.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// What the session asks the server to do with the registry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ControlEvent {
+    /// The WebSocket is open ("server connected").
+    Connected,
+    /// Register or update ("server ready").
+    Register(Box<Registration>),
+    /// Stop sending new clients.
+    Drain,
+    /// Leave the pool.
+    Deregister,
+}
+
+/// Who may open control connections.
+#[derive(Debug, Clone)]
+pub struct ControlAuth {
+    /// Required bearer token; `None` = loopback peers only.
+    pub token: Option<String>,
+}
+
+/// Compares without an early exit, so response timing does not reveal how much of a
+/// guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl ControlAuth {
+    /// `Ok(())` or the status to refuse with.
+    fn check(&self, peer: SocketAddr, authorization: Option<&[u8]>) -> Result<(), u16> {
+        match &self.token {
+            None if peer.ip().is_loopback() => Ok(()),
+            None => Err(403),
+            Some(token) => {
+                let given = authorization
+                    .and_then(|v| v.strip_prefix(b"Bearer "))
+                    .map(<[u8]>::trim_ascii)
+                    .unwrap_or_default();
+                if constant_time_eq(given, token.as_bytes()) {
+                    Ok(())
+                } else {
+                    Err(401)
+                }
+            }
+        }
+    }
+}
+
+enum State {
+    /// Reading the upgrade request.
+    Handshake {
+        inbuf: Buffer,
+    },
+    /// Writing the 101; `leftover` = bytes the backend sent right after its request.
+    Accepting {
+        out: Outbox,
+        leftover: Vec<u8>,
+    },
+    /// Writing a refusal, then closing.
+    Refusing {
+        out: Outbox,
+    },
+    Open(Box<WebSocket<TcpStream>>),
+    /// Placeholder while moving the stream between states.
+    Gone,
+}
+
+/// A backend's control connection.
+pub struct ControlConn {
+    /// Generation for timers and registry ownership.
+    pub gen: u64,
+    /// Peer address, for logs.
+    pub peer: SocketAddr,
+    stream: Option<TcpStream>,
+    state: State,
+    ready: Ready,
+    /// Guid once registered.
+    pub guid: Option<String>,
+    last_heard: Instant,
+    next_ping: Instant,
+    opened: Instant,
+    /// Earliest deadline armed for this connection.
+    pub armed: Option<Instant>,
+    /// Finished, waiting to be reaped.
+    pub done: bool,
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// Outcome of driving a control connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ControlDrive {
+    /// Still open; these things happened.
+    Continue,
+    /// Finished: reap it (and remove its backend).
+    Done,
+}
+
+impl ControlConn {
+    /// A freshly accepted control connection.
+    pub fn new(gen: u64, stream: TcpStream, peer: SocketAddr, now: Instant) -> Self {
+        ControlConn {
+            gen,
+            peer,
+            stream: Some(stream),
+            state: State::Handshake {
+                inbuf: Buffer::default(),
+            },
+            ready: Ready::default(),
+            guid: None,
+            last_heard: now,
+            next_ping: now,
+            opened: now,
+            armed: None,
+            done: false,
+        }
+    }
+
+    /// The socket, for (de)registration.
+    pub fn stream_mut(&mut self) -> Option<&mut TcpStream> {
+        match &mut self.state {
+            State::Open(ws) => Some(ws.get_mut()),
+            _ => self.stream.as_mut(),
+        }
+    }
+
+    /// Folds a readiness event in.
+    pub fn absorb(&mut self, ev: &mio::event::Event) {
+        self.ready.absorb(ev);
+    }
+
+    /// Next instant at which [`ControlConn::expire`] has work.
+    pub fn deadline(&self, header_timeout: Duration, heartbeat: Duration) -> Instant {
+        match self.state {
+            State::Open(_) => self
+                .next_ping
+                .min(self.last_heard + heartbeat * MISSED_HEARTBEATS),
+            _ => self.opened + header_timeout,
+        }
+    }
+
+    /// Heartbeat or deadline work. Returns `Done` when the peer is considered lost.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        header_timeout: Duration,
+        heartbeat: Duration,
+    ) -> ControlDrive {
+        match &mut self.state {
+            State::Open(ws) => {
+                if now >= self.last_heard + heartbeat * MISSED_HEARTBEATS {
+                    return ControlDrive::Done;
+                }
+                if now >= self.next_ping {
+                    self.next_ping = now + heartbeat;
+                    if ws
+                        .send(Message::Ping(Vec::new().into()))
+                        .is_err_and(|e| !would_block(&e))
+                    {
+                        return ControlDrive::Done;
+                    }
+                }
+                ControlDrive::Continue
+            }
+            _ if now >= self.opened + header_timeout => ControlDrive::Done,
+            _ => ControlDrive::Continue,
+        }
+    }
+
+    /// Sends a text message (an answer or a notice); failure closes the connection later.
+    pub fn send_text(&mut self, text: String) {
+        if let State::Open(ws) = &mut self.state {
+            let _ = ws.send(Message::text(text));
+        }
+    }
+
+    /// Sends `error` then closes with its code.
+    pub fn refuse(&mut self, e: &ControlError) {
+        if let State::Open(ws) = &mut self.state {
+            let _ = ws.send(Message::text(protocol::error(e)));
+            let _ = ws.close(Some(CloseFrame {
+                code: CloseCode::from(e.close_code()),
+                reason: e.code().into(),
+            }));
+            let _ = ws.flush();
+        }
+    }
+
+    /// Sends an acknowledgement then a normal close.
+    pub fn close_with(&mut self, text: String) {
+        if let State::Open(ws) = &mut self.state {
+            let _ = ws.send(Message::text(text));
+            let _ = ws.close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }));
+            let _ = ws.flush();
+        }
+    }
+
+    /// Runs until nothing moves; pushes protocol events for the server into `events`.
+    pub fn drive(
+        &mut self,
+        now: Instant,
+        auth: &ControlAuth,
+        events: &mut Vec<ControlEvent>,
+    ) -> ControlDrive {
+        for _ in 0..64 {
+            match self.step(now, auth, events) {
+                Ok(true) => continue,
+                Ok(false) => return ControlDrive::Continue,
+                Err(()) => return ControlDrive::Done,
+            }
+        }
+        // Bounded work per turn; the socket is still readable, the next event resumes it.
+        ControlDrive::Continue
+    }
+
+    /// `Ok(true)` = progress, `Ok(false)` = idle, `Err` = finished.
+    fn step(
+        &mut self,
+        now: Instant,
+        auth: &ControlAuth,
+        events: &mut Vec<ControlEvent>,
+    ) -> Result<bool, ()> {
+        let state = std::mem::replace(&mut self.state, State::Gone);
+        let (next, progress) = match state {
+            State::Handshake { mut inbuf } => {
+                let Some(stream) = self.stream.as_mut() else {
+                    return Err(());
+                };
+                if !self.ready.readable {
+                    self.state = State::Handshake { inbuf };
+                    return Ok(false);
+                }
+                match read_into(stream, &mut self.ready, &mut inbuf) {
+                    Io::Progress(_) => {}
+                    Io::WouldBlock => {
+                        self.state = State::Handshake { inbuf };
+                        return Ok(false);
+                    }
+                    Io::Eof | Io::Failed => return Err(()),
+                }
+                (self.handshake(inbuf, auth)?, true)
+            }
+            State::Accepting { mut out, leftover } => {
+                let Some(stream) = self.stream.as_mut() else {
+                    return Err(());
+                };
+                if let Io::Failed = out.flush(stream, &mut self.ready) {
+                    return Err(());
+                }
+                if out.is_empty() {
+                    let Some(stream) = self.stream.take() else {
+                        return Err(());
+                    };
+                    let ws = WebSocket::from_partially_read(
+                        stream,
+                        leftover,
+                        Role::Server,
+                        Some(ws_config()),
+                    );
+                    self.last_heard = now;
+                    self.next_ping = now;
+                    events.push(ControlEvent::Connected);
+                    // The peer may have readable bytes already buffered with the handshake.
+                    self.ready.readable = true;
+                    (State::Open(Box::new(ws)), true)
+                } else {
+                    (State::Accepting { out, leftover }, false)
+                }
+            }
+            State::Refusing { mut out } => {
+                let Some(stream) = self.stream.as_mut() else {
+                    return Err(());
+                };
+                match out.flush(stream, &mut self.ready) {
+                    Io::Failed => return Err(()),
+                    _ if out.is_empty() => return Err(()),
+                    _ => (State::Refusing { out }, false),
+                }
+            }
+            State::Open(mut ws) => {
+                let r = self.pump(&mut ws, now, events);
+                self.state = State::Open(ws);
+                return r;
+            }
+            State::Gone => return Err(()),
+        };
+        self.state = next;
+        Ok(progress)
+    }
+
+    fn handshake(&mut self, mut inbuf: Buffer, auth: &ControlAuth) -> Result<State, ()> {
+        let mut storage = head::header_storage();
+        let parsed = head::parse_request(inbuf.data(), &mut storage);
+        let refuse = |status: u16| {
+            let mut out = Outbox::default();
+            rewrite::write_error(status, true, out.head_vec());
+            Ok(State::Refusing { out })
+        };
+        let req = match parsed {
+            Ok(Some(r)) => r,
+            Ok(None) if inbuf.is_full() => return refuse(431),
+            Ok(None) => return Ok(State::Handshake { inbuf }),
+            Err(e) => return refuse(e.status()),
+        };
+        let path = req.path.split('?').next().unwrap_or_default();
+        if path != "/register" {
+            return refuse(404);
+        }
+        if let Err(status) = auth.check(self.peer, header(req.headers, "authorization")) {
+            crate::log::error(
+                "control connection refused",
+                &[("peer", &self.peer), ("status", &status)],
+            );
+            return refuse(status);
+        }
+        if !req.wants_websocket {
+            return refuse(400);
+        }
+        let key = match handshake::validate_request(&req) {
+            Ok(k) => k,
+            Err(e) => return refuse(e.status()),
+        };
+        let accept = tungstenite::handshake::derive_accept_key(&key.0);
+        let mut out = Outbox::default();
+        let head = out.head_vec();
+        head.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+        head.extend_from_slice(accept.as_bytes());
+        head.extend_from_slice(b"\r\n\r\n");
+        let n = req.head_len;
+        let leftover = inbuf.data().get(n..).unwrap_or_default().to_vec();
+        inbuf.release();
+        Ok(State::Accepting { out, leftover })
+    }
+
+    fn pump(
+        &mut self,
+        ws: &mut WebSocket<TcpStream>,
+        now: Instant,
+        events: &mut Vec<ControlEvent>,
+    ) -> Result<bool, ()> {
+        match ws.read() {
+            Ok(msg) => {
+                self.last_heard = now;
+                match msg {
+                    Message::Text(t) => match protocol::decode(t.as_str()) {
+                        Ok(BackendMsg::Register(r)) => {
+                            events.push(ControlEvent::Register(Box::new(r)))
+                        }
+                        Ok(BackendMsg::Drain) => events.push(ControlEvent::Drain),
+                        Ok(BackendMsg::Deregister) => events.push(ControlEvent::Deregister),
+                        Err(e) => self.refuse_on(ws, &e),
+                    },
+                    Message::Binary(_) => self.refuse_on(ws, &ControlError::Binary),
+                    // Pings are answered by tungstenite; any frame proves the peer alive.
+                    _ => {}
+                }
+                Ok(true)
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Flush queued answers (pongs, replies) when the socket allows.
+                match ws.flush() {
+                    Ok(()) => Ok(false),
+                    Err(e) if would_block(&e) => Ok(false),
+                    Err(_) => Err(()),
+                }
+            }
+            Err(tungstenite::Error::Capacity(_)) => {
+                self.refuse_on(ws, &ControlError::TooLarge);
+                Err(())
+            }
+            Err(tungstenite::Error::Utf8(_)) => {
+                self.refuse_on(ws, &ControlError::BadJson);
+                Err(())
+            }
+            Err(_) => Err(()),
+        }
+    }
+
+    fn refuse_on(&mut self, ws: &mut WebSocket<TcpStream>, e: &ControlError) {
+        crate::log::error(
+            "bad control message",
+            &[
+                ("peer", &self.peer),
+                ("guid", &self.guid.as_deref().unwrap_or("-")),
+                ("error", e),
+            ],
+        );
+        let _ = ws.send(Message::text(protocol::error(e)));
+        let _ = ws.close(Some(CloseFrame {
+            code: CloseCode::from(e.close_code()),
+            reason: e.code().into(),
+        }));
+        let _ = ws.flush();
+    }
+}
+
+fn would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_rules() {
+        let open = ControlAuth { token: None };
+        let lo: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5".parse().unwrap();
+        assert_eq!(open.check(lo, None), Ok(()));
+        assert_eq!(open.check(remote, None), Err(403));
+        let locked = ControlAuth {
+            token: Some("s3cret".into()),
+        };
+        assert_eq!(locked.check(remote, Some(b"Bearer s3cret")), Ok(()));
+        assert_eq!(locked.check(lo, Some(b"Bearer s3cre")), Err(401));
+        assert_eq!(locked.check(lo, Some(b"Bearer s3cret!")), Err(401));
+        assert_eq!(locked.check(lo, Some(b"Basic s3cret")), Err(401));
+        assert_eq!(locked.check(lo, None), Err(401));
+    }
+}
