@@ -87,6 +87,11 @@ enum State {
         out: Outbox,
     },
     Open(Box<WebSocket<TcpStream>>),
+    /// Our close went out: FIN sent, reading and discarding until the peer hangs up, so the
+    /// error message is not destroyed by a reset while the peer is still sending.
+    Lingering {
+        since: Instant,
+    },
     /// Placeholder while moving the stream between states.
     Gone,
 }
@@ -109,7 +114,12 @@ pub struct ControlConn {
     pub armed: Option<Instant>,
     /// Finished, waiting to be reaped.
     pub done: bool,
+    /// We sent a close: stop processing messages, flush, then linger.
+    closing: bool,
 }
+
+/// How long a closing control connection waits for the peer to hang up.
+const LINGER: Duration = Duration::from_secs(2);
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -146,6 +156,7 @@ impl ControlConn {
             opened: now,
             armed: None,
             done: false,
+            closing: false,
         }
     }
 
@@ -165,9 +176,11 @@ impl ControlConn {
     /// Next instant at which [`ControlConn::expire`] has work.
     pub fn deadline(&self, header_timeout: Duration, heartbeat: Duration) -> Instant {
         match self.state {
+            State::Open(_) if self.closing => self.last_heard + LINGER,
             State::Open(_) => self
                 .next_ping
                 .min(self.last_heard + heartbeat * MISSED_HEARTBEATS),
+            State::Lingering { since } => since + LINGER,
             _ => self.opened + header_timeout,
         }
     }
@@ -180,6 +193,9 @@ impl ControlConn {
         heartbeat: Duration,
     ) -> ControlDrive {
         match &mut self.state {
+            State::Open(_) if self.closing && now >= self.last_heard + LINGER => ControlDrive::Done,
+            State::Lingering { since } if now >= *since + LINGER => ControlDrive::Done,
+            State::Lingering { .. } => ControlDrive::Continue,
             State::Open(ws) => {
                 if now >= self.last_heard + heartbeat * MISSED_HEARTBEATS {
                     return ControlDrive::Done;
@@ -216,6 +232,7 @@ impl ControlConn {
                 reason: e.code().into(),
             }));
             let _ = ws.flush();
+            self.closing = true;
         }
     }
 
@@ -228,6 +245,7 @@ impl ControlConn {
                 reason: "".into(),
             }));
             let _ = ws.flush();
+            self.closing = true;
         }
     }
 
@@ -313,10 +331,31 @@ impl ControlConn {
                     _ => (State::Refusing { out }, false),
                 }
             }
+            State::Open(mut ws) if self.closing => match ws.flush() {
+                Err(e) if would_block(&e) => (State::Open(ws), false),
+                _ => {
+                    let stream = ws.into_inner();
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    self.stream = Some(stream);
+                    self.ready.readable = true;
+                    (State::Lingering { since: now }, true)
+                }
+            },
             State::Open(mut ws) => {
                 let r = self.pump(&mut ws, now, events);
                 self.state = State::Open(ws);
                 return r;
+            }
+            State::Lingering { since } => {
+                let Some(stream) = self.stream.as_mut() else {
+                    return Err(());
+                };
+                let mut sink = [0u8; 4096];
+                match crate::endpoint::read_some(stream, &mut self.ready, &mut sink) {
+                    Io::Progress(_) => (State::Lingering { since }, true),
+                    Io::WouldBlock => (State::Lingering { since }, false),
+                    Io::Eof | Io::Failed => return Err(()),
+                }
             }
             State::Gone => return Err(()),
         };
@@ -402,11 +441,11 @@ impl ControlConn {
             }
             Err(tungstenite::Error::Capacity(_)) => {
                 self.refuse_on(ws, &ControlError::TooLarge);
-                Err(())
+                Ok(true)
             }
             Err(tungstenite::Error::Utf8(_)) => {
                 self.refuse_on(ws, &ControlError::BadJson);
-                Err(())
+                Ok(true)
             }
             Err(_) => Err(()),
         }
@@ -427,6 +466,7 @@ impl ControlConn {
             reason: e.code().into(),
         }));
         let _ = ws.flush();
+        self.closing = true;
     }
 }
 

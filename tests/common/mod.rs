@@ -62,7 +62,14 @@ fn direct_mode() -> bool {
 
 /// The `127.0.0.1:PORT` following "listening on" in a log line.
 fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    if line.contains("control listening on ") {
+        return None;
+    }
+    addr_after(line, "listening on ")
+}
+
+fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
     let end = rest
         .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
         .unwrap_or(rest.len());
@@ -197,6 +204,26 @@ impl Balancer {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The `--control` listener's address (pass `--control 127.0.0.1:0`).
+    pub fn control_addr(&self) -> SocketAddr {
+        let mut addr = None;
+        wait_until(TIMEOUT, || {
+            addr = self
+                .stderr_lines()
+                .iter()
+                .find_map(|l| addr_after(l, "control listening on "));
+            addr.is_some()
+        });
+        addr.expect("no control listener in stderr")
+    }
+
+    /// Waits until a stderr line contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.stderr_lines().iter().any(|l| l.contains(needle))
+        })
     }
 
     pub fn stderr_lines(&self) -> Vec<String> {
