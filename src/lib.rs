@@ -13,6 +13,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod agent;
+pub mod agent_cli;
 pub mod balance;
 mod buffer;
 pub mod config;

@@ -6,6 +6,9 @@ use wslb::config::{parse_args, Command};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "agent") {
+        return wslb::agent_cli::main(&args[1..]);
+    }
     match parse_args(&args) {
         Ok(Command::Help(text)) => {
             print!("{text}");
