@@ -66,6 +66,14 @@ pub struct Config {
     pub max_connections: usize,
     /// Largest WebSocket frame payload relayed (close 1009 beyond).
     pub max_frame_size: u64,
+    /// Client connections held at once from one IP address; 0 = no limit.
+    pub max_connections_per_ip: u32,
+    /// Origins allowed to open WebSockets (exact `Origin` values); empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Bytes per second relayed per connection and direction; 0 = unlimited.
+    pub throttle: u64,
+    /// A WebSocket silent this long in both directions is closed (1001); `None` = never.
+    pub ws_idle_timeout: Option<Duration>,
     /// Control listener for backend registration (off when `None`).
     pub control: Option<SocketAddr>,
     /// Bearer token required on control connections; `None` = loopback peers only.
@@ -94,6 +102,10 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_frame_size: 16 << 20,
+            max_connections_per_ip: 0,
+            allowed_origins: Vec::new(),
+            throttle: 0,
+            ws_idle_timeout: None,
             control: None,
             token: None,
             heartbeat: Duration::from_secs(5),
@@ -208,6 +220,36 @@ fn options() -> getopts::Options {
     );
     o.optopt(
         "",
+        "max-connections-per-ip",
+        "client connections from one IP address; more get 429 [default: unlimited]",
+        "N",
+    );
+    o.optopt(
+        "",
+        "max-memory",
+        "memory budget for relay buffers; lowers --max-connections to fit, e.g. 256MiB [default: none]",
+        "SIZE",
+    );
+    o.optmulti(
+        "",
+        "allowed-origin",
+        "Origin allowed to open WebSockets, e.g. https://app.example (repeatable; others get 403) [default: any]",
+        "ORIGIN",
+    );
+    o.optopt(
+        "",
+        "throttle",
+        "bytes per second relayed per connection and direction, e.g. 64KiB [default: unlimited]",
+        "SIZE",
+    );
+    o.optopt(
+        "",
+        "ws-idle-timeout",
+        "close WebSockets silent this long both ways (close 1001) [default: never]",
+        "DUR",
+    );
+    o.optopt(
+        "",
         "control",
         "listener for backend self-registration at /register [default: off]",
         "ADDR",
@@ -317,6 +359,50 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
     }
     if let Some(v) = m.opt_str("max-frame-size") {
         cfg.max_frame_size = parse_size(&v).map_err(|why| bad("--max-frame-size", &v, why))?;
+    }
+    if let Some(v) = m.opt_str("max-connections-per-ip") {
+        cfg.max_connections_per_ip = v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            bad(
+                "--max-connections-per-ip",
+                &v,
+                "expected a positive integer",
+            )
+        })?;
+    }
+    if let Some(v) = m.opt_str("max-memory") {
+        let budget = parse_size(&v).map_err(|why| bad("--max-memory", &v, why))?;
+        // Worst case per connection: a buffer per direction plus state and kernel-side
+        // bookkeeping we do not control; the pool is small and counted in.
+        let per_conn = 2 * crate::buffer::BUF_SIZE as u64 + 2048;
+        let fits = budget / per_conn;
+        if fits < 1 {
+            return Err(bad("--max-memory", &v, "too small for even one connection"));
+        }
+        cfg.max_connections = cfg
+            .max_connections
+            .min(usize::try_from(fits).unwrap_or(usize::MAX));
+    }
+    for v in m.opt_strs("allowed-origin") {
+        let ok = (v.starts_with("http://") || v.starts_with("https://") || v == "null")
+            && v.len() <= 256
+            && v.bytes().all(|b| b.is_ascii_graphic());
+        if !ok {
+            return Err(bad(
+                "--allowed-origin",
+                &v,
+                "expected an origin like https://app.example",
+            ));
+        }
+        cfg.allowed_origins
+            .push(v.trim_end_matches('/').to_string());
+    }
+    if let Some(v) = m.opt_str("throttle") {
+        let s = v.strip_suffix("/s").unwrap_or(&v);
+        cfg.throttle = parse_size(s).map_err(|why| bad("--throttle", &v, why))?;
+    }
+    if let Some(v) = m.opt_str("ws-idle-timeout") {
+        cfg.ws_idle_timeout =
+            Some(parse_duration(&v).map_err(|why| bad("--ws-idle-timeout", &v, why))?);
     }
     if let Some(v) = m.opt_str("log-format") {
         cfg.log_format = match v.as_str() {
@@ -527,6 +613,31 @@ mod tests {
         assert!(e.to_string().contains("--drain-timeout"));
         assert!(matches!(run(&["--bogus"]), Err(ConfigError::Usage(_))));
         assert!(matches!(run(&["stray"]), Err(ConfigError::Usage(_))));
+        for (flag, value) in [
+            ("--max-connections-per-ip", "0"),
+            ("--max-memory", "10"),
+            ("--allowed-origin", "example.com"),
+            ("--throttle", "fast"),
+            ("--ws-idle-timeout", "never"),
+        ] {
+            let e = run(&[flag, value]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
+        let c = run(&[
+            "--max-memory",
+            "1MiB",
+            "--throttle",
+            "64KiB/s",
+            "--allowed-origin",
+            "https://a.example/",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.max_connections,
+            (1 << 20) / (2 * crate::buffer::BUF_SIZE + 2048)
+        );
+        assert_eq!(c.throttle, 64 << 10);
+        assert_eq!(c.allowed_origins, ["https://a.example"]);
     }
 
     #[test]

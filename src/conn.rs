@@ -176,6 +176,9 @@ pub struct Conn {
     pub armed: Option<Instant>,
     /// Finished and waiting to be reaped after this batch of events.
     pub done: bool,
+    throttle: Option<Throttle>,
+    /// Counted in the server's per-address tally (released at reap).
+    pub counts_for_ip: bool,
 }
 
 enum Step {
@@ -187,6 +190,7 @@ enum Step {
 impl Conn {
     /// A freshly accepted client.
     pub fn new(
+        throttle: u64,
         key: usize,
         gen: u64,
         id: u64,
@@ -211,12 +215,26 @@ impl Conn {
             head_started: Some(now),
             armed: None,
             done: false,
+            throttle: (throttle > 0).then(|| Throttle::new(throttle, now)),
+            counts_for_ip: false,
         }
     }
 
     /// The client socket, for registration.
     pub fn client_mut(&mut self) -> &mut TcpStream {
         &mut self.client
+    }
+
+    /// Client address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Answers `status` at once and closes (limits hit before any request was read).
+    pub fn refuse(&mut self, now: Instant, status: u16) {
+        rewrite::write_error(status, true, self.to_client.head_vec());
+        self.c_ready.writable = true;
+        self.phase = Phase::Closing { since: now };
     }
 
     /// The backend this connection is paired with, if any.
@@ -258,6 +276,14 @@ impl Conn {
 
     /// The next instant at which [`Conn::expire`] has something to do.
     pub fn deadline(&self, cfg: &Config) -> Option<Instant> {
+        let phase = self.phase_deadline(cfg);
+        match self.throttle.as_ref().and_then(Throttle::resume_at) {
+            Some(t) => Some(phase.map_or(t, |p| p.min(t))),
+            None => phase,
+        }
+    }
+
+    fn phase_deadline(&self, cfg: &Config) -> Option<Instant> {
         match &self.phase {
             Phase::Head => Some(match self.head_started {
                 Some(t) => t + cfg.header_timeout,
@@ -279,16 +305,17 @@ impl Conn {
             {
                 Some(self.last_activity + LINGER)
             }
-            Phase::Tunnel(_) => None,
+            Phase::Tunnel(_) => cfg.ws_idle_timeout.map(|t| self.last_activity + t),
             Phase::Closing { since } => Some(*since + LINGER),
         }
     }
 
     /// A deadline passed: act if it is still due.
     pub fn expire(&mut self, ctx: &mut Ctx<'_>) -> Drive {
-        match self.deadline(ctx.cfg) {
+        match self.phase_deadline(ctx.cfg) {
             Some(d) if d <= ctx.now => {}
-            _ => return Drive::Continue,
+            // A throttle window may have ended: reads resume.
+            _ => return self.drive(ctx),
         }
         match &mut self.phase {
             Phase::Head => {
@@ -311,7 +338,18 @@ impl Conn {
                     self.fail(ctx, 504);
                 }
             }
-            Phase::Tunnel(_) | Phase::Closing { .. } => return Drive::Done,
+            Phase::Tunnel(t) => {
+                let live = t.pending_close.is_none()
+                    && !self.c_eof
+                    && self.leg.as_ref().is_some_and(|l| !l.eof);
+                if !live {
+                    return Drive::Done;
+                }
+                log::debug("websocket idle timeout", &[("client", &self.id)]);
+                t.pending_close = Some(CLOSE_GOING_AWAY);
+                self.last_activity = ctx.now;
+            }
+            Phase::Closing { .. } => return Drive::Done,
         }
         self.drive(ctx)
     }
@@ -341,8 +379,17 @@ impl Conn {
 
     fn step(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let mut progress = false;
+        let (up_max, down_max) = match &mut self.throttle {
+            Some(t) => {
+                t.refill(ctx.now);
+                (t.up_left, t.down_left)
+            }
+            None => (usize::MAX, usize::MAX),
+        };
+        let mut up_read = 0;
+        let mut down_read = 0;
         // Client → balancer.
-        if self.c_ready.readable && !self.c_eof {
+        if self.c_ready.readable && !self.c_eof && up_max > 0 {
             match &mut self.phase {
                 Phase::Tunnel(t) => {
                     if let Some(leg) = &mut self.leg {
@@ -352,8 +399,12 @@ impl Conn {
                                 &mut self.c_ready,
                                 &mut leg.to_backend.buf,
                                 &mut t.up,
+                                up_max,
                             ) {
-                                Ok(Io::Progress(_)) => progress = true,
+                                Ok(Io::Progress(n)) => {
+                                    up_read = n;
+                                    progress = true;
+                                }
                                 Ok(Io::WouldBlock) => {}
                                 Ok(Io::Eof) | Ok(Io::Failed) => {
                                     self.c_eof = true;
@@ -384,9 +435,14 @@ impl Conn {
                 }
                 _ => {
                     if !self.from_client.is_full() {
-                        match read_into(&mut self.client, &mut self.c_ready, &mut self.from_client)
-                        {
-                            Io::Progress(_) => {
+                        match read_into(
+                            &mut self.client,
+                            &mut self.c_ready,
+                            &mut self.from_client,
+                            up_max,
+                        ) {
+                            Io::Progress(n) => {
+                                up_read = n;
                                 if self.head_started.is_none() && matches!(self.phase, Phase::Head)
                                 {
                                     self.head_started = Some(ctx.now);
@@ -450,7 +506,7 @@ impl Conn {
 
         // Backend → balancer.
         if let Some(leg) = &mut self.leg {
-            if leg.connecting_since.is_none() && leg.ready.readable && !leg.eof {
+            if leg.connecting_since.is_none() && leg.ready.readable && !leg.eof && down_max > 0 {
                 let io = match &mut self.phase {
                     Phase::Tunnel(t) if t.pending_close.is_none() => {
                         if self.to_client.buf.is_full() {
@@ -461,6 +517,7 @@ impl Conn {
                                 &mut leg.ready,
                                 &mut self.to_client.buf,
                                 &mut t.down,
+                                down_max,
                             )
                         }
                     }
@@ -473,12 +530,16 @@ impl Conn {
                                 &mut leg.stream,
                                 &mut leg.ready,
                                 &mut leg.from_backend,
+                                down_max,
                             ))
                         }
                     }
                 };
                 match io {
-                    Ok(Io::Progress(_)) => progress = true,
+                    Ok(Io::Progress(n)) => {
+                        down_read = n;
+                        progress = true;
+                    }
                     Ok(Io::WouldBlock) => {}
                     Ok(Io::Eof) | Ok(Io::Failed) => {
                         leg.eof = true;
@@ -497,6 +558,11 @@ impl Conn {
                     }
                 }
             }
+        }
+
+        if let Some(t) = &mut self.throttle {
+            t.up_left = t.up_left.saturating_sub(up_read);
+            t.down_left = t.down_left.saturating_sub(down_read);
         }
 
         // Balancer → client.
@@ -607,6 +673,18 @@ impl Conn {
         } else {
             Ok(None)
         };
+        let ws_key = ws_key.and_then(|k| match k {
+            Some(_)
+                if !origin_allowed(
+                    &ctx.cfg.allowed_origins,
+                    head::header(req.headers, "origin"),
+                ) =>
+            {
+                log::debug("websocket origin refused", &[("client", &self.id)]);
+                Err(403)
+            }
+            k => Ok(k),
+        });
         let ws_key = match ws_key {
             Ok(k) => k,
             Err(status) => {
@@ -1100,6 +1178,61 @@ impl Conn {
     }
 }
 
+/// `--allowed-origin`: an empty list allows any origin; otherwise the `Origin` header must
+/// be present and equal (ASCII case-insensitively, trailing slash ignored) to one entry.
+fn origin_allowed(allowed: &[String], origin: Option<&[u8]>) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = origin.map(|o| o.trim_ascii()) else {
+        return false;
+    };
+    let origin = origin.strip_suffix(b"/").unwrap_or(origin);
+    allowed
+        .iter()
+        .any(|a| a.as_bytes().eq_ignore_ascii_case(origin))
+}
+
+/// Throttle accounting period: short, so a throttled stream flows smoothly.
+const THROTTLE_WINDOW: Duration = Duration::from_millis(100);
+
+/// `--throttle`: each direction may relay a fixed number of bytes per window; a direction
+/// that used its share stops reading until the window ends.
+#[derive(Debug)]
+struct Throttle {
+    per_window: usize,
+    window_start: Instant,
+    up_left: usize,
+    down_left: usize,
+}
+
+impl Throttle {
+    fn new(bytes_per_sec: u64, now: Instant) -> Self {
+        let per_window = usize::try_from(bytes_per_sec / 10)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        Throttle {
+            per_window,
+            window_start: now,
+            up_left: per_window,
+            down_left: per_window,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if now >= self.window_start + THROTTLE_WINDOW {
+            self.window_start = now;
+            self.up_left = self.per_window;
+            self.down_left = self.per_window;
+        }
+    }
+
+    /// When a stopped direction may read again.
+    fn resume_at(&self) -> Option<Instant> {
+        (self.up_left == 0 || self.down_left == 0).then_some(self.window_start + THROTTLE_WINDOW)
+    }
+}
+
 /// Room an outbox buffer offers for relayed bytes.
 const BUF_ROOM: usize = crate::buffer::BUF_SIZE;
 
@@ -1110,8 +1243,11 @@ fn read_tracked(
     ready: &mut Ready,
     buf: &mut Buffer,
     tracker: &mut FrameTracker,
+    max: usize,
 ) -> Result<Io, u16> {
     let space = buf.space();
+    let len = space.len().min(max);
+    let space = space.get_mut(..len).unwrap_or_default();
     let io = read_some(stream, ready, space);
     if let Io::Progress(n) = io {
         let fresh = space.get(..n).unwrap_or_default();

@@ -73,9 +73,11 @@ pub fn read_some(stream: &mut TcpStream, ready: &mut Ready, dst: &mut [u8]) -> I
     }
 }
 
-/// Reads once into the free space of `buf`.
-pub fn read_into(stream: &mut TcpStream, ready: &mut Ready, buf: &mut Buffer) -> Io {
-    let io = read_some(stream, ready, buf.space());
+/// Reads once into the free space of `buf`, at most `max` bytes.
+pub fn read_into(stream: &mut TcpStream, ready: &mut Ready, buf: &mut Buffer, max: usize) -> Io {
+    let space = buf.space();
+    let len = space.len().min(max);
+    let io = read_some(stream, ready, space.get_mut(..len).unwrap_or_default());
     if let Io::Progress(n) = io {
         buf.commit(n);
     }

@@ -1,8 +1,9 @@
 //! The event loop: listeners, accept, readiness dispatch, timers, signals, reaping.
 #![deny(clippy::indexing_slicing)]
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +61,8 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     local_addrs: Vec<SocketAddr>,
     conns: Slab<Conn>,
+    /// Open client connections per address, for `--max-connections-per-ip`.
+    per_ip: HashMap<IpAddr, u32>,
     control_listener: Option<TcpListener>,
     control_addr: Option<SocketAddr>,
     controls: Slab<ControlConn>,
@@ -150,6 +153,7 @@ impl Server {
             listeners,
             local_addrs,
             conns: Slab::with_capacity(1024),
+            per_ip: HashMap::new(),
             control_listener,
             control_addr,
             controls: Slab::new(),
@@ -389,7 +393,15 @@ impl Server {
                 continue;
             }
             let now = Instant::now();
+            let over_ip_limit = self.cfg.max_connections_per_ip > 0 && {
+                let n = self.per_ip.entry(peer.ip()).or_insert(0);
+                *n >= self.cfg.max_connections_per_ip || {
+                    *n += 1;
+                    false
+                }
+            };
             let conn = entry.insert(Conn::new(
+                self.cfg.throttle,
                 key,
                 self.next_gen,
                 self.next_id,
@@ -397,6 +409,12 @@ impl Server {
                 peer,
                 now,
             ));
+            if over_ip_limit {
+                log::debug("too many connections from one address", &[("peer", &peer)]);
+                conn.refuse(now, 429);
+            } else {
+                conn.counts_for_ip = self.cfg.max_connections_per_ip > 0;
+            }
             if log::enabled(log::Level::Debug) {
                 log::debug("client connected", &[("client", &conn.id), ("peer", &peer)]);
             }
@@ -498,6 +516,15 @@ impl Server {
                 draining: self.draining,
             };
             conn.teardown(&mut ctx);
+            if conn.counts_for_ip {
+                let ip = conn.peer().ip();
+                if let Some(n) = self.per_ip.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.per_ip.remove(&ip);
+                    }
+                }
+            }
             let _ = self.poll.registry().deregister(conn.client_mut());
             if log::enabled(log::Level::Debug) {
                 log::debug("client closed", &[("client", &conn.id)]);

@@ -284,7 +284,7 @@ impl ControlConn {
                     self.state = State::Handshake { inbuf };
                     return Ok(false);
                 }
-                match read_into(stream, &mut self.ready, &mut inbuf) {
+                match read_into(stream, &mut self.ready, &mut inbuf, usize::MAX) {
                     Io::Progress(_) => {}
                     Io::WouldBlock => {
                         self.state = State::Handshake { inbuf };

@@ -112,6 +112,19 @@ pub struct Response<'h, 'b> {
     pub keep_alive: bool,
 }
 
+/// httparse accepts a bare LF as a line ending; a backend might not, so two parsers could
+/// disagree about where a field ends. Refuse instead (RFC 9112 §2.2 permits either).
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for &b in head {
+        if b == b'\n' && prev != b'\r' {
+            return true;
+        }
+        prev = b;
+    }
+    false
+}
+
 fn map_httparse(e: httparse::Error) -> HeadError {
     match e {
         httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
@@ -217,6 +230,9 @@ pub fn parse_request<'h, 'b>(
     if head_len > MAX_HEAD {
         return Err(HeadError::TooLarge);
     }
+    if has_bare_lf(buf.get(..head_len).unwrap_or_default()) {
+        return Err(HeadError::Malformed(httparse::Error::NewLine));
+    }
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed(httparse::Error::Token));
     };
@@ -271,6 +287,9 @@ pub fn parse_response<'h, 'b>(
     };
     if head_len > MAX_HEAD {
         return Err(HeadError::TooLarge);
+    }
+    if has_bare_lf(buf.get(..head_len).unwrap_or_default()) {
+        return Err(HeadError::Malformed(httparse::Error::NewLine));
     }
     let (Some(code), Some(version)) = (resp.code, resp.version) else {
         return Err(HeadError::Malformed(httparse::Error::Status));
@@ -394,6 +413,30 @@ mod tests {
             req(b"\x00GET / HTTP/1.1\r\n\r\n"),
             Err(HeadError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn smuggling_prone_line_shapes_are_refused() {
+        // RFC 9112 §2.2, §5.1, §5.2: never repaired into something a backend reads differently.
+        for bad in [
+            &b"GET / HTTP/1.1\nHost: a\n\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\x7fb\r\n\r\n",
+        ] {
+            assert!(
+                matches!(req(bad), Err(HeadError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut st = header_storage();
+        assert!(parse_response(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", &mut st, false).is_err());
     }
 
     #[test]
