@@ -478,9 +478,9 @@ impl Drop for Agent {
 /// A message from the balancer (docs/PROTOCOL.md, "Balancer → backend").
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum BalancerMsg {
-    Registered {
-        heartbeat_ms: Option<u64>,
-    },
+    /// Its `heartbeat_ms` is not needed: the balancer's pings are answered within a tick
+    /// whatever its interval, and ours draw pongs at our own.
+    Registered,
     Drained,
     Deregistered,
     Unreachable {
@@ -499,9 +499,7 @@ fn parse_balancer_msg(text: &str) -> Option<BalancerMsg> {
     let v: Value = serde_json::from_str(text).ok()?;
     let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     Some(match v.get("type")?.as_str()? {
-        "registered" => BalancerMsg::Registered {
-            heartbeat_ms: v.get("heartbeat_ms").and_then(Value::as_u64),
-        },
+        "registered" => BalancerMsg::Registered,
         "drained" => BalancerMsg::Drained,
         "deregistered" => BalancerMsg::Deregistered,
         "unreachable" => BalancerMsg::Unreachable {
@@ -805,20 +803,12 @@ impl Link {
     fn on_message(&self, text: &str, registered_at: &mut Option<Instant>) -> Result<(), Lost> {
         let url = &self.target.url;
         match parse_balancer_msg(text) {
-            Some(BalancerMsg::Registered { heartbeat_ms }) => {
+            Some(BalancerMsg::Registered) => {
+                // Only the first `registered` of a connection is a state change.
                 if registered_at.is_none() {
                     *registered_at = Some(Instant::now());
                     self.set_state(LinkState::Registered);
                     log(format_args!("registered with {url} as {}", self.guid));
-                    if let Some(ms) = heartbeat_ms.filter(|ms| *ms > 0) {
-                        let theirs = Duration::from_millis(ms);
-                        if theirs > self.heartbeat * MISSED_HEARTBEATS {
-                            log(format_args!(
-                                "{url} heartbeat is {ms}ms, ours {}ms",
-                                self.heartbeat.as_millis()
-                            ));
-                        }
-                    }
                 }
                 Ok(())
             }
@@ -990,9 +980,7 @@ mod tests {
     fn balancer_messages() {
         assert_eq!(
             parse_balancer_msg(&protocol::registered("g", 5000)),
-            Some(BalancerMsg::Registered {
-                heartbeat_ms: Some(5000)
-            })
+            Some(BalancerMsg::Registered)
         );
         assert_eq!(
             parse_balancer_msg(&protocol::ack("drained")),

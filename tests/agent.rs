@@ -3,12 +3,12 @@
 //! what it receives and answers like docs/PROTOCOL.md says (or misbehaves on purpose).
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -605,4 +605,112 @@ fn cli_sigterm_reaches_the_command() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(file.lines(), ["up", "term"]);
     assert_eq!(fake.count(|e| *e == Event::Deregister), 1);
+}
+
+// ---- examples ----
+
+/// Runs `cmd`, forwarding its stdout lines to a channel (read with deadlines).
+fn spawn_with_lines(mut cmd: Command) -> (ChildGuard, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (ChildGuard(child), rx)
+}
+
+/// The next line starting with `prefix`, within the deadline.
+fn line_starting(rx: &mpsc::Receiver<String>, prefix: &str) -> String {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.starts_with(prefix) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("no line starting with {prefix:?}: {e}"),
+        }
+    }
+}
+
+/// Registration as the example backend announces it, and its echo working.
+fn check_example_backend(fake: &Fake, rx: &mpsc::Receiver<String>, registered: &str) {
+    let addr = line_starting(rx, "listening on ")["listening on ".len()..].to_string();
+    if !registered.is_empty() {
+        line_starting(rx, registered);
+    }
+    assert!(wait_until(DEADLINE, || fake.registrations() >= 1));
+    let Some(Event::Register(r)) = fake
+        .events()
+        .into_iter()
+        .find(|e| matches!(e, Event::Register(_)))
+    else {
+        unreachable!()
+    };
+    assert_eq!(r.bindings, [format!("ws://{addr}")]);
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/")).unwrap();
+    ws.send(Message::text("ping?")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("ping?"));
+    fake.kick();
+    assert!(
+        wait_until(DEADLINE, || fake.registrations() >= 2),
+        "{:?}",
+        fake.events()
+    );
+}
+
+#[test]
+fn python_example_registers_and_reconnects() {
+    let usable = Command::new("python3")
+        .args(["-c", "import websockets"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        eprintln!("skipped: python3 with the websockets package is not installed");
+        return;
+    }
+    let fake = Fake::start(Mode::Normal, Some("py-token"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/python_backend.py"
+    ))
+    .arg(fake.url())
+    .env("WSLB_TOKEN", "py-token");
+    let (_child, rx) = spawn_with_lines(cmd);
+    check_example_backend(&fake, &rx, "registered");
+    assert!(fake
+        .events()
+        .contains(&Event::Connected(Some("Bearer py-token".into()))));
+}
+
+#[test]
+fn rust_example_registers_and_reconnects() {
+    // `cargo test` builds examples; `cargo test --test agent` alone does not.
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_wslb"))
+        .with_file_name("examples")
+        .join("rust_backend");
+    if !bin.exists() {
+        eprintln!(
+            "skipped: {} not built (run cargo build --examples)",
+            bin.display()
+        );
+        return;
+    }
+    let fake = Fake::start(Mode::Normal, None);
+    let mut cmd = Command::new(bin);
+    cmd.args(["--balancer", &fake.url(), "--guid", "rs-1"])
+        .env_remove("WSLB_TOKEN");
+    let (_child, rx) = spawn_with_lines(cmd);
+    check_example_backend(&fake, &rx, "");
 }
