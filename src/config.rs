@@ -39,6 +39,8 @@ pub struct BackendSpec {
     pub addr: SocketAddr,
     /// Relative share of new connections.
     pub weight: u32,
+    /// `wss://`/`https://`: speak TLS to it.
+    pub tls: bool,
 }
 
 /// Everything the balancer needs to run.
@@ -74,6 +76,16 @@ pub struct Config {
     pub throttle: u64,
     /// A WebSocket silent this long in both directions is closed (1001); `None` = never.
     pub ws_idle_timeout: Option<Duration>,
+    /// TLS proxy listeners.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Certificate/key pairs, selected by SNI; the first is the default.
+    pub certs: Vec<crate::tls::CertPair>,
+    /// CA file for verifying TLS backends; `None` = platform roots.
+    pub backend_ca: Option<std::path::PathBuf>,
+    /// Skip backend certificate verification (development only).
+    pub backend_insecure: bool,
+    /// Serve the control listener over TLS with the same certificates.
+    pub control_tls: bool,
     /// Control listener for backend registration (off when `None`).
     pub control: Option<SocketAddr>,
     /// Bearer token required on control connections; `None` = loopback peers only.
@@ -106,6 +118,11 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             throttle: 0,
             ws_idle_timeout: None,
+            tls_listen: Vec::new(),
+            certs: Vec::new(),
+            backend_ca: None,
+            backend_insecure: false,
+            control_tls: false,
             control: None,
             token: None,
             heartbeat: Duration::from_secs(5),
@@ -248,6 +265,40 @@ fn options() -> getopts::Options {
         "close WebSockets silent this long both ways (close 1001) [default: never]",
         "DUR",
     );
+    o.optmulti(
+        "",
+        "tls-listen",
+        "TLS proxy listener address (repeatable; needs --cert/--key) [default: none]",
+        "ADDR",
+    );
+    o.optmulti(
+        "",
+        "cert",
+        "PEM certificate chain; pairs with the --key at the same position; several pairs are chosen by SNI, the first is the default (repeatable)",
+        "FILE",
+    );
+    o.optmulti(
+        "",
+        "key",
+        "PEM private key for the --cert at the same position (repeatable)",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "backend-ca",
+        "CA certificates (PEM) to verify wss:// and https:// backends [default: platform roots]",
+        "FILE",
+    );
+    o.optflag(
+        "",
+        "backend-insecure",
+        "do not verify backend certificates (development only)",
+    );
+    o.optflag(
+        "",
+        "control-tls",
+        "serve the control listener over TLS with the --cert/--key pairs",
+    );
     o.optopt(
         "",
         "control",
@@ -299,6 +350,10 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
     }
     let mut cfg = Config::default();
     let listen = m.opt_strs("listen");
+    if listen.is_empty() && m.opt_present("tls-listen") {
+        // A TLS-only balancer should not also open the default plain port.
+        cfg.listen.clear();
+    }
     if !listen.is_empty() {
         cfg.listen = listen
             .iter()
@@ -322,6 +377,34 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         let (ws, http) = parse_protocols(&v).map_err(|why| bad("--protocols", &v, why))?;
         cfg.websocket = ws;
         cfg.http = http;
+    }
+    for v in m.opt_strs("tls-listen") {
+        cfg.tls_listen
+            .push(parse_addr(&v).map_err(|why| bad("--tls-listen", &v, why))?);
+    }
+    let (certs, keys) = (m.opt_strs("cert"), m.opt_strs("key"));
+    if certs.len() != keys.len() {
+        return Err(ConfigError::Usage(format!(
+            "--cert and --key must come in pairs ({} --cert, {} --key)",
+            certs.len(),
+            keys.len()
+        )));
+    }
+    cfg.certs = certs
+        .into_iter()
+        .zip(keys)
+        .map(|(cert, key)| crate::tls::CertPair {
+            cert: cert.into(),
+            key: key.into(),
+        })
+        .collect();
+    cfg.backend_ca = m.opt_str("backend-ca").map(Into::into);
+    cfg.backend_insecure = m.opt_present("backend-insecure");
+    cfg.control_tls = m.opt_present("control-tls");
+    if cfg.certs.is_empty() && (!cfg.tls_listen.is_empty() || cfg.control_tls) {
+        return Err(ConfigError::Usage(
+            "--tls-listen and --control-tls need at least one --cert/--key pair".into(),
+        ));
     }
     if let Some(v) = m.opt_str("control") {
         cfg.control = Some(parse_addr(&v).map_err(|why| bad("--control", &v, why))?);
@@ -519,15 +602,29 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
         authority: authority.to_string(),
         addr,
         weight,
+        tls: is_tls_url(url),
     })
 }
 
-/// Returns the `host:port` of a plain backend URL. A pure function so the fuzzer can call it.
+/// Is this a `wss://` or `https://` URL (TLS to the backend)?
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("wss://") || url.starts_with("https://")
+}
+
+/// Host part of a `host:port` authority, without IPv6 brackets (the TLS server name).
+pub fn authority_host(authority: &str) -> &str {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Returns the `host:port` of a backend URL. A pure function so the fuzzer can call it.
 pub fn parse_backend_url(url: &str) -> Result<&str, &'static str> {
     let rest = url
         .strip_prefix("ws://")
         .or_else(|| url.strip_prefix("http://"))
-        .ok_or("expected a ws:// or http:// URL")?;
+        .or_else(|| url.strip_prefix("wss://"))
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("expected a ws://, wss://, http:// or https:// URL")?;
     let authority = rest.split('/').next().unwrap_or_default();
     let port = authority
         .rsplit_once(':')

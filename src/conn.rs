@@ -4,7 +4,7 @@
 #![deny(clippy::indexing_slicing)]
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -20,6 +20,7 @@ use crate::http::head::{self, MAX_HEAD};
 use crate::http::rewrite::{self, ClientInfo};
 use crate::log;
 use crate::registry::Registry;
+use crate::transport::{TlsStream, Transport};
 use crate::ws::frames::{encode_close, Direction, FrameTracker};
 use crate::ws::handshake::{self, WsKey};
 
@@ -71,6 +72,8 @@ pub struct Ctx<'a> {
     pub poll: &'a mio::Registry,
     /// Randomness for selection.
     pub rng: &'a mut SmallRng,
+    /// Client TLS configuration for `wss://`/`https://` backends.
+    pub backend_tls: Option<&'a std::sync::Arc<rustls::ClientConfig>>,
     /// Time of this loop turn.
     pub now: Instant,
     /// SIGTERM received: finish exchanges, keep no connection alive.
@@ -91,7 +94,7 @@ pub enum Drive {
 /// The backend half of a connection.
 #[derive(Debug)]
 struct Leg {
-    stream: TcpStream,
+    stream: Transport,
     ready: Ready,
     backend: usize,
     /// Address dialled (for reporting which binding failed).
@@ -160,7 +163,7 @@ pub struct Conn {
     /// Client id for logs.
     pub id: u64,
     key: usize,
-    client: TcpStream,
+    client: Transport,
     c_ready: Ready,
     peer: SocketAddr,
     from_client: Buffer,
@@ -194,7 +197,7 @@ impl Conn {
         key: usize,
         gen: u64,
         id: u64,
-        client: TcpStream,
+        client: Transport,
         peer: SocketAddr,
         now: Instant,
     ) -> Self {
@@ -222,7 +225,7 @@ impl Conn {
 
     /// The client socket, for registration.
     pub fn client_mut(&mut self) -> &mut TcpStream {
-        &mut self.client
+        self.client.socket_mut()
     }
 
     /// Client address.
@@ -471,7 +474,7 @@ impl Conn {
         // Balancer → backend, and backend connect completion.
         if let Some(leg) = &mut self.leg {
             if leg.connecting_since.is_some() && leg.ready.writable {
-                match connect_result(&leg.stream) {
+                match connect_result(leg.stream.socket()) {
                     Ok(true) => {
                         leg.connecting_since = None;
                         ctx.backends.connect_ok(leg.backend);
@@ -575,7 +578,7 @@ impl Conn {
             && !self.c_fin_sent
             && matches!(self.phase, Phase::Closing { .. })
         {
-            let _ = self.client.shutdown(Shutdown::Write);
+            self.client.shutdown_write(&mut self.c_ready);
             self.c_fin_sent = true;
             progress = true;
         }
@@ -694,7 +697,7 @@ impl Conn {
         };
         let client = ClientInfo {
             peer: self.peer.ip(),
-            tls: false,
+            tls: self.client.is_tls(),
         };
         let mut to_backend = Outbox::default();
         rewrite::write_request(&req, client, ws_key.is_some(), to_backend.head_vec());
@@ -759,10 +762,11 @@ impl Conn {
             let Some(id) = picked else {
                 break None;
             };
-            let Some(addr) = ctx.backends.next_addr(id) else {
+            let Some(dial) = ctx.backends.next_dial(id) else {
                 ex.failed.push(id);
                 continue;
             };
+            let addr = dial.addr;
             let pooled = if same_backend_fresh {
                 None
             } else {
@@ -771,7 +775,7 @@ impl Conn {
             let reused = pooled.is_some();
             let stream = match pooled {
                 Some(s) => Ok(s),
-                None => TcpStream::connect(addr),
+                None => open_backend(addr, dial.tls, ctx.backend_tls),
             };
             let mut stream = match stream {
                 Ok(s) => s,
@@ -781,10 +785,11 @@ impl Conn {
                     continue;
                 }
             };
-            if let Err(e) =
-                ctx.poll
-                    .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-            {
+            if let Err(e) = ctx.poll.register(
+                stream.socket_mut(),
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
                 log::error("register failed", &[("error", &e)]);
                 break None;
             }
@@ -825,7 +830,7 @@ impl Conn {
     fn drop_leg(&mut self, ctx: &mut Ctx<'_>, reusable: bool) -> Option<Outbox> {
         let mut leg = self.leg.take()?;
         ctx.backends.release(leg.backend);
-        let _ = ctx.poll.deregister(&mut leg.stream);
+        let _ = ctx.poll.deregister(leg.stream.socket_mut());
         if reusable {
             ctx.backends.checkin(leg.backend, leg.stream, ctx.now);
         }
@@ -1131,7 +1136,7 @@ impl Conn {
         }
         // Client hung up: pass its FIN on once its last bytes reached the backend.
         if self.c_eof && leg.to_backend.is_empty() && !leg.fin_sent {
-            let _ = leg.stream.shutdown(Shutdown::Write);
+            leg.stream.shutdown_write(&mut leg.ready);
             leg.fin_sent = true;
             return Step::Progress;
         }
@@ -1239,7 +1244,7 @@ const BUF_ROOM: usize = crate::buffer::BUF_SIZE;
 /// Reads into `buf` and runs the new bytes through `tracker`; bytes of a bad frame are never
 /// committed, so nothing after a protocol error is relayed.
 fn read_tracked(
-    stream: &mut TcpStream,
+    stream: &mut Transport,
     ready: &mut Ready,
     buf: &mut Buffer,
     tracker: &mut FrameTracker,
@@ -1248,13 +1253,31 @@ fn read_tracked(
     let space = buf.space();
     let len = space.len().min(max);
     let space = space.get_mut(..len).unwrap_or_default();
-    let io = read_some(stream, ready, space);
+    let io = stream.read(ready, space);
     if let Io::Progress(n) = io {
         let fresh = space.get(..n).unwrap_or_default();
         tracker.feed(fresh).map_err(|e| e.close_code())?;
         buf.commit(n);
     }
     Ok(io)
+}
+
+/// Starts a non-blocking connect, wrapped in TLS for `wss://`/`https://` bindings.
+fn open_backend(
+    addr: SocketAddr,
+    tls: Option<rustls_pki_types::ServerName<'static>>,
+    cfg: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> io::Result<Transport> {
+    let sock = TcpStream::connect(addr)?;
+    let _ = sock.set_nodelay(true);
+    match (tls, cfg) {
+        (None, _) => Ok(Transport::Plain(sock)),
+        (Some(name), Some(cfg)) => {
+            let conn = crate::tls::connect(cfg, name).map_err(io::Error::other)?;
+            Ok(Transport::Tls(Box::new(TlsStream::new(sock, conn))))
+        }
+        (Some(_), None) => Err(io::Error::other("no TLS client configuration")),
+    }
 }
 
 /// Non-blocking connect outcome: `Ok(true)` connected, `Ok(false)` not yet.

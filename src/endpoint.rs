@@ -1,11 +1,8 @@
 //! One socket's side of a connection: readiness kept in userland, and non-blocking reads and
 //! writes turned into [`Io`] so state code never matches on `io::ErrorKind`.
 
-use std::io::{self, Read, Write};
-
-use mio::net::TcpStream;
-
 use crate::buffer::Buffer;
+use crate::transport::Transport;
 
 /// Outcome of one non-blocking read or write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,65 +41,20 @@ impl Ready {
     }
 }
 
-fn classify(e: &io::Error) -> Option<Io> {
-    match e.kind() {
-        io::ErrorKind::WouldBlock => Some(Io::WouldBlock),
-        io::ErrorKind::Interrupted => None,
-        _ => Some(Io::Failed),
-    }
-}
-
-/// Reads once into `dst`; clears `ready.readable` on `WouldBlock`.
-pub fn read_some(stream: &mut TcpStream, ready: &mut Ready, dst: &mut [u8]) -> Io {
-    if dst.is_empty() {
-        return Io::WouldBlock;
-    }
-    loop {
-        return match stream.read(dst) {
-            Ok(0) => Io::Eof,
-            Ok(n) => Io::Progress(n),
-            Err(e) => match classify(&e) {
-                None => continue,
-                Some(Io::WouldBlock) => {
-                    ready.readable = false;
-                    Io::WouldBlock
-                }
-                Some(other) => other,
-            },
-        };
-    }
+/// Reads once into `dst`.
+pub fn read_some(stream: &mut Transport, ready: &mut Ready, dst: &mut [u8]) -> Io {
+    stream.read(ready, dst)
 }
 
 /// Reads once into the free space of `buf`, at most `max` bytes.
-pub fn read_into(stream: &mut TcpStream, ready: &mut Ready, buf: &mut Buffer, max: usize) -> Io {
+pub fn read_into(stream: &mut Transport, ready: &mut Ready, buf: &mut Buffer, max: usize) -> Io {
     let space = buf.space();
     let len = space.len().min(max);
-    let io = read_some(stream, ready, space.get_mut(..len).unwrap_or_default());
+    let io = stream.read(ready, space.get_mut(..len).unwrap_or_default());
     if let Io::Progress(n) = io {
         buf.commit(n);
     }
     io
-}
-
-/// Writes once from `src`; clears `ready.writable` on `WouldBlock`.
-pub fn write_some(stream: &mut TcpStream, ready: &mut Ready, src: &[u8]) -> Io {
-    if src.is_empty() {
-        return Io::WouldBlock;
-    }
-    loop {
-        return match stream.write(src) {
-            Ok(0) => Io::Failed,
-            Ok(n) => Io::Progress(n),
-            Err(e) => match classify(&e) {
-                None => continue,
-                Some(Io::WouldBlock) => {
-                    ready.writable = false;
-                    Io::WouldBlock
-                }
-                Some(other) => other,
-            },
-        };
-    }
 }
 
 /// Bytes owed to one peer: an optional head (a rewritten HTTP head or a frame the balancer
@@ -149,19 +101,31 @@ impl Outbox {
         }
     }
 
-    /// Writes as much as the socket takes. Returns bytes written, or the blocking outcome.
-    pub fn flush(&mut self, stream: &mut TcpStream, ready: &mut Ready) -> Io {
+    /// Writes as much as the socket takes (and any TLS records pending, even with nothing
+    /// queued here). Returns bytes written, or the blocking outcome.
+    pub fn flush(&mut self, stream: &mut Transport, ready: &mut Ready) -> Io {
         let mut total = 0;
-        while ready.writable && !self.is_empty() {
+        while ready.writable {
+            if stream.wants_write() {
+                match stream.flush_tls(ready) {
+                    Io::Progress(n) => total += n,
+                    Io::Failed => return Io::Failed,
+                    _ => {}
+                }
+                continue;
+            }
+            if self.is_empty() {
+                break;
+            }
             let io = if self.head_pos < self.head.len() {
                 let src = self.head.get(self.head_pos..).unwrap_or_default();
-                let io = write_some(stream, ready, src);
+                let io = stream.write(ready, src);
                 if let Io::Progress(n) = io {
                     self.head_pos += n;
                 }
                 io
             } else {
-                let io = write_some(stream, ready, self.buf.data());
+                let io = stream.write(ready, self.buf.data());
                 if let Io::Progress(n) = io {
                     self.buf.consume(n);
                 }
@@ -169,7 +133,11 @@ impl Outbox {
             };
             match io {
                 Io::Progress(n) => total += n,
-                Io::WouldBlock => break,
+                Io::WouldBlock => {
+                    if !stream.wants_write() {
+                        break;
+                    }
+                }
                 other => return other,
             }
         }

@@ -16,7 +16,7 @@
 pub mod agent;
 pub mod agent_cli;
 pub mod balance;
-mod buffer;
+pub(crate) mod buffer;
 pub mod config;
 mod conn;
 pub mod control;
@@ -26,7 +26,9 @@ mod log;
 mod registry;
 mod server;
 mod timer;
+pub mod tls;
+mod transport;
 pub mod ws;
 
 pub use config::{Config, ConfigError};
-pub use server::{run, Server, ServerHandle};
+pub use server::{run, Error, Server, ServerHandle};

@@ -34,6 +34,10 @@ fn main() -> ExitCode {
 fn run(cfg: wslb::Config) -> ExitCode {
     match wslb::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ wslb::Error::Tls(_)) => {
+            eprintln!("wslb: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("wslb: {e}");
             ExitCode::FAILURE

@@ -5,14 +5,15 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
 use rand::Rng;
+use rustls_pki_types::ServerName;
 use slab::Slab;
 
 use crate::balance::{Algorithm, Candidate, Selector};
-use crate::config::BackendSpec;
+use crate::config::{authority_host, is_tls_url, parse_backend_url, BackendSpec};
 use crate::control::protocol::Registration;
 use crate::log;
+use crate::transport::Transport;
 
 /// Idle keep-alive connections kept per backend.
 const POOL_PER_BACKEND: usize = 32;
@@ -70,6 +71,8 @@ pub struct Backend {
     pub bindings: Vec<String>,
     /// Where to connect, same order as `bindings`.
     pub addrs: Vec<SocketAddr>,
+    /// TLS server name per binding (`None` = plain), same order.
+    tls_names: Vec<Option<ServerName<'static>>>,
     next_addr: usize,
     /// Life-cycle state.
     pub state: BackendState,
@@ -89,7 +92,25 @@ pub struct Backend {
     pub down_until: Option<Instant>,
     /// Times this backend was picked.
     pub selected: u64,
-    idle: Vec<(TcpStream, Instant)>,
+    idle: Vec<(Transport, Instant)>,
+}
+
+/// Where to dial a backend: address and, for TLS bindings, the name to verify and send as SNI.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// Socket address.
+    pub addr: SocketAddr,
+    /// TLS server name; `None` = plain TCP.
+    pub tls: Option<ServerName<'static>>,
+}
+
+/// The TLS server name for a binding URL (`None` for plain ones).
+fn tls_name(url: &str) -> Option<ServerName<'static>> {
+    if !is_tls_url(url) {
+        return None;
+    }
+    let host = authority_host(parse_backend_url(url).ok()?);
+    ServerName::try_from(host.to_string()).ok()
 }
 
 /// All backends.
@@ -153,6 +174,7 @@ impl Registry {
             b.next_addr = 0;
         }
         b.bindings = reg.bindings.clone();
+        b.tls_names = reg.bindings.iter().map(|u| tls_name(u)).collect();
         b.addrs = reg.addrs.clone();
         b.weight = reg.weight;
         b.max_connections = reg.max_connections;
@@ -185,12 +207,14 @@ impl Registry {
         }
     }
 
-    /// Next address to connect to for `id` (rotating over its bindings).
-    pub fn next_addr(&mut self, id: usize) -> Option<SocketAddr> {
+    /// Next binding to connect to for `id` (rotating over its bindings).
+    pub fn next_dial(&mut self, id: usize) -> Option<Dial> {
         let b = self.backends.get_mut(id)?;
-        let addr = *b.addrs.get(b.next_addr % b.addrs.len().max(1))?;
+        let i = b.next_addr % b.addrs.len().max(1);
+        let addr = *b.addrs.get(i)?;
+        let tls = b.tls_names.get(i).cloned().flatten();
         b.next_addr = b.next_addr.wrapping_add(1);
-        Some(addr)
+        Some(Dial { addr, tls })
     }
 
     /// Has at least one backend that could take a client (else the answer is 503).
@@ -296,7 +320,7 @@ impl Registry {
     }
 
     /// Takes an idle keep-alive connection to `id` that still looks open.
-    pub fn checkout(&mut self, id: usize, now: Instant) -> Option<TcpStream> {
+    pub fn checkout(&mut self, id: usize, now: Instant) -> Option<Transport> {
         let b = self.backends.get_mut(id)?;
         while let Some((stream, since)) = b.idle.pop() {
             if now.duration_since(since) > POOL_MAX_AGE {
@@ -305,7 +329,7 @@ impl Registry {
             let mut probe = [0u8; 1];
             // WouldBlock = open and silent: the only state in which reuse is safe. EOF or
             // unsolicited bytes mean the backend closed or misbehaved; drop it.
-            match stream.peek(&mut probe) {
+            match stream.socket().peek(&mut probe) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(stream),
                 _ => continue,
             }
@@ -314,7 +338,7 @@ impl Registry {
     }
 
     /// Returns a deregistered, quiet keep-alive connection to `id`'s pool.
-    pub fn checkin(&mut self, id: usize, stream: TcpStream, now: Instant) {
+    pub fn checkin(&mut self, id: usize, stream: Transport, now: Instant) {
         if let Some(b) = self
             .backends
             .get_mut(id)
@@ -352,6 +376,7 @@ impl Backend {
         Backend {
             name,
             guid,
+            tls_names: bindings.iter().map(|u| tls_name(u)).collect(),
             bindings,
             addrs,
             next_addr: 0,

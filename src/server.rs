@@ -12,7 +12,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
@@ -23,6 +23,7 @@ use crate::control::session::{ControlAuth, ControlConn, ControlDrive, ControlEve
 use crate::log;
 use crate::registry::{BackendState, Registry};
 use crate::timer::{TimerKey, TimerKind, Timers};
+use crate::transport::{TlsStream, Transport};
 
 const WAKER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -58,7 +59,10 @@ impl ServerHandle {
 /// The balancer: bound listeners and everything the loop owns.
 pub struct Server {
     poll: Poll,
-    listeners: Vec<TcpListener>,
+    /// Proxy listeners; `true` = TLS.
+    listeners: Vec<(TcpListener, bool)>,
+    server_tls: Option<Arc<rustls::ServerConfig>>,
+    backend_tls: Option<Arc<rustls::ClientConfig>>,
     local_addrs: Vec<SocketAddr>,
     conns: Slab<Conn>,
     /// Open client connections per address, for `--max-connections-per-ip`.
@@ -85,9 +89,35 @@ pub struct Server {
     to_reap: Vec<usize>,
 }
 
+/// Why the balancer could not start or stopped with an error.
+#[derive(Debug)]
+pub enum Error {
+    /// A configuration file (certificate, key, CA) is unusable: a usage error (exit 2).
+    Tls(crate::tls::TlsError),
+    /// Binding, polling or another system call failed (exit 1).
+    Io(io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Tls(e) => e.fmt(f),
+            Error::Io(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
 /// Binds and runs until drained.
-pub fn run(cfg: Config) -> io::Result<()> {
-    Server::bind(cfg)?.run()
+pub fn run(cfg: Config) -> Result<(), Error> {
+    Server::bind(cfg)?.run().map_err(Error::Io)
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {
@@ -97,24 +127,54 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 
 impl Server {
     /// Binds every listener and prepares the loop; nothing is accepted until [`Server::run`].
-    pub fn bind(cfg: Config) -> io::Result<Server> {
+    pub fn bind(cfg: Config) -> Result<Server, Error> {
         crate::log::init(cfg.verbosity, cfg.log_format);
+        let server_tls = if cfg.certs.is_empty() {
+            None
+        } else {
+            Some(crate::tls::server_config(&cfg.certs).map_err(Error::Tls)?)
+        };
+        let tls_backends =
+            cfg.backends.iter().any(|b| b.tls) || cfg.control.is_some() || cfg.backend_ca.is_some();
+        let backend_tls = if tls_backends {
+            if cfg.backend_insecure {
+                log::error(
+                    "--backend-insecure: backend certificates are NOT verified; never use this in production",
+                    &[],
+                );
+            }
+            Some(
+                crate::tls::client_config(cfg.backend_ca.as_deref(), cfg.backend_insecure)
+                    .map_err(Error::Tls)?,
+            )
+        } else {
+            None
+        };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
-        for (i, addr) in cfg.listen.iter().enumerate() {
+        let all = cfg
+            .listen
+            .iter()
+            .map(|a| (a, false))
+            .chain(cfg.tls_listen.iter().map(|a| (a, true)));
+        for (i, (addr, tls)) in all.enumerate() {
             let mut l = TcpListener::bind(*addr)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             poll.registry()
                 .register(&mut l, Token(FIRST_LISTENER + i), Interest::READABLE)?;
             let local = l.local_addr()?;
-            log::info(&format!("listening on {local}"), &[]);
+            if tls {
+                log::info(&format!("tls listening on {local}"), &[]);
+            } else {
+                log::info(&format!("listening on {local}"), &[]);
+            }
             local_addrs.push(local);
-            listeners.push(l);
+            listeners.push((l, tls));
         }
         if FIRST_LISTENER + listeners.len() >= CONTROL_LISTENER.0 {
-            return Err(io::Error::other("too many listeners"));
+            return Err(io::Error::other("too many listeners").into());
         }
         let mut control_listener = None;
         let mut control_addr = None;
@@ -138,7 +198,7 @@ impl Server {
             control_addr = Some(local);
             control_listener = Some(l);
         }
-        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let backends = Registry::from_specs(&cfg.backends);
@@ -151,6 +211,8 @@ impl Server {
         Ok(Server {
             poll,
             listeners,
+            server_tls,
+            backend_tls,
             local_addrs,
             conns: Slab::with_capacity(1024),
             per_ip: HashMap::new(),
@@ -249,10 +311,15 @@ impl Server {
             }
             SIGNALS => {
                 let mut stop = false;
+                let mut reload = false;
                 if let Some(s) = &mut self.signals {
                     for sig in s.pending() {
                         stop |= sig == SIGTERM || sig == SIGINT;
+                        reload |= sig == SIGHUP;
                     }
+                }
+                if reload {
+                    self.reload_tls();
                 }
                 if stop {
                     if self.draining {
@@ -304,6 +371,7 @@ impl Server {
         }
         let mut ctx = Ctx {
             cfg: &self.cfg,
+            backend_tls: self.backend_tls.as_ref(),
             backends: &mut self.backends,
             poll: self.poll.registry(),
             rng: &mut self.rng,
@@ -351,10 +419,11 @@ impl Server {
                 self.accept_blocked = true;
                 return;
             }
-            let Some(listener) = self.listeners.get(idx) else {
+            let Some((listener, tls)) = self.listeners.get(idx) else {
                 return;
             };
-            let (mut stream, peer) = match listener.accept() {
+            let tls = *tls;
+            let (stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -380,12 +449,15 @@ impl Server {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let Some(mut stream) = self.wrap(stream, tls) else {
+                continue;
+            };
             self.next_gen += 1;
             self.next_id += 1;
             let entry = self.conns.vacant_entry();
             let key = entry.key();
             if let Err(e) = self.poll.registry().register(
-                &mut stream,
+                stream.socket_mut(),
                 token_for(key, Side::Client),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
@@ -509,6 +581,7 @@ impl Server {
             };
             let mut ctx = Ctx {
                 cfg: &self.cfg,
+                backend_tls: self.backend_tls.as_ref(),
                 backends: &mut self.backends,
                 poll: self.poll.registry(),
                 rng: &mut self.rng,
@@ -547,7 +620,7 @@ impl Server {
                 ("drain_timeout_ms", &self.cfg.drain_timeout.as_millis()),
             ],
         );
-        for mut l in self.listeners.drain(..) {
+        for (mut l, _) in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l);
         }
         if let Some(mut l) = self.control_listener.take() {
@@ -576,12 +649,49 @@ impl Server {
         }
     }
 
+    /// Wraps an accepted socket in TLS when it came from a TLS listener.
+    fn wrap(&self, sock: mio::net::TcpStream, tls: bool) -> Option<Transport> {
+        if !tls {
+            return Some(Transport::Plain(sock));
+        }
+        let cfg = self.server_tls.as_ref()?;
+        match crate::tls::accept(cfg) {
+            Ok(conn) => Some(Transport::Tls(Box::new(TlsStream::new(sock, conn)))),
+            Err(e) => {
+                log::error("tls setup failed", &[("error", &e)]);
+                None
+            }
+        }
+    }
+
+    /// SIGHUP: new certificates for new connections; existing ones keep theirs. A reload
+    /// that fails keeps the old set.
+    fn reload_tls(&mut self) {
+        if self.cfg.certs.is_empty() {
+            log::info("SIGHUP: no certificates to reload", &[]);
+            return;
+        }
+        match crate::tls::server_config(&self.cfg.certs) {
+            Ok(cfg) => {
+                self.server_tls = Some(cfg);
+                log::info(
+                    "SIGHUP: certificates reloaded",
+                    &[("pairs", &self.cfg.certs.len())],
+                );
+            }
+            Err(e) => log::error(
+                "SIGHUP: reload failed, keeping the old certificates",
+                &[("error", &e)],
+            ),
+        }
+    }
+
     fn accept_controls(&mut self) {
         loop {
             let Some(listener) = &self.control_listener else {
                 return;
             };
-            let (mut stream, peer) = match listener.accept() {
+            let (stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -592,12 +702,15 @@ impl Server {
                 }
                 Err(_) => continue,
             };
+            let Some(mut stream) = self.wrap(stream, self.cfg.control_tls) else {
+                continue;
+            };
             self.next_gen += 1;
             let now = Instant::now();
             let entry = self.controls.vacant_entry();
             let key = entry.key();
             if let Err(e) = self.poll.registry().register(
-                &mut stream,
+                stream.socket_mut(),
                 Token(CONTROL_BASE + key),
                 Interest::READABLE | Interest::WRITABLE,
             ) {

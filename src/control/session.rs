@@ -17,6 +17,7 @@ use crate::buffer::Buffer;
 use crate::endpoint::{read_into, Io, Outbox, Ready};
 use crate::http::head::{self, header};
 use crate::http::rewrite;
+use crate::transport::Transport;
 use crate::ws::handshake;
 
 /// Missed heartbeats after which a backend is considered lost.
@@ -86,7 +87,7 @@ enum State {
     Refusing {
         out: Outbox,
     },
-    Open(Box<WebSocket<TcpStream>>),
+    Open(Box<WebSocket<Transport>>),
     /// Our close went out: FIN sent, reading and discarding until the peer hangs up, so the
     /// error message is not destroyed by a reset while the peer is still sending.
     Lingering {
@@ -102,7 +103,7 @@ pub struct ControlConn {
     pub gen: u64,
     /// Peer address, for logs.
     pub peer: SocketAddr,
-    stream: Option<TcpStream>,
+    stream: Option<Transport>,
     state: State,
     ready: Ready,
     /// Guid once registered.
@@ -141,7 +142,7 @@ pub enum ControlDrive {
 
 impl ControlConn {
     /// A freshly accepted control connection.
-    pub fn new(gen: u64, stream: TcpStream, peer: SocketAddr, now: Instant) -> Self {
+    pub fn new(gen: u64, stream: Transport, peer: SocketAddr, now: Instant) -> Self {
         ControlConn {
             gen,
             peer,
@@ -163,8 +164,8 @@ impl ControlConn {
     /// The socket, for (de)registration.
     pub fn stream_mut(&mut self) -> Option<&mut TcpStream> {
         match &mut self.state {
-            State::Open(ws) => Some(ws.get_mut()),
-            _ => self.stream.as_mut(),
+            State::Open(ws) => Some(ws.get_mut().socket_mut()),
+            _ => self.stream.as_mut().map(Transport::socket_mut),
         }
     }
 
@@ -334,8 +335,8 @@ impl ControlConn {
             State::Open(mut ws) if self.closing => match ws.flush() {
                 Err(e) if would_block(&e) => (State::Open(ws), false),
                 _ => {
-                    let stream = ws.into_inner();
-                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    let mut stream = ws.into_inner();
+                    stream.shutdown_write(&mut self.ready);
                     self.stream = Some(stream);
                     self.ready.readable = true;
                     (State::Lingering { since: now }, true)
@@ -409,7 +410,7 @@ impl ControlConn {
 
     fn pump(
         &mut self,
-        ws: &mut WebSocket<TcpStream>,
+        ws: &mut WebSocket<Transport>,
         now: Instant,
         events: &mut Vec<ControlEvent>,
     ) -> Result<bool, ()> {
@@ -451,7 +452,7 @@ impl ControlConn {
         }
     }
 
-    fn refuse_on(&mut self, ws: &mut WebSocket<TcpStream>, e: &ControlError) {
+    fn refuse_on(&mut self, ws: &mut WebSocket<Transport>, e: &ControlError) {
         crate::log::error(
             "bad control message",
             &[

@@ -1,0 +1,245 @@
+//! One byte stream over plain TCP or TLS, so HTTP and WebSocket code never knows which.
+//!
+//! TLS runs inside the same non-blocking loop: records are read with `read_tls` until the
+//! socket would block, decrypted by `process_new_packets`, and handed out as plaintext;
+//! whatever rustls wants to send (handshake, alerts, encrypted data) goes out through
+//! [`Transport::flush_tls`], which the owner calls whenever the socket is writable.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use mio::net::TcpStream;
+
+use crate::endpoint::{Io, Ready};
+
+/// A plain or TLS stream.
+#[derive(Debug)]
+pub enum Transport {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (server side for clients, client side for backends).
+    Tls(Box<TlsStream>),
+}
+
+/// A socket and its rustls state.
+#[derive(Debug)]
+pub struct TlsStream {
+    sock: TcpStream,
+    conn: rustls::Connection,
+}
+
+impl TlsStream {
+    /// Wraps a socket with a rustls connection.
+    pub fn new(sock: TcpStream, conn: rustls::Connection) -> Self {
+        TlsStream { sock, conn }
+    }
+}
+
+fn kind_io(e: &io::Error) -> Option<Io> {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => Some(Io::WouldBlock),
+        io::ErrorKind::Interrupted => None,
+        _ => Some(Io::Failed),
+    }
+}
+
+impl Transport {
+    /// The socket, for readiness registration and connect checks.
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(t) => &t.sock,
+        }
+    }
+
+    /// The socket, for (de)registration.
+    pub fn socket_mut(&mut self) -> &mut TcpStream {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(t) => &mut t.sock,
+        }
+    }
+
+    /// The TLS handshake has not finished yet.
+    pub fn handshaking(&self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(t) => t.conn.is_handshaking(),
+        }
+    }
+
+    /// Is this a TLS stream?
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
+    /// rustls has bytes to put on the wire.
+    pub fn wants_write(&self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(t) => t.conn.wants_write(),
+        }
+    }
+
+    /// Reads plaintext into `dst`. Clears `ready.readable` only when the socket would block.
+    pub fn read(&mut self, ready: &mut Ready, dst: &mut [u8]) -> Io {
+        if dst.is_empty() {
+            return Io::WouldBlock;
+        }
+        match self {
+            Transport::Plain(s) => loop {
+                return match s.read(dst) {
+                    Ok(0) => Io::Eof,
+                    Ok(n) => Io::Progress(n),
+                    Err(e) => match kind_io(&e) {
+                        None => continue,
+                        Some(Io::WouldBlock) => {
+                            ready.readable = false;
+                            Io::WouldBlock
+                        }
+                        Some(other) => other,
+                    },
+                };
+            },
+            Transport::Tls(t) => loop {
+                // Plaintext already decrypted comes first: no socket edge will announce it.
+                match t.conn.reader().read(dst) {
+                    Ok(0) => return Io::Eof,
+                    Ok(n) => return Io::Progress(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Io::Eof,
+                }
+                if !ready.readable {
+                    return Io::WouldBlock;
+                }
+                match t.conn.read_tls(&mut t.sock) {
+                    Ok(0) => return Io::Eof,
+                    Ok(_) => {
+                        if let Err(e) = t.conn.process_new_packets() {
+                            // Last gasp: let the alert reach the peer before we close.
+                            let _ = t.conn.write_tls(&mut t.sock);
+                            crate::log::debug("tls error", &[("error", &e)]);
+                            return Io::Failed;
+                        }
+                    }
+                    Err(e) => match kind_io(&e) {
+                        None => continue,
+                        Some(Io::WouldBlock) => {
+                            ready.readable = false;
+                            return Io::WouldBlock;
+                        }
+                        Some(other) => return other,
+                    },
+                }
+            },
+        }
+    }
+
+    /// Writes plaintext from `src` (into rustls' bounded buffer for TLS; call
+    /// [`Transport::flush_tls`] after). Clears `ready.writable` when the socket would block.
+    pub fn write(&mut self, ready: &mut Ready, src: &[u8]) -> Io {
+        if src.is_empty() {
+            return Io::WouldBlock;
+        }
+        match self {
+            Transport::Plain(s) => loop {
+                return match s.write(src) {
+                    Ok(0) => Io::Failed,
+                    Ok(n) => Io::Progress(n),
+                    Err(e) => match kind_io(&e) {
+                        None => continue,
+                        Some(Io::WouldBlock) => {
+                            ready.writable = false;
+                            Io::WouldBlock
+                        }
+                        Some(other) => other,
+                    },
+                };
+            },
+            Transport::Tls(t) => match t.conn.writer().write(src) {
+                // rustls' buffer is full until flush_tls drains it.
+                Ok(0) => Io::WouldBlock,
+                Ok(n) => Io::Progress(n),
+                Err(_) => Io::Failed,
+            },
+        }
+    }
+
+    /// Puts pending TLS records on the wire until done or the socket would block.
+    pub fn flush_tls(&mut self, ready: &mut Ready) -> Io {
+        let Transport::Tls(t) = self else {
+            return Io::WouldBlock;
+        };
+        let mut total = 0;
+        while t.conn.wants_write() && ready.writable {
+            match t.conn.write_tls(&mut t.sock) {
+                Ok(0) => return Io::Failed,
+                Ok(n) => total += n,
+                Err(e) => match kind_io(&e) {
+                    None => continue,
+                    Some(Io::WouldBlock) => ready.writable = false,
+                    Some(other) => return other,
+                },
+            }
+        }
+        if total > 0 {
+            Io::Progress(total)
+        } else {
+            Io::WouldBlock
+        }
+    }
+
+    /// Ends our sending side (TLS: close_notify first).
+    pub fn shutdown_write(&mut self, ready: &mut Ready) {
+        if let Transport::Tls(t) = self {
+            t.conn.send_close_notify();
+        }
+        let _ = self.flush_tls(ready);
+        let _ = self.socket().shutdown(Shutdown::Write);
+    }
+}
+
+/// Blocking-style adapter for tungstenite on the control listener (`WouldBlock` surfaces
+/// as an error, which tungstenite handles for non-blocking streams).
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut ready = Ready {
+            readable: true,
+            writable: true,
+        };
+        match Transport::read(self, &mut ready, buf) {
+            Io::Progress(n) => Ok(n),
+            Io::Eof => Ok(0),
+            Io::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+            Io::Failed => Err(io::ErrorKind::ConnectionReset.into()),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut ready = Ready {
+            readable: true,
+            writable: true,
+        };
+        let r = match Transport::write(self, &mut ready, buf) {
+            Io::Progress(n) => Ok(n),
+            Io::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+            Io::Eof | Io::Failed => Err(io::ErrorKind::ConnectionReset.into()),
+        };
+        let _ = self.flush_tls(&mut ready);
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut ready = Ready {
+            readable: true,
+            writable: true,
+        };
+        match self.flush_tls(&mut ready) {
+            Io::Failed => Err(io::ErrorKind::ConnectionReset.into()),
+            _ if self.wants_write() => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Ok(()),
+        }
+    }
+}
