@@ -543,6 +543,8 @@ fn would_block(e: &io::Error) -> bool {
 /// Why a connection ended, when it was not a requested stop.
 struct Lost {
     reason: String,
+    /// Reached `registered` on this connection (only then is it "lost" in the log).
+    registered: bool,
     /// Reached `registered` and stayed up a full heartbeat: the back-off starts over.
     stable: bool,
     /// Refused with `replaced`: another process holds this guid; retry slowly rather than
@@ -554,6 +556,7 @@ impl Lost {
     fn new(reason: impl Into<String>) -> Self {
         Lost {
             reason: reason.into(),
+            registered: false,
             stable: false,
             slow: false,
         }
@@ -624,7 +627,8 @@ impl Link {
             let delay = jittered(&mut rng, self.backoff_min, ceiling);
             self.set_state(LinkState::Backoff);
             log(format_args!(
-                "{url} lost: {}; retrying in {:.1}s",
+                "{url}{} {}; retrying in {:.1}s",
+                if lost.registered { " lost:" } else { ":" },
                 lost.reason,
                 delay.as_secs_f64()
             ));
@@ -795,6 +799,7 @@ impl Link {
             }
         };
         result.map_err(|mut lost| {
+            lost.registered = registered_at.is_some();
             lost.stable = registered_at.is_some_and(|t| t.elapsed() >= self.heartbeat);
             lost
         })
@@ -822,9 +827,8 @@ impl Link {
                 Ok(())
             }
             Some(BalancerMsg::Error { code, message }) => Err(Lost {
-                reason: format!("refused: {code}: {message}"),
-                stable: false,
                 slow: code == "replaced",
+                ..Lost::new(format!("refused: {code}: {message}"))
             }),
             None => {
                 log(format_args!("{url} sent an unreadable message; ignored"));
