@@ -62,7 +62,7 @@ fn direct_mode() -> bool {
 
 /// The `127.0.0.1:PORT` following "listening on" in a log line.
 fn listening_addr(line: &str) -> Option<SocketAddr> {
-    if line.contains("control listening on ") {
+    if line.contains("control listening on ") || line.contains("tls listening on ") {
         return None;
     }
     addr_after(line, "listening on ")
@@ -217,6 +217,19 @@ impl Balancer {
             addr.is_some()
         });
         addr.expect("no control listener in stderr")
+    }
+
+    /// The first `--tls-listen` listener's address.
+    pub fn tls_addr(&self) -> SocketAddr {
+        let mut addr = None;
+        wait_until(TIMEOUT, || {
+            addr = self
+                .stderr_lines()
+                .iter()
+                .find_map(|l| addr_after(l, "tls listening on "));
+            addr.is_some()
+        });
+        addr.expect("no tls listener in stderr")
     }
 
     /// Waits until a stderr line contains `needle`.
