@@ -25,6 +25,7 @@ pub mod http;
 mod log;
 mod registry;
 mod server;
+pub mod sticky;
 mod timer;
 pub mod tls;
 mod transport;
