@@ -161,6 +161,7 @@ struct Framing {
     content_length: Option<u64>,
     transfer_encoding: bool,
     chunked_last: bool,
+    chunked_twice_or_inner: bool,
     close: bool,
     keep_alive: bool,
     upgrade_websocket: bool,
@@ -173,6 +174,7 @@ fn scan(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
         content_length: None,
         transfer_encoding: false,
         chunked_last: false,
+        chunked_twice_or_inner: false,
         close: false,
         keep_alive: false,
         upgrade_websocket: false,
@@ -192,14 +194,13 @@ fn scan(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             f.transfer_encoding = true;
-            // Only the final coding matters for framing, across all fields in order.
-            if let Some(last) = h
-                .value
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .next_back()
-            {
-                f.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+            // The final coding decides framing, across all fields in order; chunked applied
+            // twice (or anywhere but last) is invalid (RFC 9112 §6.1) and never repaired.
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if f.chunked_last {
+                    f.chunked_twice_or_inner = true;
+                }
+                f.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
             }
         } else if name.eq_ignore_ascii_case("connection") {
             f.close |= has_token(h.value, "close");
@@ -246,7 +247,7 @@ pub fn parse_request<'h, 'b>(
     }
     let body = match (f.transfer_encoding, f.content_length) {
         (true, Some(_)) => return Err(HeadError::ConflictingFraming),
-        (true, None) if version == 0 || !f.chunked_last => {
+        (true, None) if version == 0 || !f.chunked_last || f.chunked_twice_or_inner => {
             return Err(HeadError::BadTransferEncoding)
         }
         (true, None) => BodyKind::Chunked,
@@ -303,6 +304,7 @@ pub fn parse_response<'h, 'b>(
         match (f.transfer_encoding, f.content_length) {
             (true, Some(_)) => return Err(HeadError::ConflictingFraming),
             (true, None) if version == 0 => return Err(HeadError::BadTransferEncoding),
+            (true, None) if f.chunked_twice_or_inner => return Err(HeadError::BadTransferEncoding),
             (true, None) if f.chunked_last => BodyKind::Chunked,
             // A response whose final coding is not chunked is delimited by close (RFC 9112 §6.3).
             (true, None) => BodyKind::UntilClose,
@@ -398,6 +400,8 @@ mod tests {
             (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", HeadError::BadContentLength),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", HeadError::BadTransferEncoding),
             (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", HeadError::BadTransferEncoding),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", HeadError::BadTransferEncoding),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", HeadError::BadTransferEncoding),
             (b"GET / HTTP/1.1\r\n\r\n", HeadError::BadHost),
             (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HeadError::BadHost),
             (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", HeadError::MethodNotAllowed),

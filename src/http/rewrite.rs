@@ -38,15 +38,34 @@ fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn put_framing(out: &mut Vec<u8>, body: BodyKind) {
+/// Writes the framing field. For chunked, the codings the sender applied before chunked
+/// (e.g. `gzip, chunked`) are kept, in order, in one field: dropping them would hand the
+/// backend a compressed body labelled as plain.
+fn put_framing(out: &mut Vec<u8>, body: BodyKind, headers: &[httparse::Header<'_>]) {
+    if body == BodyKind::Chunked {
+        out.extend_from_slice(b"Transfer-Encoding: ");
+        for h in headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        {
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if coding.is_empty() || coding.eq_ignore_ascii_case(b"chunked") {
+                    continue;
+                }
+                out.extend_from_slice(coding);
+                out.extend_from_slice(b", ");
+            }
+        }
+        out.extend_from_slice(b"chunked\r\n");
+        return;
+    }
     match body {
         BodyKind::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");
             out.extend_from_slice(n.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        BodyKind::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        BodyKind::Empty | BodyKind::UntilClose => {}
+        BodyKind::Chunked | BodyKind::Empty | BodyKind::UntilClose => {}
     }
 }
 
@@ -116,7 +135,7 @@ pub fn write_request(
         // Without this an HTTP/1.0 request closes the pooled backend connection.
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
-    put_framing(out, req.body);
+    put_framing(out, req.body, req.headers);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -135,7 +154,7 @@ pub fn write_response(resp: &Response<'_, '_>, close: bool, websocket: bool, out
         put_header(out, h.name, h.value);
     }
     match resp.body {
-        BodyKind::Chunked | BodyKind::Length(_) => put_framing(out, resp.body),
+        BodyKind::Chunked | BodyKind::Length(_) => put_framing(out, resp.body, resp.headers),
         // 204/304/HEAD answers keep the Content-Length the backend declared: it describes
         // the representation, not this message's framing.
         BodyKind::Empty | BodyKind::UntilClose => {
@@ -244,6 +263,15 @@ mod tests {
             false,
         );
         assert!(out.contains("\r\nTransfer-Encoding: chunked\r\n"));
+        let out = forward(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert!(
+            out.contains("\r\nTransfer-Encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
+        assert_eq!(out.matches("Transfer-Encoding").count(), 1);
     }
 
     #[test]
