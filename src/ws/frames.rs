@@ -206,6 +206,27 @@ impl FrameTracker {
         self.frames
     }
 
+    /// Bytes that can be read without going past the end of the current frame: the rest of
+    /// its payload, or of its header (at a boundary: the 2 bytes every header starts with).
+    /// Lets the relay stop exactly at a boundary to insert or remove a frame.
+    pub fn bytes_to_frame_end(&self) -> u64 {
+        if let Some(p) = self.payload {
+            return p.remaining;
+        }
+        let Some(&second) = self.header.get(1).filter(|_| self.header_len >= 2) else {
+            return 2u64.saturating_sub(self.header_len as u64);
+        };
+        let ext = match second & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if second & 0x80 != 0 { 4 } else { 0 };
+        (2 + ext + mask as u64)
+            .saturating_sub(self.header_len as u64)
+            .max(1)
+    }
+
     /// The error this tracker stopped on, if any.
     pub fn error(&self) -> Option<FrameError> {
         self.error
@@ -623,6 +644,29 @@ mod tests {
         let one = [0x88, 0x01, 0x03];
         let seen = run(Direction::ServerToClient, 1024, &[&one]).unwrap();
         assert_eq!((seen.close_seen, seen.close_code), (true, None));
+    }
+
+    #[test]
+    fn bytes_to_frame_end_stops_exactly_at_boundaries() {
+        let mut stream = bytes(masked(binary(70_000, true), [9, 9, 9, 9]));
+        stream.extend(conversation(Some([1, 2, 3, 4])));
+        let mut t = FrameTracker::new(Direction::ClientToServer, u64::MAX);
+        let mut rest = &stream[..];
+        let mut boundaries = 0;
+        while !rest.is_empty() {
+            let n = (t.bytes_to_frame_end() as usize).min(rest.len());
+            assert!(n > 0);
+            t.feed(&rest[..n]).unwrap();
+            rest = &rest[n..];
+            if t.at_frame_boundary() {
+                boundaries += 1;
+            }
+        }
+        assert_eq!(
+            boundaries as u64,
+            t.frames(),
+            "every frame end was hit exactly"
+        );
     }
 
     #[test]
