@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# wslb benchmark: the same scenarios against a backend directly (the proxy-less limit), wslb,
+# HAProxy (nbthread 1) and nginx (worker_processes 1), targets interleaved within each round.
+# Writes bench/results/latest.{jsonl,json,md} and prints the markdown table.
+#
+#   bash bench/run.sh [--rounds N] [--secs S] [--rate-secs S] [--hold N] [--targets "direct wslb haproxy nginx"]
+#                     [--no-build] [--no-wrk] [--placement auto|split|float]
+#
+# Env: CARGO (cargo), CARGO_TARGET_DIR (target), HAPROXY (haproxy), NGINX (nginx).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CARGO=${CARGO:-cargo}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+HAPROXY=${HAPROXY:-haproxy}
+NGINX=${NGINX:-nginx}
+ROUNDS=3 SECS=10 RATE_SECS=5 WARMUP=1 HOLD=10000 BUILD=1 WRK=1 PLACEMENT_MODE=auto
+TARGETS="direct wslb haproxy nginx"
+while [ $# -gt 0 ]; do
+    case $1 in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --secs) SECS=$2; shift 2 ;;
+    --rate-secs) RATE_SECS=$2; shift 2 ;;
+    --hold) HOLD=$2; shift 2 ;;
+    --targets) TARGETS=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --no-wrk) WRK=0; shift ;;
+    --placement) PLACEMENT_MODE=$2; shift 2 ;; # auto | split | float
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+log() { echo "[bench $(date +%T)] $*" >&2; }
+
+# --- processes: every one we start is recorded and killed on exit -------------------------
+PIDS=()
+WORK=$(mktemp -d /tmp/wslb-bench.XXXXXX)
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- build --------------------------------------------------------------------------------
+if [ "$BUILD" = 1 ]; then
+    log "building release binaries"
+    (cd "$ROOT" && "$CARGO" build --release --bins --examples --quiet)
+fi
+BIN=$TARGET_DIR/release
+WSLB=$BIN/wslb BACKEND=$BIN/examples/bench_backend LOADGEN=$BIN/examples/loadgen
+for b in "$WSLB" "$BACKEND" "$LOADGEN"; do
+    [ -x "$b" ] || { echo "run.sh: $b missing (cargo build --release --bins --examples)" >&2; exit 1; }
+done
+
+# --- which targets can run ----------------------------------------------------------------
+want() { case " $TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+if want haproxy && ! command -v "$HAPROXY" >/dev/null; then
+    log "haproxy not installed (make bench-deps): skipped"; TARGETS=${TARGETS//haproxy/}
+fi
+if want nginx && ! command -v "$NGINX" >/dev/null; then
+    log "nginx not installed (make bench-deps): skipped"; TARGETS=${TARGETS//nginx/}
+fi
+[ "$WRK" = 1 ] && ! command -v wrk >/dev/null && WRK=0
+
+# --- file descriptors: a proxy holding N WebSockets needs 2N + a few ------------------------
+HARD=$(ulimit -Hn)
+if [ "$HARD" != unlimited ] && [ "$HARD" -lt 65536 ]; then
+    ulimit -Hn 65536 2>/dev/null || true
+    HARD=$(ulimit -Hn)
+fi
+[ "$HARD" = unlimited ] && HARD=65536
+NOFILE=$((HARD < 65536 ? HARD : 65536))
+ulimit -n "$NOFILE"
+MAX_HOLD=$(((NOFILE - 200) / 2))
+if [ "$HOLD" -gt "$MAX_HOLD" ]; then
+    log "open-file limit is $NOFILE (cannot raise it): holding $MAX_HOLD WebSockets, not $HOLD"
+    HOLD=$MAX_HOLD
+fi
+MAXCONN=$(((NOFILE - 100) / 2))
+
+# --- CPU placement ------------------------------------------------------------------------
+# With 4+ CPUs: proxy alone on CPU 0, backends on CPU 1, loadgen on the rest. With 2-3 CPUs
+# nothing is pinned: pinning the proxy to one core and loadgen + backends to the other leaves
+# the proxies ~40% busy, waiting on the starved load side (cross-core wake-ups for every hop),
+# so every target looks the same; floating lets the busy side take the slack. `--placement
+# split` forces the pinned layout anyway. Every bench process runs at nice -10 (when allowed)
+# so other work on the machine disturbs it less; the same for every target.
+NCPU=$(nproc)
+PIN_PROXY=() PIN_LOAD=() PIN_BACKEND=() LOAD_THREADS=1
+[ "$PLACEMENT_MODE" = auto ] && { [ "$NCPU" -ge 4 ] && PLACEMENT_MODE=split || PLACEMENT_MODE=float; }
+if [ "$PLACEMENT_MODE" = split ] && [ "$NCPU" -ge 2 ] && command -v taskset >/dev/null; then
+    PIN_PROXY=(taskset -c 0)
+    if [ "$NCPU" -ge 4 ]; then
+        PIN_BACKEND=(taskset -c 1)
+        PIN_LOAD=(taskset -c "2-$((NCPU - 1))")
+        LOAD_THREADS=$((NCPU - 2 < 4 ? NCPU - 2 : 4))
+        PLACEMENT="pinned: proxy CPU 0, backends CPU 1, loadgen ($LOAD_THREADS threads) CPUs 2-$((NCPU - 1))"
+    else
+        PIN_BACKEND=(taskset -c "1-$((NCPU - 1))")
+        PIN_LOAD=(taskset -c "1-$((NCPU - 1))")
+        PLACEMENT="pinned: proxy CPU 0, backends + loadgen (1 thread) CPU 1-$((NCPU - 1))"
+    fi
+else
+    PLACEMENT="not pinned: proxy, 2 backends (1 thread each), loadgen (1 thread) float over $NCPU CPUs"
+fi
+if nice -n -10 true 2>/dev/null; then
+    PIN_PROXY=(nice -n -10 "${PIN_PROXY[@]}") PIN_BACKEND=(nice -n -10 "${PIN_BACKEND[@]}")
+    PIN_LOAD=(nice -n -10 "${PIN_LOAD[@]}")
+    PLACEMENT+=", all at nice -10"
+fi
+log "$PLACEMENT"
+
+# Other work on the machine skews everything: measure how busy it is before we start.
+busy_pct() {
+    local a b
+    a=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+    sleep 2
+    b=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.0f", d > 0 ? 100 * (y[1] - x[1]) / d : 0}'
+}
+BUSY_BEFORE=$(busy_pct)
+[ "$BUSY_BEFORE" -gt 10 ] && log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark: numbers will be noisy"
+
+# --- helpers ------------------------------------------------------------------------------
+free_port() { "$LOADGEN" free-ports --n 1; }
+
+# wait_line FILE PATTERN SECONDS: the first line of FILE matching PATTERN (empty on timeout).
+wait_line() {
+    local i
+    for ((i = 0; i < $3 * 20; i++)); do
+        if grep -q -- "$2" "$1" 2>/dev/null; then grep -m1 -- "$2" "$1"; return 0; fi
+        sleep 0.05
+    done
+    return 1
+}
+
+# wait_port PORT SECONDS: until 127.0.0.1:PORT accepts a connection.
+wait_port() {
+    local i
+    for ((i = 0; i < $2 * 20; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    return 1
+}
+
+addr_of() { sed -n 's/.*listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' <<<"$1" | head -1; }
+
+# Process ids making up a target (nginx: master + worker).
+pids_of() {
+    case $1 in
+    nginx) echo "${TPID[nginx]}" $(pgrep -P "${TPID[nginx]}" 2>/dev/null || true) ;;
+    direct) echo "${BPIDS[@]}" ;;
+    *) echo "${TPID[$1]}" ;;
+    esac
+}
+
+# CPU ticks (user + system) of a target's processes.
+ticks_of() {
+    local p t=0 s
+    for p in $(pids_of "$1"); do
+        s=$(cut -d')' -f2 "/proc/$p/stat" 2>/dev/null) || continue
+        set -- $s
+        t=$((t + ${12} + ${13}))
+    done
+    echo "$t"
+}
+
+# RSS in KiB of a target's processes.
+rss_of() {
+    local p t=0 r
+    for p in $(pids_of "$1"); do
+        r=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+        t=$((t + ${r:-0}))
+    done
+    echo "$t"
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+RAW=$WORK/raw.jsonl
+: >"$RAW"
+
+# --- start everything ---------------------------------------------------------------------
+declare -A TADDR TPID
+BPIDS=() BADDRS=()
+for b in 1 2; do
+    "${PIN_BACKEND[@]}" "$BACKEND" --listen 127.0.0.1:0 --threads 1 >"$WORK/backend$b.log" 2>&1 &
+    PIDS+=($!) BPIDS+=($!)
+    line=$(wait_line "$WORK/backend$b.log" "listening on" 10) || { cat "$WORK/backend$b.log" >&2; exit 1; }
+    BADDRS+=("$(addr_of "$line")")
+done
+B1=${BADDRS[0]##*:} B2=${BADDRS[1]##*:}
+log "backends on ${BADDRS[*]}"
+TADDR[direct]=${BADDRS[0]}
+
+if want wslb; then
+    "${PIN_PROXY[@]}" "$WSLB" -l 127.0.0.1:0 -B "ws://127.0.0.1:$B1" -B "ws://127.0.0.1:$B2" \
+        --max-connections 20000 --idle-timeout 300s >"$WORK/wslb.log" 2>&1 &
+    PIDS+=($!) TPID[wslb]=$!
+    line=$(wait_line "$WORK/wslb.log" "listening on" 10) || { cat "$WORK/wslb.log" >&2; exit 1; }
+    TADDR[wslb]=$(addr_of "$line")
+fi
+if want haproxy; then
+    port=$(free_port)
+    sed -e "s/@PORT@/$port/; s/@B1@/$B1/; s/@B2@/$B2/; s/@MAXCONN@/$MAXCONN/" \
+        "$ROOT/bench/haproxy.cfg.in" >"$WORK/haproxy.cfg"
+    "${PIN_PROXY[@]}" "$HAPROXY" -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+    PIDS+=($!) TPID[haproxy]=$!
+    wait_port "$port" 10 || { cat "$WORK/haproxy.log" >&2; exit 1; }
+    TADDR[haproxy]=127.0.0.1:$port
+fi
+if want nginx; then
+    port=$(free_port)
+    mkdir -p "$WORK/nginx"
+    sed -e "s/@PORT@/$port/; s/@B1@/$B1/; s/@B2@/$B2/; s/@CONNS@/$((NOFILE - 100))/" \
+        -e "s/@NOFILE@/$NOFILE/; s#@DIR@#$WORK/nginx#g" \
+        "$ROOT/bench/nginx.conf.in" >"$WORK/nginx/nginx.conf"
+    "${PIN_PROXY[@]}" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
+        >"$WORK/nginx.log" 2>&1 &
+    PIDS+=($!) TPID[nginx]=$!
+    wait_port "$port" 10 || { cat "$WORK/nginx.log" "$WORK/nginx/error.log" >&2; exit 1; }
+    TADDR[nginx]=127.0.0.1:$port
+fi
+PROXIES=()
+for t in wslb haproxy nginx; do want "$t" && PROXIES+=("$t"); done
+RUN_TARGETS=()
+for t in direct "${PROXIES[@]}"; do want "$t" && RUN_TARGETS+=("$t"); done
+log "targets: $(for t in "${RUN_TARGETS[@]}"; do printf '%s=%s ' "$t" "${TADDR[$t]}"; done)"
+sleep 1
+
+# Memory at start (no traffic yet).
+declare -A RSS_START
+for t in "${PROXIES[@]}"; do RSS_START[$t]=$(rss_of "$t"); done
+
+# --- meta, sizes --------------------------------------------------------------------------
+json_str() { printf '"%s"' "$(sed 's/\\/\\\\/g; s/"/\\"/g' <<<"$1")"; }
+VERSIONS="wslb $("$WSLB" -V 2>&1 | head -1)"
+command -v "$HAPROXY" >/dev/null && VERSIONS+="; $("$HAPROXY" -v 2>&1 | head -1 | cut -d' ' -f1-3)"
+command -v "$NGINX" >/dev/null && VERSIONS+="; $("$NGINX" -v 2>&1 | head -1)"
+echo "{\"kind\":\"meta\",\"cpus\":$NCPU,\"placement\":$(json_str "$PLACEMENT"),\"rounds\":$ROUNDS,\"secs\":$SECS,\"rate_secs\":$RATE_SECS,\"warmup\":$WARMUP,\"hold\":$HOLD,\"nofile\":$NOFILE,\"versions\":$(json_str "$VERSIONS"),\"date\":\"$(date -u +%FT%TZ)\",\"kernel\":\"$(uname -r)\",\"busy_before_pct\":$BUSY_BEFORE,\"loadavg_start\":\"$(cut -d' ' -f1-3 /proc/loadavg)\"}" >>"$RAW"
+
+# Size of an ELF file and of it plus the shared libraries it loads.
+size_line() {
+    local name=$1 file=$2 libs=0 f
+    for f in $(ldd "$file" 2>/dev/null | awk '/=> \// {print $3} /^\t\// {print $1}'); do
+        libs=$((libs + $(stat -L -c %s "$f")))
+    done
+    echo "{\"kind\":\"size\",\"target\":\"$name\",\"bytes\":$(stat -L -c %s "$file"),\"with_libs\":$(($(stat -L -c %s "$file") + libs))}" >>"$RAW"
+}
+strip -o "$WORK/wslb.stripped" "$WSLB" 2>/dev/null || cp "$WSLB" "$WORK/wslb.stripped"
+size_line wslb "$WORK/wslb.stripped"
+want haproxy && size_line haproxy "$(command -v "$HAPROXY")"
+want nginx && size_line nginx "$(command -v "$NGINX")"
+
+# --- scenarios ----------------------------------------------------------------------------
+# run_one TARGET ROUND SCENARIO ARGS...: runs the load generator, records result + proxy CPU.
+run_one() {
+    local target=$1 round=$2 scen=$3 t0 t1 s0 s1 out cpu
+    shift 3
+    t0=$(ticks_of "$target") s0=$(date +%s%N)
+    if [ "$scen" = http-wrk ]; then
+        out=$("${PIN_LOAD[@]}" wrk -t"$LOAD_THREADS" -c64 -d"${SECS}s" --latency "http://${TADDR[$target]}/" 2>&1 |
+            awk -v target="${TADDR[$target]}" -v secs="$SECS" '
+                function us(v) { if (v ~ /us$/) return v + 0; if (v ~ /ms$/) return v * 1000; if (v ~ /s$/) return v * 1000000; return v }
+                /^ +50%/ {p50 = us($2)} /^ +99%/ {p99 = us($2)}
+                /requests in/ {ops = $1}
+                /Socket errors/ {errs += $4 + $6 + $8 + $10}
+                /Non-2xx/ {errs += $NF}
+                /Requests\/sec/ {rps = $2}
+                END {printf "{\"scenario\":\"http-wrk\",\"target\":\"%s\",\"conns\":64,\"secs\":%s,\"ops\":%d,\"ops_per_sec\":%.0f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"errors\":%d}\n", target, secs, ops, rps, p50, p99, errs}')
+    else
+        out=$("${PIN_LOAD[@]}" "$LOADGEN" "$scen" --target "${TADDR[$target]}" --threads "$LOAD_THREADS" "$@")
+    fi
+    t1=$(ticks_of "$target") s1=$(date +%s%N)
+    cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v ns=$((s1 - s0)) 'BEGIN {printf "%.1f", 100 * d / hz / (ns / 1e9)}')
+    echo "{\"kind\":\"run\",\"target\":\"$target\",\"round\":$round,\"cpu_pct\":$cpu,\"result\":$out}" >>"$RAW"
+    log "round $round $scen $target: $(sed 's/.*"ops_per_sec":\([0-9.]*\).*"p99_us":\([0-9]*\).*/\1 ops\/s p99 \2 us/' <<<"$out") errors $(sed -n 's/.*"errors":\([0-9]*\).*/\1/p' <<<"$out") cpu ${cpu}%"
+}
+
+for ((r = 1; r <= ROUNDS; r++)); do
+    # rotate the order each round so no target always runs first
+    order=("${RUN_TARGETS[@]:$(((r - 1) % ${#RUN_TARGETS[@]}))}" "${RUN_TARGETS[@]:0:$(((r - 1) % ${#RUN_TARGETS[@]}))}")
+    for t in "${order[@]}"; do run_one "$t" "$r" ws-echo --conns 64 --size 128 --secs "$SECS" --warmup "$WARMUP"; done
+    for t in "${order[@]}"; do run_one "$t" "$r" http --conns 64 --secs "$SECS" --warmup "$WARMUP" --path /; done
+    if [ "$WRK" = 1 ]; then
+        for t in "${order[@]}"; do run_one "$t" "$r" http-wrk; done
+    fi
+    for t in "${order[@]}"; do
+        run_one "$t" "$r" ws-rate --conns 8 --secs "$RATE_SECS" --warmup "$WARMUP"
+        sleep 1 # let TIME_WAIT sockets age (loopback reuse needs 1 s)
+    done
+done
+
+# --- memory: idle RSS, then with HOLD idle proxied WebSockets --------------------------------
+for t in "${PROXIES[@]}"; do
+    sleep 2
+    idle=$(rss_of "$t")
+    rm -f "$WORK/hold.in" && mkfifo "$WORK/hold.in"
+    "${PIN_LOAD[@]}" "$LOADGEN" ws-hold --target "${TADDR[$t]}" --n "$HOLD" --parallel 128 \
+        <"$WORK/hold.in" >"$WORK/hold.out" 2>&1 &
+    hpid=$!
+    PIDS+=($hpid)
+    exec 7>"$WORK/hold.in"
+    ready=$(wait_line "$WORK/hold.out" '"ready"' 180) || ready=""
+    sleep 1
+    held_rss=$(rss_of "$t")
+    exec 7>&-
+    final=""
+    for ((i = 0; i < 200; i++)); do
+        kill -0 "$hpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    wait "$hpid" 2>/dev/null || true
+    final=$(grep '"lost"' "$WORK/hold.out" | tail -1)
+    [ -n "$final" ] || final=$(tail -c 2000 "$WORK/hold.out" | tr -d '\n' | sed 's/"/\\"/g; s/.*/{"error":"&"}/')
+    echo "{\"kind\":\"mem\",\"target\":\"$t\",\"rss_start_kb\":${RSS_START[$t]},\"rss_idle_kb\":$idle,\"rss_held_kb\":$held_rss,\"ready\":${ready:-null},\"hold\":$final}" >>"$RAW"
+    log "memory $t: start ${RSS_START[$t]} KiB, idle $idle KiB, with $HOLD held $held_rss KiB"
+done
+
+# --- report -------------------------------------------------------------------------------
+echo "{\"kind\":\"end\",\"loadavg_end\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"busy_after_pct\":$(busy_pct)}" >>"$RAW"
+mkdir -p "$ROOT/bench/results"
+cp "$RAW" "$ROOT/bench/results/latest.jsonl"
+for t in "${PROXIES[@]}"; do
+    if [ -s "$WORK/$t.log" ] && grep -qiE 'error|panic|warn|alert' "$WORK/$t.log"; then
+        log "$t log (errors/warnings):"; grep -iE 'error|panic|warn|alert' "$WORK/$t.log" | tail -20 >&2
+    fi
+done
+[ -s "$WORK/nginx/error.log" ] 2>/dev/null && { log "nginx error.log:"; tail -20 "$WORK/nginx/error.log" >&2; }
+"$LOADGEN" report --in "$RAW" --json "$ROOT/bench/results/latest.json" --md "$ROOT/bench/results/latest.md"
+cat "$ROOT/bench/results/latest.md"
