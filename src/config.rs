@@ -76,6 +76,10 @@ pub struct Config {
     pub throttle: u64,
     /// A WebSocket silent this long in both directions is closed (1001); `None` = never.
     pub ws_idle_timeout: Option<Duration>,
+    /// Balancer pings to WebSocket clients at this interval; 3 unanswered = dead peer.
+    pub ws_ping: Option<Duration>,
+    /// `--events FILE|-`: JSON lines of connection and backend events.
+    pub events: Option<String>,
     /// TLS proxy listeners.
     pub tls_listen: Vec<SocketAddr>,
     /// Certificate/key pairs, selected by SNI; the first is the default.
@@ -118,6 +122,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             throttle: 0,
             ws_idle_timeout: None,
+            ws_ping: None,
+            events: None,
             tls_listen: Vec::new(),
             certs: Vec::new(),
             backend_ca: None,
@@ -258,6 +264,18 @@ fn options() -> getopts::Options {
         "throttle",
         "bytes per second relayed per connection and direction, e.g. 64KiB [default: unlimited]",
         "SIZE",
+    );
+    o.optopt(
+        "",
+        "ws-ping",
+        "ping WebSocket clients at this interval; 3 unanswered = closed [default: off]",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "events",
+        "write one JSON event per line (connect, pair, disconnect, server ready, ...) to FILE or - for stdout [default: off]",
+        "FILE",
     );
     o.optopt(
         "",
@@ -483,6 +501,10 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         let s = v.strip_suffix("/s").unwrap_or(&v);
         cfg.throttle = parse_size(s).map_err(|why| bad("--throttle", &v, why))?;
     }
+    if let Some(v) = m.opt_str("ws-ping") {
+        cfg.ws_ping = Some(parse_duration(&v).map_err(|why| bad("--ws-ping", &v, why))?);
+    }
+    cfg.events = m.opt_str("events");
     if let Some(v) = m.opt_str("ws-idle-timeout") {
         cfg.ws_idle_timeout =
             Some(parse_duration(&v).map_err(|why| bad("--ws-idle-timeout", &v, why))?);

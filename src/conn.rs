@@ -15,14 +15,19 @@ use rand::Rng;
 use crate::buffer::Buffer;
 use crate::config::Config;
 use crate::endpoint::{read_into, read_some, Io, Outbox, Ready};
+use crate::events::EventSink;
+use crate::hooks::Hooks;
 use crate::http::body::{BodyKind, BodyReader};
 use crate::http::head::{self, MAX_HEAD};
 use crate::http::rewrite::{self, ClientInfo};
 use crate::log;
+use crate::metrics::Stats;
 use crate::registry::Registry;
 use crate::transport::{TlsStream, Transport};
 use crate::ws::frames::{encode_close, Direction, FrameTracker};
 use crate::ws::handshake::{self, WsKey};
+use serde_json::json;
+use std::collections::VecDeque;
 
 /// Tokens below this are the server's own (listeners, signals, waker).
 pub const RESERVED_TOKENS: usize = 1024;
@@ -78,6 +83,12 @@ pub struct Ctx<'a> {
     pub now: Instant,
     /// SIGTERM received: finish exchanges, keep no connection alive.
     pub draining: bool,
+    /// Counters.
+    pub stats: &'a mut Stats,
+    /// `--events` output.
+    pub events: &'a mut EventSink,
+    /// Library hooks, if any.
+    pub hooks: Option<&'a mut (dyn Hooks + 'static)>,
 }
 
 /// Outcome of driving a connection.
@@ -132,6 +143,8 @@ struct Exchange {
     failed: Vec<usize>,
     started: Instant,
     status: u16,
+    /// `METHOD path`, kept only when events are on.
+    request_line: Option<String>,
 }
 
 /// After 101: frames relayed both ways, tracked header by header.
@@ -141,6 +154,41 @@ struct Tunnel {
     down: FrameTracker,
     /// Close code to inject into the client stream at the next frame boundary.
     pending_close: Option<u16>,
+    /// Frames the balancer wants to send the client, at the next message boundary.
+    inject: VecDeque<Vec<u8>>,
+    inject_bytes: usize,
+    /// Pings we sent whose pongs have not come back; their pongs are not relayed.
+    pings_out: u32,
+    /// A client frame being read exactly, to see whether it is a pong answering our ping.
+    up_hold: Vec<u8>,
+    next_ping: Option<Instant>,
+}
+
+/// Payload prefix of the balancer's own pings, so their pongs can be told from others.
+const PING_MAGIC: &[u8] = b"wslb";
+/// Most bytes of injected frames queued per client (a client that never reads cannot
+/// make the balancer hold more).
+const MAX_INJECT_BYTES: usize = 1 << 20;
+/// Unanswered balancer pings after which the client is considered dead.
+const MAX_PINGS_OUT: u32 = 3;
+/// Longest control frame: 2 header bytes + 4 mask bytes + 125 payload bytes.
+const MAX_CONTROL_FRAME: usize = 131;
+
+/// What the admin API shows of a client.
+#[derive(Debug, Clone)]
+pub struct ClientSummary {
+    /// Client id.
+    pub id: u64,
+    /// Address.
+    pub peer: SocketAddr,
+    /// Backend id when paired.
+    pub backend: Option<usize>,
+    /// An open WebSocket tunnel.
+    pub websocket: bool,
+    /// Seconds since accept.
+    pub age_secs: u64,
+    /// Bytes client → backend and backend → client.
+    pub bytes: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -182,6 +230,13 @@ pub struct Conn {
     throttle: Option<Throttle>,
     /// Counted in the server's per-address tally (released at reap).
     pub counts_for_ip: bool,
+    opened: Instant,
+    bytes_up: u64,
+    bytes_down: u64,
+    /// Close code seen in either direction, for the disconnect event.
+    close_code: Option<u16>,
+    /// The backend of the latest pairing, for events after the leg is gone.
+    paired_backend: Option<usize>,
 }
 
 enum Step {
@@ -220,12 +275,93 @@ impl Conn {
             done: false,
             throttle: (throttle > 0).then(|| Throttle::new(throttle, now)),
             counts_for_ip: false,
+            opened: now,
+            bytes_up: 0,
+            bytes_down: 0,
+            close_code: None,
+            paired_backend: None,
         }
     }
 
     /// The client socket, for registration.
     pub fn client_mut(&mut self) -> &mut TcpStream {
         self.client.socket_mut()
+    }
+
+    /// Queues a frame for the client, sent at the next message boundary of the backend's
+    /// stream (Broadcast / WriteData). Call [`Conn::drive`] after.
+    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) -> Result<(), &'static str> {
+        let Phase::Tunnel(t) = &mut self.phase else {
+            return Err("not a websocket client");
+        };
+        if t.pending_close.is_some() || t.down.close_seen() {
+            return Err("closing");
+        }
+        let mut header = [0u8; 14];
+        let n = crate::ws::frames::encode_header(opcode, payload.len() as u64, &mut header);
+        let size = n + payload.len();
+        if t.inject_bytes + size > MAX_INJECT_BYTES {
+            return Err("send queue full");
+        }
+        let mut frame = Vec::with_capacity(size);
+        frame.extend_from_slice(header.get(..n).unwrap_or_default());
+        frame.extend_from_slice(payload);
+        t.inject.push_back(frame);
+        t.inject_bytes += size;
+        Ok(())
+    }
+
+    /// Queues a ping whose pong will be consumed, not relayed (Ping).
+    pub fn ping(&mut self) -> Result<(), &'static str> {
+        let seq = match &self.phase {
+            Phase::Tunnel(t) => t.pings_out,
+            _ => return Err("not a websocket client"),
+        };
+        let mut payload = PING_MAGIC.to_vec();
+        payload.extend_from_slice(&seq.to_be_bytes());
+        self.send_frame(0x9, &payload)?;
+        if let Phase::Tunnel(t) = &mut self.phase {
+            t.pings_out += 1;
+        }
+        Ok(())
+    }
+
+    /// What the admin API lists.
+    pub fn summary(&self, now: Instant) -> ClientSummary {
+        ClientSummary {
+            id: self.id,
+            peer: self.peer,
+            backend: self.backend_id(),
+            websocket: matches!(self.phase, Phase::Tunnel(_)),
+            age_secs: now.duration_since(self.opened).as_secs(),
+            bytes: (self.bytes_up, self.bytes_down),
+        }
+    }
+
+    /// The disconnect event's fields (called at reap).
+    pub fn disconnect_event(&self, now: Instant) -> Vec<(&'static str, serde_json::Value)> {
+        let close = match &self.phase {
+            Phase::Tunnel(t) => t.down.close_code().or(t.up.close_code()),
+            _ => None,
+        }
+        .or(self.close_code);
+        vec![
+            ("client", json!(self.id)),
+            ("peer", json!(self.peer.to_string())),
+            ("backend", json!(self.paired_backend)),
+            ("close_code", json!(close)),
+            ("bytes_up", json!(self.bytes_up)),
+            ("bytes_down", json!(self.bytes_down)),
+            (
+                "duration_ms",
+                json!(now.duration_since(self.opened).as_millis() as u64),
+            ),
+        ]
+    }
+
+    /// An open WebSocket tunnel.
+    pub fn is_websocket(&self) -> bool {
+        matches!(self.phase, Phase::Tunnel(_))
     }
 
     /// Client address.
@@ -308,7 +444,13 @@ impl Conn {
             {
                 Some(self.last_activity + LINGER)
             }
-            Phase::Tunnel(_) => cfg.ws_idle_timeout.map(|t| self.last_activity + t),
+            Phase::Tunnel(t) => {
+                let idle = cfg.ws_idle_timeout.map(|d| self.last_activity + d);
+                match (idle, t.next_ping) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
             Phase::Closing { since } => Some(*since + LINGER),
         }
     }
@@ -323,6 +465,13 @@ impl Conn {
         match &mut self.phase {
             Phase::Head => {
                 if self.from_client.is_empty() {
+                    if self.client.handshaking() {
+                        ctx.stats.tls_handshake_failures += 1;
+                        log::debug(
+                            "tls handshake timed out",
+                            &[("client", &self.id), ("peer", &self.peer)],
+                        );
+                    }
                     // An idle keep-alive connection (or one that never spoke) just closes.
                     return Drive::Done;
                 }
@@ -347,6 +496,27 @@ impl Conn {
                     && self.leg.as_ref().is_some_and(|l| !l.eof);
                 if !live {
                     return Drive::Done;
+                }
+                if let (Some(at), Some(every)) = (t.next_ping, ctx.cfg.ws_ping) {
+                    if at <= ctx.now {
+                        if t.pings_out >= MAX_PINGS_OUT {
+                            log::debug(
+                                "websocket peer dead: pings unanswered",
+                                &[("client", &self.id)],
+                            );
+                            return Drive::Done;
+                        }
+                        t.next_ping = Some(ctx.now + every);
+                        let _ = self.ping();
+                        return self.drive(ctx);
+                    }
+                }
+                let idle_due = ctx
+                    .cfg
+                    .ws_idle_timeout
+                    .is_some_and(|d| self.last_activity + d <= ctx.now);
+                if !idle_due {
+                    return self.drive(ctx);
                 }
                 log::debug("websocket idle timeout", &[("client", &self.id)]);
                 t.pending_close = Some(CLOSE_GOING_AWAY);
@@ -396,14 +566,38 @@ impl Conn {
             match &mut self.phase {
                 Phase::Tunnel(t) => {
                     if let Some(leg) = &mut self.leg {
-                        if !leg.to_backend.buf.is_full() && t.pending_close.is_none() {
-                            match read_tracked(
+                        let messages = t.up.messages();
+                        // While our ping is out, client frames are read one at a time so
+                        // the pong answering it can be taken out of the stream.
+                        let exact =
+                            t.pings_out > 0 && (t.up.at_frame_boundary() || !t.up_hold.is_empty());
+                        let io = if t.pending_close.is_some() {
+                            Ok(Io::WouldBlock)
+                        } else if exact {
+                            if leg.to_backend.buf.has_room(MAX_CONTROL_FRAME) {
+                                read_exact_frame(
+                                    &mut self.client,
+                                    &mut self.c_ready,
+                                    t,
+                                    &mut leg.to_backend.buf,
+                                )
+                            } else {
+                                Ok(Io::WouldBlock)
+                            }
+                        } else if leg.to_backend.buf.is_full() {
+                            Ok(Io::WouldBlock)
+                        } else {
+                            read_tracked(
                                 &mut self.client,
                                 &mut self.c_ready,
                                 &mut leg.to_backend.buf,
                                 &mut t.up,
                                 up_max,
-                            ) {
+                            )
+                        };
+                        ctx.stats.ws_messages_up += t.up.messages() - messages;
+                        {
+                            match io {
                                 Ok(Io::Progress(n)) => {
                                     up_read = n;
                                     progress = true;
@@ -457,7 +651,16 @@ impl Conn {
                                 self.c_eof = true;
                                 progress = true;
                             }
-                            Io::Failed => return Step::Done,
+                            Io::Failed => {
+                                if self.client.handshaking() {
+                                    ctx.stats.tls_handshake_failures += 1;
+                                    log::debug(
+                                        "tls handshake failed",
+                                        &[("client", &self.id), ("peer", &self.peer)],
+                                    );
+                                }
+                                return Step::Done;
+                            }
                         }
                     }
                 }
@@ -512,17 +715,30 @@ impl Conn {
             if leg.connecting_since.is_none() && leg.ready.readable && !leg.eof && down_max > 0 {
                 let io = match &mut self.phase {
                     Phase::Tunnel(t) if t.pending_close.is_none() => {
-                        if self.to_client.buf.is_full() {
+                        let messages = t.down.messages();
+                        // Frames of our own wait for a message boundary: stop exactly there.
+                        let injecting = !t.inject.is_empty();
+                        let r = if self.to_client.buf.is_full()
+                            || (injecting && t.down.at_message_boundary())
+                        {
                             Ok(Io::WouldBlock)
                         } else {
+                            let max = if injecting {
+                                let to_end = t.down.bytes_to_frame_end();
+                                down_max.min(usize::try_from(to_end).unwrap_or(usize::MAX))
+                            } else {
+                                down_max
+                            };
                             read_tracked(
                                 &mut leg.stream,
                                 &mut leg.ready,
                                 &mut self.to_client.buf,
                                 &mut t.down,
-                                down_max,
+                                max,
                             )
-                        }
+                        };
+                        ctx.stats.ws_messages_down += t.down.messages() - messages;
+                        r
                     }
                     Phase::Tunnel(_) | Phase::Closing { .. } => Ok(Io::WouldBlock),
                     _ => {
@@ -563,6 +779,12 @@ impl Conn {
             }
         }
 
+        self.bytes_up += up_read as u64;
+        self.bytes_down += down_read as u64;
+        if matches!(self.phase, Phase::Tunnel(_)) {
+            ctx.stats.ws_bytes_up += up_read as u64;
+            ctx.stats.ws_bytes_down += down_read as u64;
+        }
         if let Some(t) = &mut self.throttle {
             t.up_left = t.up_left.saturating_sub(up_read);
             t.down_left = t.down_left.saturating_sub(down_read);
@@ -618,6 +840,21 @@ impl Conn {
         // Whatever relayed bytes are queued belong to a completed earlier response.
         if self.to_client.can_queue_head() {
             rewrite::write_error(status, true, self.to_client.head_vec());
+            ctx.stats.response(status);
+            ctx.events.emit(
+                if status >= 500 {
+                    "error"
+                } else {
+                    "http_request"
+                },
+                &[
+                    ("client", json!(self.id)),
+                    ("peer", json!(self.peer.to_string())),
+                    ("status", json!(status)),
+                    ("backend", json!(self.paired_backend)),
+                    ("by", json!("balancer")),
+                ],
+            );
         }
         self.from_client.release();
         self.phase = Phase::Closing { since: ctx.now };
@@ -701,6 +938,13 @@ impl Conn {
         };
         let mut to_backend = Outbox::default();
         rewrite::write_request(&req, client, ws_key.is_some(), to_backend.head_vec());
+        if let Some(h) = ctx.hooks.as_deref_mut() {
+            h.on_request_head(to_backend.head_vec());
+        }
+        let request_line = ctx
+            .events
+            .enabled()
+            .then(|| format!("{} {}", req.method, req.path));
         let ex = Exchange {
             req_body: BodyReader::new(req.body),
             resp: Resp::AwaitHead,
@@ -712,6 +956,7 @@ impl Conn {
             failed: Vec::new(),
             started: ctx.now,
             status: 0,
+            request_line,
         };
         let head_len = req.head_len;
         let req_keep_alive = req.keep_alive && !ctx.draining;
@@ -756,8 +1001,17 @@ impl Conn {
             let picked = if same_backend_fresh && ex.failed.len() == 1 {
                 ex.failed.last().copied()
             } else {
-                ctx.backends
-                    .pick(ctx.cfg.algorithm, &ex.failed, ctx.now, ctx.rng)
+                let chosen = ctx.hooks.as_deref_mut().and_then(|h| {
+                    let cands = ctx.backends.eligible(&ex.failed);
+                    let names: Vec<&str> = cands.iter().map(|(_, n)| n.as_str()).collect();
+                    h.select_backend(self.id, &names)
+                        .and_then(|i| cands.get(i))
+                        .map(|(id, _)| *id)
+                });
+                chosen.or_else(|| {
+                    ctx.backends
+                        .pick(ctx.cfg.algorithm, &ex.failed, ctx.now, ctx.rng)
+                })
             };
             let Some(id) = picked else {
                 break None;
@@ -801,6 +1055,22 @@ impl Conn {
             return;
         };
         ctx.backends.acquire(id);
+        self.paired_backend = Some(id);
+        if ctx.events.enabled() || ctx.hooks.is_some() {
+            let name = ctx.backends.name(id).unwrap_or_default().to_string();
+            ctx.events.emit(
+                "paired",
+                &[
+                    ("client", json!(self.id)),
+                    ("peer", json!(self.peer.to_string())),
+                    ("backend", json!(name)),
+                    ("reused", json!(reused)),
+                ],
+            );
+            if let Some(h) = ctx.hooks.as_deref_mut() {
+                h.on_client_paired(self.id, &name);
+            }
+        }
         if log::enabled(log::Level::Debug) {
             log::debug(
                 "paired",
@@ -1001,12 +1271,20 @@ impl Conn {
                     }
                     ex.backend_keep_alive = resp.keep_alive;
                     ex.status = resp.status;
-                    rewrite::write_response(
-                        &resp,
-                        ex.close_after,
-                        false,
-                        self.to_client.head_vec(),
-                    );
+                    match ctx.hooks.as_deref_mut() {
+                        Some(h) => {
+                            let mut head = Vec::with_capacity(resp.head_len + 64);
+                            rewrite::write_response(&resp, ex.close_after, false, &mut head);
+                            h.on_response_head(&mut head);
+                            self.to_client.head_vec().extend_from_slice(&head);
+                        }
+                        None => rewrite::write_response(
+                            &resp,
+                            ex.close_after,
+                            false,
+                            self.to_client.head_vec(),
+                        ),
+                    }
                     let n = resp.head_len;
                     ex.resp = Resp::Body(BodyReader::new(resp.body));
                     leg.from_backend.consume(n);
@@ -1075,6 +1353,21 @@ impl Conn {
                 &[("client", &self.id), ("status", &ex.status), ("ms", &ms)],
             );
         }
+        ctx.stats.response(ex.status);
+        if ctx.events.enabled() {
+            let ms = ctx.now.duration_since(ex.started).as_millis() as u64;
+            ctx.events.emit(
+                "http_request",
+                &[
+                    ("client", json!(self.id)),
+                    ("peer", json!(self.peer.to_string())),
+                    ("backend", json!(self.paired_backend)),
+                    ("request", json!(ex.request_line)),
+                    ("status", json!(ex.status)),
+                    ("ms", json!(ms)),
+                ],
+            );
+        }
         let close = ex.close_after;
         self.drop_leg(ctx, reusable);
         if close {
@@ -1096,7 +1389,22 @@ impl Conn {
             up: FrameTracker::new(Direction::ClientToServer, max),
             down: FrameTracker::new(Direction::ServerToClient, max),
             pending_close: None,
+            inject: VecDeque::new(),
+            inject_bytes: 0,
+            pings_out: 0,
+            up_hold: Vec::new(),
+            next_ping: ctx.cfg.ws_ping.map(|i| ctx.now + i),
         };
+        ctx.stats.ws_opened += 1;
+        ctx.stats.response(101);
+        ctx.events.emit(
+            "handshake",
+            &[
+                ("client", json!(self.id)),
+                ("peer", json!(self.peer.to_string())),
+                ("backend", json!(self.paired_backend)),
+            ],
+        );
         let Some(leg) = &mut self.leg else {
             self.phase = Phase::Closing { since: ctx.now };
             return Step::Progress;
@@ -1133,6 +1441,21 @@ impl Conn {
         };
         if leg.eof && self.c_eof && leg.fin_sent {
             return Step::Done;
+        }
+        if !t.inject.is_empty() {
+            if t.down.close_seen() || t.pending_close.is_some() || t.down.error().is_some() {
+                // Nothing may follow a close, nor be spliced into a broken stream.
+                t.inject.clear();
+                t.inject_bytes = 0;
+            } else if t.down.at_message_boundary() && self.to_client.buf.is_empty() {
+                let head = self.to_client.head_vec();
+                for frame in t.inject.drain(..) {
+                    head.extend_from_slice(&frame);
+                    ctx.stats.ws_injected += 1;
+                }
+                t.inject_bytes = 0;
+                return Step::Progress;
+            }
         }
         // Client hung up: pass its FIN on once its last bytes reached the backend.
         if self.c_eof && leg.to_backend.is_empty() && !leg.fin_sent {
@@ -1278,6 +1601,59 @@ fn open_backend(
         }
         (Some(_), None) => Err(io::Error::other("no TLS client configuration")),
     }
+}
+
+/// Reads at most to the end of the current client frame into the tunnel's hold buffer.
+/// A frame that is not a pong is released into `buf` as soon as its first byte shows that;
+/// a pong is held whole, then dropped if it answers one of our pings, else released.
+fn read_exact_frame(
+    stream: &mut Transport,
+    ready: &mut Ready,
+    t: &mut Tunnel,
+    buf: &mut Buffer,
+) -> Result<Io, u16> {
+    let to_end = usize::try_from(t.up.bytes_to_frame_end()).unwrap_or(usize::MAX);
+    let want = to_end
+        .min(MAX_CONTROL_FRAME.saturating_sub(t.up_hold.len()))
+        .max(1);
+    let mut tmp = [0u8; MAX_CONTROL_FRAME];
+    let Some(dst) = tmp.get_mut(..want) else {
+        return Ok(Io::WouldBlock);
+    };
+    let io = stream.read(ready, dst);
+    let Io::Progress(n) = io else {
+        return Ok(io);
+    };
+    let fresh = tmp.get(..n).unwrap_or_default();
+    t.up.feed(fresh).map_err(|e| e.close_code())?;
+    t.up_hold.extend_from_slice(fresh);
+    let is_pong = t.up_hold.first().is_some_and(|b| b & 0x0f == 0xA);
+    if is_pong && !t.up.at_frame_boundary() {
+        return Ok(io);
+    }
+    if is_pong && t.pings_out > 0 && pong_payload(&t.up_hold).starts_with(PING_MAGIC) {
+        t.pings_out -= 1;
+        t.up_hold.clear();
+        return Ok(io);
+    }
+    buf.push(&t.up_hold);
+    t.up_hold.clear();
+    Ok(io)
+}
+
+/// The unmasked payload of one whole client control frame (at most 125 bytes).
+fn pong_payload(frame: &[u8]) -> Vec<u8> {
+    let (Some(&b1), Some(mask)) = (frame.get(1), frame.get(2..6)) else {
+        return Vec::new();
+    };
+    let len = usize::from(b1 & 0x7f);
+    frame
+        .get(6..6 + len)
+        .unwrap_or_default()
+        .iter()
+        .zip(mask.iter().cycle())
+        .map(|(b, m)| b ^ m)
+        .collect()
 }
 
 /// Non-blocking connect outcome: `Ok(true)` connected, `Ok(false)` not yet.

@@ -13,6 +13,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod admin;
 pub mod agent;
 pub mod agent_cli;
 pub mod balance;
@@ -21,8 +22,11 @@ pub mod config;
 mod conn;
 pub mod control;
 mod endpoint;
+mod events;
+pub mod hooks;
 pub mod http;
 mod log;
+mod metrics;
 mod registry;
 mod server;
 pub mod sticky;

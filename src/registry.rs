@@ -217,6 +217,22 @@ impl Registry {
         Some(Dial { addr, tls })
     }
 
+    /// Name of a backend (guid for registered ones).
+    pub fn name(&self, id: usize) -> Option<&str> {
+        self.backends
+            .get(id)
+            .map(|b| b.guid.as_deref().unwrap_or(&b.name))
+    }
+
+    /// Eligible backends not in `exclude`, with their names (for selection hooks).
+    pub fn eligible(&self, exclude: &[usize]) -> Vec<(usize, String)> {
+        self.backends
+            .iter()
+            .filter(|(id, b)| b.eligible() && !exclude.contains(id))
+            .map(|(id, b)| (id, b.guid.clone().unwrap_or_else(|| b.name.clone())))
+            .collect()
+    }
+
     /// Has at least one backend that could take a client (else the answer is 503).
     pub fn any_eligible(&self) -> bool {
         self.backends.iter().any(|(_, b)| b.eligible())

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
@@ -16,14 +16,20 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::admin::{self, BackendRow};
 use crate::config::{Config, OnBackendLost};
 use crate::conn::{key_of, token_for, Conn, Ctx, Drive, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS};
 use crate::control::protocol::{self as control_protocol, ControlError};
+use crate::control::session::AdminRequest;
 use crate::control::session::{ControlAuth, ControlConn, ControlDrive, ControlEvent};
+use crate::events::EventSink;
+use crate::hooks::Hooks;
 use crate::log;
+use crate::metrics::{self, BackendSample, Stats};
 use crate::registry::{BackendState, Registry};
 use crate::timer::{TimerKey, TimerKind, Timers};
 use crate::transport::{TlsStream, Transport};
+use serde_json::json;
 
 const WAKER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -41,11 +47,45 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// After the drain timeout, how long closing tunnels get before the process exits anyway.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(3);
 
-/// Asks a running [`Server`] to drain and stop, from any thread.
+/// Which WebSocket clients a broadcast reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every WebSocket client.
+    All,
+    /// Clients paired with the backend of this guid (or static backend URL).
+    Backend(String),
+    /// Clients paired with backends carrying this tag `key=value`.
+    Tag(String, String),
+    /// One client by id.
+    Client(u64),
+}
+
+/// A message from the balancer itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// A text message.
+    Text(String),
+    /// A binary message.
+    Binary(Vec<u8>),
+    /// A ping whose pong is consumed by the balancer.
+    Ping,
+    /// A close frame with this code.
+    Close(u16),
+}
+
+/// Work handed to the loop from another thread or the admin API.
+#[derive(Debug)]
+enum Command {
+    Send(Target, Outgoing, mpsc::Sender<Result<usize, String>>),
+    Drain(String, mpsc::Sender<Result<usize, String>>),
+}
+
+/// Controls a running [`Server`] from any thread: Broadcast, WriteData, Ping, close, drain.
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
+    commands: mpsc::Sender<Command>,
 }
 
 impl ServerHandle {
@@ -54,11 +94,45 @@ impl ServerHandle {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
     }
+
+    fn call(
+        &self,
+        cmd: impl FnOnce(mpsc::Sender<Result<usize, String>>) -> Command,
+    ) -> Result<usize, String> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(cmd(tx))
+            .map_err(|_| "server stopped".to_string())?;
+        self.waker.wake().map_err(|e| e.to_string())?;
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "server did not answer".to_string())?
+    }
+
+    /// Sends `msg` to the WebSocket clients `to` selects; returns how many got it queued.
+    /// Frames go out between the backend's messages, never inside one.
+    pub fn send(&self, to: Target, msg: Outgoing) -> Result<usize, String> {
+        self.call(|tx| Command::Send(to, msg, tx))
+    }
+
+    /// Broadcast: a text message to every WebSocket client.
+    pub fn broadcast(&self, text: &str) -> Result<usize, String> {
+        self.send(Target::All, Outgoing::Text(text.to_string()))
+    }
+
+    /// Puts a backend (guid or static URL) in draining state: no new clients.
+    pub fn drain_backend(&self, name: &str) -> Result<usize, String> {
+        self.call(|tx| Command::Drain(name.to_string(), tx))
+    }
 }
 
 /// The balancer: bound listeners and everything the loop owns.
 pub struct Server {
     poll: Poll,
+    stats: Stats,
+    events: EventSink,
+    hooks: Option<Box<dyn Hooks>>,
+    started: Instant,
+    commands: (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     /// Proxy listeners; `true` = TLS.
     listeners: Vec<(TcpListener, bool)>,
     server_tls: Option<Arc<rustls::ServerConfig>>,
@@ -198,6 +272,12 @@ impl Server {
             control_addr = Some(local);
             control_listener = Some(l);
         }
+        let events = EventSink::open(cfg.events.as_deref()).map_err(|e| {
+            Error::Tls(crate::tls::TlsError::File {
+                path: cfg.events.clone().unwrap_or_default().into(),
+                why: format!("cannot open --events file: {e}"),
+            })
+        })?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -210,6 +290,11 @@ impl Server {
         }
         Ok(Server {
             poll,
+            stats: Stats::default(),
+            events,
+            hooks: None,
+            started: Instant::now(),
+            commands: mpsc::channel(),
             listeners,
             server_tls,
             backend_tls,
@@ -256,7 +341,13 @@ impl Server {
         ServerHandle {
             waker: self.waker.clone(),
             stop: self.stop.clone(),
+            commands: self.commands.0.clone(),
         }
+    }
+
+    /// Installs library hooks (before [`Server::run`]).
+    pub fn set_hooks(&mut self, hooks: Box<dyn Hooks>) {
+        self.hooks = Some(hooks);
     }
 
     /// Runs the loop until a drain completes.
@@ -305,6 +396,16 @@ impl Server {
     fn dispatch(&mut self, ev: &mio::event::Event) {
         match ev.token() {
             WAKER => {
+                while let Ok(cmd) = self.commands.1.try_recv() {
+                    match cmd {
+                        Command::Send(to, msg, reply) => {
+                            let _ = reply.send(Ok(self.send_to(&to, &msg)));
+                        }
+                        Command::Drain(name, reply) => {
+                            let _ = reply.send(self.drain_named(&name));
+                        }
+                    }
+                }
                 if self.stop.load(Ordering::SeqCst) {
                     self.begin_drain();
                 }
@@ -377,6 +478,9 @@ impl Server {
             rng: &mut self.rng,
             now: Instant::now(),
             draining: self.draining,
+            stats: &mut self.stats,
+            events: &mut self.events,
+            hooks: self.hooks.as_deref_mut(),
         };
         match f(conn, &mut ctx) {
             Drive::Continue => {}
@@ -490,6 +594,22 @@ impl Server {
             if log::enabled(log::Level::Debug) {
                 log::debug("client connected", &[("client", &conn.id), ("peer", &peer)]);
             }
+            if over_ip_limit {
+                self.stats.rejected += 1;
+            } else {
+                self.stats.accepted += 1;
+            }
+            self.events.emit(
+                "client_connect",
+                &[
+                    ("client", json!(conn.id)),
+                    ("peer", json!(peer.to_string())),
+                    ("tls", json!(tls)),
+                ],
+            );
+            if let Some(h) = &mut self.hooks {
+                h.on_client_connect(conn.id, peer);
+            }
             if let Some(at) = conn.deadline(&self.cfg) {
                 conn.armed = Some(at);
                 self.timers.add(
@@ -587,6 +707,9 @@ impl Server {
                 rng: &mut self.rng,
                 now: Instant::now(),
                 draining: self.draining,
+                stats: &mut self.stats,
+                events: &mut self.events,
+                hooks: self.hooks.as_deref_mut(),
             };
             conn.teardown(&mut ctx);
             if conn.counts_for_ip {
@@ -601,6 +724,13 @@ impl Server {
             let _ = self.poll.registry().deregister(conn.client_mut());
             if log::enabled(log::Level::Debug) {
                 log::debug("client closed", &[("client", &conn.id)]);
+            }
+            if self.events.enabled() {
+                let fields = conn.disconnect_event(Instant::now());
+                self.events.emit("client_disconnect", &fields);
+            }
+            if let Some(h) = &mut self.hooks {
+                h.on_client_disconnect(conn.id);
             }
         }
         if self.accept_blocked && self.conns.len() < self.cfg.max_connections {
@@ -739,10 +869,15 @@ impl Server {
         let mut events = std::mem::take(&mut self.control_events);
         let outcome = c.drive(now, &self.control_auth, &mut events);
         let gen = c.gen;
+        let answered = events.iter().any(|e| matches!(e, ControlEvent::Admin(_)));
         for ev in events.drain(..) {
             self.apply_control_event(key, gen, ev);
         }
         self.control_events = events;
+        if answered {
+            // The answer is queued: write it now, no new readiness edge will ask for it.
+            return self.drive_control(key);
+        }
         let Some(c) = self.controls.get_mut(key) else {
             return;
         };
@@ -782,7 +917,21 @@ impl Server {
         };
         let peer = c.peer;
         match ev {
-            ControlEvent::Connected => log::info("server connected", &[("peer", &peer)]),
+            ControlEvent::Connected => {
+                log::info("server connected", &[("peer", &peer)]);
+                self.stats.server_connected += 1;
+                self.events
+                    .emit("server_connect", &[("peer", json!(peer.to_string()))]);
+                if let Some(h) = &mut self.hooks {
+                    h.on_server_connect(peer);
+                }
+            }
+            ControlEvent::Admin(req) => {
+                let (status, ctype, body) = self.handle_admin(&req);
+                if let Some(c) = self.controls.get_mut(key) {
+                    c.respond(status, ctype, &body);
+                }
+            }
             ControlEvent::Register(reg) => {
                 if c.guid.as_deref().is_some_and(|g| g != reg.guid) {
                     // Same connection, new identity: the old entry is gone.
@@ -797,6 +946,20 @@ impl Server {
                     c.send_text(control_protocol::registered(&reg.guid, hb));
                 }
                 let bindings = reg.bindings.join(",");
+                self.stats.server_ready += 1;
+                self.events.emit(
+                    "server_ready",
+                    &[
+                        ("guid", json!(reg.guid)),
+                        ("peer", json!(peer.to_string())),
+                        ("bindings", json!(reg.bindings)),
+                        ("backend", json!(id)),
+                        ("updated", json!(!fresh)),
+                    ],
+                );
+                if let Some(h) = &mut self.hooks {
+                    h.on_server_ready(&reg.guid);
+                }
                 log::info(
                     if fresh {
                         "server ready"
@@ -855,6 +1018,20 @@ impl Server {
 
     /// A registered backend left: out of selection at once; its clients stay or go per flag.
     fn backend_lost(&mut self, id: usize) {
+        let name = self
+            .backends
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, b)| b.guid.clone().unwrap_or_else(|| b.name.clone()))
+            .unwrap_or_default();
+        self.stats.server_disconnected += 1;
+        self.events.emit(
+            "server_disconnect",
+            &[("guid", json!(name)), ("backend", json!(id))],
+        );
+        if let Some(h) = &mut self.hooks {
+            h.on_server_disconnect(&name);
+        }
         if self.cfg.on_backend_lost == OnBackendLost::Close {
             let keys: Vec<usize> = self
                 .conns
@@ -902,4 +1079,279 @@ impl Server {
             }
         }
     }
+
+    /// Queues `msg` for the WebSocket clients `to` selects; returns how many took it.
+    fn send_to(&mut self, to: &Target, msg: &Outgoing) -> usize {
+        let backend_ids: Option<Vec<usize>> = match to {
+            Target::All | Target::Client(_) => None,
+            Target::Backend(name) => Some(
+                self.backends
+                    .iter()
+                    .filter(|(_, b)| b.name == *name || b.guid.as_deref() == Some(name))
+                    .map(|(id, _)| id)
+                    .collect(),
+            ),
+            Target::Tag(k, v) => Some(
+                self.backends
+                    .iter()
+                    .filter(|(_, b)| b.tags.get(k) == Some(v))
+                    .map(|(id, _)| id)
+                    .collect(),
+            ),
+        };
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.done && c.is_websocket())
+            .filter(|(_, c)| match to {
+                Target::Client(id) => c.id == *id,
+                _ => backend_ids
+                    .as_ref()
+                    .is_none_or(|ids| c.backend_id().is_some_and(|b| ids.contains(&b))),
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut sent = 0;
+        for key in keys {
+            let mut ok = false;
+            self.with_conn(key, |c, ctx| {
+                let queued = match msg {
+                    Outgoing::Text(t) => c.send_frame(0x1, t.as_bytes()),
+                    Outgoing::Binary(b) => c.send_frame(0x2, b),
+                    Outgoing::Ping => c.ping(),
+                    Outgoing::Close(code) => {
+                        ok = true;
+                        return c.going_away(ctx, *code);
+                    }
+                };
+                ok = queued.is_ok();
+                c.drive(ctx)
+            });
+            sent += usize::from(ok);
+        }
+        sent
+    }
+
+    /// Admin/handle drain of one backend by guid or static URL.
+    fn drain_named(&mut self, name: &str) -> Result<usize, String> {
+        let id = self
+            .backends
+            .iter()
+            .find(|(_, b)| b.name == name || b.guid.as_deref() == Some(name))
+            .map(|(id, _)| id)
+            .ok_or_else(|| format!("no backend {name}"))?;
+        self.backends.set_state(id, BackendState::Draining);
+        log::info("server draining", &[("backend", &name), ("by", &"admin")]);
+        Ok(1)
+    }
+
+    fn backend_rows(&self) -> Vec<BackendRow> {
+        let now = Instant::now();
+        self.backends
+            .iter()
+            .map(|(id, b)| BackendRow {
+                id,
+                name: b.name.clone(),
+                guid: b.guid.clone(),
+                state: b.state.as_str(),
+                bindings: b.bindings.clone(),
+                weight: b.weight,
+                active: b.active,
+                selected: b.selected,
+                heard_secs_ago: b.owner.and_then(|(k, g)| {
+                    self.controls
+                        .get(k)
+                        .filter(|c| c.gen == g)
+                        .map(|c| now.saturating_duration_since(c.last_heard()).as_secs())
+                }),
+                down: b.down_until.is_some_and(|t| t > now),
+                tags: b.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            })
+            .collect()
+    }
+
+    /// Routes one admin API request; returns status, content type and body.
+    fn handle_admin(&mut self, req: &AdminRequest) -> (u16, &'static str, Vec<u8>) {
+        const JSON: &str = "application/json";
+        let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+        let param = |name: &str| {
+            req.query.split('&').find_map(|kv| {
+                kv.split_once('=')
+                    .filter(|(k, _)| *k == name)
+                    .map(|(_, v)| percent_decode(v))
+            })
+        };
+        let sent = |r: Result<usize, String>| match r {
+            Ok(n) => (200, JSON, json!({ "sent": n }).to_string().into_bytes()),
+            Err(e) => (404, JSON, json!({ "error": e }).to_string().into_bytes()),
+        };
+        let message = || -> Result<Outgoing, String> {
+            let ct = req.content_type.to_ascii_lowercase();
+            if ct.is_empty() || ct.starts_with("text/") || ct.starts_with("application/json") {
+                String::from_utf8(req.body.clone())
+                    .map(Outgoing::Text)
+                    .map_err(|_| "text message is not UTF-8".to_string())
+            } else {
+                Ok(Outgoing::Binary(req.body.clone()))
+            }
+        };
+        let method = req.method.as_str();
+        let uptime = self.started.elapsed().as_secs();
+        let tunnels = self.conns.iter().filter(|(_, c)| c.is_websocket()).count();
+        match (method, segments.as_slice()) {
+            ("GET", [""]) => {
+                let html = admin::status_html(
+                    &self.backend_rows(),
+                    self.conns.len(),
+                    tunnels,
+                    uptime,
+                    env!("CARGO_PKG_VERSION"),
+                );
+                (200, "text/html; charset=utf-8", html.into_bytes())
+            }
+            ("GET", ["metrics"]) => {
+                let rows = self.backend_rows();
+                let samples: Vec<BackendSample<'_>> = rows
+                    .iter()
+                    .map(|r| BackendSample {
+                        name: r.guid.as_deref().unwrap_or(&r.name),
+                        state: r.state,
+                        active: r.active,
+                        selected: r.selected,
+                    })
+                    .collect();
+                let text =
+                    metrics::render(&self.stats, self.conns.len(), tunnels, uptime, &samples);
+                (200, "text/plain; version=0.0.4", text.into_bytes())
+            }
+            ("GET", ["api", "backends"]) => (
+                200,
+                JSON,
+                admin::backends_json(&self.backend_rows())
+                    .to_string()
+                    .into_bytes(),
+            ),
+            ("GET", ["api", "clients"]) => {
+                let now = Instant::now();
+                let list: Vec<_> = self
+                    .conns
+                    .iter()
+                    .map(|(_, c)| {
+                        let s = c.summary(now);
+                        json!({"id": s.id, "peer": s.peer.to_string(), "backend": s.backend,
+                               "websocket": s.websocket, "age_secs": s.age_secs,
+                               "bytes_up": s.bytes.0, "bytes_down": s.bytes.1})
+                    })
+                    .collect();
+                (
+                    200,
+                    JSON,
+                    serde_json::Value::Array(list).to_string().into_bytes(),
+                )
+            }
+            ("POST", ["api", "broadcast"]) => {
+                let target = match (param("backend"), param("tag")) {
+                    (Some(b), _) => Target::Backend(b),
+                    (None, Some(t)) => match t.split_once('=') {
+                        Some((k, v)) => Target::Tag(k.to_string(), v.to_string()),
+                        None => {
+                            return (400, JSON, br#"{"error":"tag must be KEY=VALUE"}"#.to_vec())
+                        }
+                    },
+                    (None, None) => Target::All,
+                };
+                match message() {
+                    Ok(m) => sent(Ok(self.send_to(&target, &m))),
+                    Err(e) => (400, JSON, json!({ "error": e }).to_string().into_bytes()),
+                }
+            }
+            ("POST", ["api", "ping"]) => sent(Ok(self.send_to(&Target::All, &Outgoing::Ping))),
+            ("POST", ["api", "clients", id, action @ ("send" | "ping")]) => {
+                let Ok(id) = id.parse::<u64>() else {
+                    return (404, JSON, br#"{"error":"no such client"}"#.to_vec());
+                };
+                let msg = if *action == "ping" {
+                    Ok(Outgoing::Ping)
+                } else {
+                    message()
+                };
+                match msg {
+                    Ok(m) => match self.send_to(&Target::Client(id), &m) {
+                        0 => (
+                            404,
+                            JSON,
+                            br#"{"error":"no such websocket client"}"#.to_vec(),
+                        ),
+                        n => sent(Ok(n)),
+                    },
+                    Err(e) => (400, JSON, json!({ "error": e }).to_string().into_bytes()),
+                }
+            }
+            ("DELETE", ["api", "clients", id]) => {
+                let code = match param("code").map(|c| c.parse::<u16>()) {
+                    None => 1000,
+                    Some(Ok(c))
+                        if (1000..=4999).contains(&c) && !matches!(c, 1004..=1006 | 1015) =>
+                    {
+                        c
+                    }
+                    Some(_) => {
+                        return (
+                            400,
+                            JSON,
+                            br#"{"error":"code must be a valid close code"}"#.to_vec(),
+                        )
+                    }
+                };
+                match id
+                    .parse::<u64>()
+                    .map(|id| self.send_to(&Target::Client(id), &Outgoing::Close(code)))
+                {
+                    Ok(n) if n > 0 => sent(Ok(n)),
+                    _ => (
+                        404,
+                        JSON,
+                        br#"{"error":"no such websocket client"}"#.to_vec(),
+                    ),
+                }
+            }
+            ("POST", ["api", "backends", guid, "drain"]) => {
+                sent(self.drain_named(&percent_decode(guid)))
+            }
+            (_, [""] | ["metrics"] | ["api", ..])
+                if !matches!(method, "GET" | "POST" | "DELETE") =>
+            {
+                (405, JSON, br#"{"error":"method not allowed"}"#.to_vec())
+            }
+            _ => (404, JSON, br#"{"error":"not found"}"#.to_vec()),
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (and `+` as space) in a query value; invalid escapes stay as-is.
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b, hex) {
+            (b'%', Some(x)) => {
+                out.push(x);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -1,7 +1,1354 @@
+//! Property checks shared by the fuzz targets (`fuzz/fuzz_targets/*.rs`) and the stable
+//! corpus replay (`tests/fuzz_corpus.rs`). Each function takes the raw fuzzer input, calls the
+//! same `pub` functions the event loop calls, and panics when a property does not hold.
+//!
+//! Only `wslb`, `tungstenite` and `httparse` (a `wslb` dependency, the request/response
+//! reference) are used, so the file compiles in both crates.
 #![allow(dead_code)]
-pub fn http_request(_d: &[u8]) {}
-pub fn http_response(_d: &[u8]) {}
-pub fn chunked(_d: &[u8]) {}
-pub fn ws_handshake(_d: &[u8]) {}
-pub fn ws_frames(_d: &[u8]) {}
-pub fn config_values(_d: &[u8]) {}
+// `is_multiple_of` needs Rust 1.87; wslb's rust-version is 1.85 and this file is part of its tests.
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
+use std::io::Cursor;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+use wslb::config::{parse_args, parse_backend_url, parse_duration, parse_size, Command};
+use wslb::http::body::{BodyError, BodyKind, BodyReader};
+use wslb::http::head::{
+    header_storage, parse_request, parse_response, HeadError, Request, Response, MAX_HEAD,
+    MAX_HEADERS,
+};
+use wslb::http::rewrite::{write_request, write_response, ClientInfo};
+use wslb::ws::frames::{encode_close, encode_header, Direction, FrameError, FrameTracker};
+use wslb::ws::handshake::{validate_request, validate_response, WsKey};
+
+/// A property check over one raw input; panics when a property fails.
+pub type Check = fn(&[u8]);
+
+/// Every target by name, for the corpus replay.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("http_request", http_request),
+    ("http_response", http_response),
+    ("chunked", chunked),
+    ("ws_handshake", ws_handshake),
+    ("ws_frames", ws_frames),
+    ("config_values", config_values),
+];
+
+/// A cheap deterministic hash, to derive choices (cut offsets, flags) from inputs that are
+/// plain HTTP text, so seeds stay readable and the choices still vary with the input.
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn show(data: &[u8]) -> String {
+    String::from_utf8_lossy(&data[..data.len().min(2048)]).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP heads: an independent reading of RFC 9112 §6.3 over httparse's fields.
+// ---------------------------------------------------------------------------------------
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+fn named<'a, 'b>(
+    headers: &'a [httparse::Header<'b>],
+    name: &'a str,
+) -> impl Iterator<Item = &'b [u8]> + 'a {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+fn list_items<'b>(values: impl Iterator<Item = &'b [u8]>) -> Vec<&'b [u8]> {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(trim)
+        .collect()
+}
+
+fn list_has(headers: &[httparse::Header<'_>], name: &str, token: &str) -> bool {
+    list_items(named(headers, name))
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// What Content-Length says: `Ok(None)` absent, `Ok(Some(n))` all items agree on `n`.
+fn ref_content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, ()> {
+    let items = list_items(named(headers, "content-length"));
+    let mut value = None;
+    for item in items {
+        // Plain decimal, at most 19 digits (the balancer's stated bound), fits a u64.
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return Err(());
+        }
+        let n: u64 = std::str::from_utf8(item)
+            .map_err(|_| ())?
+            .parse()
+            .map_err(|_| ())?;
+        match value {
+            Some(v) if v != n => return Err(()),
+            _ => value = Some(n),
+        }
+    }
+    Ok(value)
+}
+
+/// Transfer-Encoding: `None` absent, `Some(final coding is chunked)`.
+fn ref_transfer_encoding(headers: &[httparse::Header<'_>]) -> Option<bool> {
+    let last_field = named(headers, "transfer-encoding").last()?;
+    let last = last_field
+        .split(|&b| b == b',')
+        .next_back()
+        .map(trim)
+        .unwrap_or_default();
+    Some(last.eq_ignore_ascii_case(b"chunked"))
+}
+
+fn ref_keep_alive(headers: &[httparse::Header<'_>], version: u8) -> bool {
+    let close = list_has(headers, "connection", "close");
+    if version == 1 {
+        !close
+    } else {
+        list_has(headers, "connection", "keep-alive") && !close
+    }
+}
+
+/// A line ending other than CRLF anywhere in the head (httparse takes a bare LF; the
+/// balancer refuses it so no backend can read the lines differently).
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+}
+
+/// The reference verdict on a request head httparse accepted: every error that applies
+/// (the balancer may report any one of them), or the body framing when none does.
+fn ref_request(
+    head: &[u8],
+    method: &str,
+    version: u8,
+    headers: &[httparse::Header<'_>],
+) -> Result<BodyKind, Vec<HeadError>> {
+    let mut errors = Vec::new();
+    if has_bare_lf(head) {
+        errors.push(HeadError::Malformed(httparse::Error::NewLine));
+    }
+    let cl = ref_content_length(headers);
+    if cl.is_err() {
+        errors.push(HeadError::BadContentLength);
+    }
+    let te = ref_transfer_encoding(headers);
+    if method.eq_ignore_ascii_case("CONNECT") {
+        errors.push(HeadError::MethodNotAllowed);
+    }
+    let hosts = named(headers, "host").count();
+    if (version == 1 && hosts != 1) || hosts > 1 {
+        errors.push(HeadError::BadHost);
+    }
+    if te.is_some() && !matches!(cl, Ok(None)) {
+        errors.push(HeadError::ConflictingFraming);
+    }
+    if te.is_some() && (version == 0 || te == Some(false)) {
+        errors.push(HeadError::BadTransferEncoding);
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(match (te, cl) {
+        (Some(_), _) => BodyKind::Chunked,
+        (None, Ok(Some(n))) if n > 0 => BodyKind::Length(n),
+        _ => BodyKind::Empty,
+    })
+}
+
+fn ref_response(
+    head: &[u8],
+    code: u16,
+    version: u8,
+    head_request: bool,
+    headers: &[httparse::Header<'_>],
+) -> Result<BodyKind, Vec<HeadError>> {
+    let mut errors = Vec::new();
+    if has_bare_lf(head) {
+        errors.push(HeadError::Malformed(httparse::Error::NewLine));
+    }
+    // RFC 9110 §15: status codes are 100..=599; below 100 cannot be re-serialised as
+    // three digits either.
+    if code < 100 {
+        errors.push(HeadError::Malformed(httparse::Error::Status));
+    }
+    let cl = ref_content_length(headers);
+    if cl.is_err() {
+        errors.push(HeadError::BadContentLength);
+    }
+    let te = ref_transfer_encoding(headers);
+    let no_body = head_request || (100..200).contains(&code) || code == 204 || code == 304;
+    if !no_body {
+        if te.is_some() && !matches!(cl, Ok(None)) {
+            errors.push(HeadError::ConflictingFraming);
+        }
+        if te.is_some() && version == 0 {
+            errors.push(HeadError::BadTransferEncoding);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(match (no_body, te, cl) {
+        (true, _, _) => BodyKind::Empty,
+        (false, Some(true), _) => BodyKind::Chunked,
+        (false, Some(false), _) => BodyKind::UntilClose,
+        (false, None, Ok(Some(n))) => BodyKind::Length(n),
+        (false, None, _) => BodyKind::UntilClose,
+    })
+}
+
+/// What a request parse says, detached from the borrowed input.
+#[derive(Debug, PartialEq, Eq)]
+struct ReqSummary {
+    method: String,
+    path: String,
+    version: u8,
+    head_len: usize,
+    headers: usize,
+    body: BodyKind,
+    keep_alive: bool,
+    wants_websocket: bool,
+    expect_continue: bool,
+}
+
+fn req_summary(buf: &[u8]) -> Result<Option<ReqSummary>, HeadError> {
+    let mut st = header_storage();
+    Ok(parse_request(buf, &mut st)?.map(|r| ReqSummary {
+        method: r.method.to_string(),
+        path: r.path.to_string(),
+        version: r.version,
+        head_len: r.head_len,
+        headers: r.headers.len(),
+        body: r.body,
+        keep_alive: r.keep_alive,
+        wants_websocket: r.wants_websocket,
+        expect_continue: r.expect_continue,
+    }))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct RespSummary {
+    status: u16,
+    reason: String,
+    version: u8,
+    head_len: usize,
+    headers: usize,
+    body: BodyKind,
+    keep_alive: bool,
+}
+
+fn resp_summary(buf: &[u8], head_request: bool) -> Result<Option<RespSummary>, HeadError> {
+    let mut st = header_storage();
+    Ok(
+        parse_response(buf, &mut st, head_request)?.map(|r| RespSummary {
+            status: r.status,
+            reason: r.reason.to_string(),
+            version: r.version,
+            head_len: r.head_len,
+            headers: r.headers.len(),
+            body: r.body,
+            keep_alive: r.keep_alive,
+        }),
+    )
+}
+
+/// Our verdict when httparse itself said `Partial` or failed.
+fn check_against_httparse_failure<T: std::fmt::Debug>(
+    ours: &Result<Option<T>, HeadError>,
+    theirs: &httparse::Result<usize>,
+    input: &[u8],
+) {
+    match theirs {
+        Err(httparse::Error::TooManyHeaders) => {
+            assert!(matches!(ours, Err(HeadError::TooManyHeaders)), "{ours:?}")
+        }
+        Err(e) => assert_eq!(ours.as_ref().err(), Some(&HeadError::Malformed(*e))),
+        Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD => {
+            assert!(matches!(ours, Err(HeadError::TooLarge)), "{ours:?}")
+        }
+        Ok(httparse::Status::Partial) => assert!(matches!(ours, Ok(None)), "{ours:?}"),
+        Ok(httparse::Status::Complete(_)) => unreachable!(),
+    }
+}
+
+/// A few cut points inside a head: the byte before the end, the middle, one from the hash.
+fn cuts(head_len: usize, data: &[u8]) -> [usize; 3] {
+    let h = fnv(data) as usize;
+    [
+        head_len.saturating_sub(1),
+        head_len / 2,
+        h % head_len.max(1),
+    ]
+}
+
+/// Request-head target: httparse differential, RFC 9112 §6.3 reference framing, prefix and
+/// trailing-bytes invariance, and the forwarded head (`write_request`) round trip.
+pub fn http_request(data: &[u8]) {
+    let mut st = header_storage();
+    let ours = parse_request(data, &mut st);
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut theirs_req = httparse::Request::new(&mut hs);
+    let theirs = theirs_req.parse(data);
+    let n = match theirs {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return check_against_httparse_failure(&ours, &theirs, data),
+    };
+    let (Some(method), Some(path), Some(version)) =
+        (theirs_req.method, theirs_req.path, theirs_req.version)
+    else {
+        panic!("httparse complete without request line");
+    };
+    if n > MAX_HEAD {
+        assert_eq!(ours.err(), Some(HeadError::TooLarge));
+        return;
+    }
+    let reference = ref_request(&data[..n], method, version, theirs_req.headers);
+    let req = match (ours, reference) {
+        (Ok(Some(req)), Ok(body)) => {
+            assert_eq!(body, req.body, "{}", show(data));
+            req
+        }
+        (Err(e), Err(allowed)) => {
+            assert!(
+                allowed.contains(&e),
+                "{e:?} not in {allowed:?}: {}",
+                show(data)
+            );
+            return;
+        }
+        (ours, reference) => panic!("ours {ours:?}, reference {reference:?}: {}", show(data)),
+    };
+    assert!(req.head_len <= data.len());
+    assert_eq!(
+        (
+            req.head_len,
+            req.method,
+            req.path,
+            req.version,
+            req.headers.len()
+        ),
+        (n, method, path, version, theirs_req.headers.len())
+    );
+    assert_eq!(req.keep_alive, ref_keep_alive(req.headers, req.version));
+    assert_eq!(
+        req.wants_websocket,
+        list_has(req.headers, "upgrade", "websocket")
+    );
+
+    // The head alone parses the same as the head plus whatever follows it, and every
+    // strict prefix of it is incomplete, never an error.
+    let whole = req_summary(data);
+    assert_eq!(req_summary(&data[..n]), whole);
+    for cut in cuts(n, data) {
+        assert_eq!(req_summary(&data[..cut]), Ok(None), "cut {cut}");
+    }
+
+    check_forwarded_request(&req, data);
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// `write_request` output parses again to the same request line and framing and carries
+/// no hop-by-hop field but the ones the balancer adds.
+fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
+    let h = fnv(data);
+    // As the event loop decides: only a validated handshake is forwarded as an upgrade.
+    let websocket = req.wants_websocket && validate_request(req).is_ok();
+    let peer = if h & 1 == 0 {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, (h >> 8) as u8))
+    } else {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, (h >> 8) as u16))
+    };
+    let client = ClientInfo {
+        peer,
+        tls: h & 2 != 0,
+    };
+    let mut out = Vec::new();
+    write_request(req, client, websocket, &mut out);
+    let mut st = header_storage();
+    let again = match parse_request(&out, &mut st) {
+        Ok(Some(again)) => again,
+        // Near the limits the three X-Forwarded-* fields may push the head over them.
+        Err(HeadError::TooLarge) if out.len() > MAX_HEAD => return,
+        Err(HeadError::TooManyHeaders) if req.headers.len() + 3 > MAX_HEADERS => return,
+        other => panic!(
+            "forwarded head does not parse: {other:?}\nin:  {}\nout: {}",
+            show(&data[..req.head_len]),
+            show(&out)
+        ),
+    };
+    let ctx = || {
+        format!(
+            "\nin:  {}\nout: {}",
+            show(&data[..req.head_len]),
+            show(&out)
+        )
+    };
+    assert_eq!(again.head_len, out.len(), "{}", ctx());
+    assert_eq!(
+        (again.method, again.path, again.version, again.body),
+        (req.method, req.path, req.version, req.body),
+        "{}",
+        ctx()
+    );
+    assert!(again.keep_alive, "{}", ctx());
+    assert_eq!(again.wants_websocket, websocket, "{}", ctx());
+    if websocket {
+        assert_eq!(validate_request(&again), validate_request(req), "{}", ctx());
+    }
+    for name in HOP_BY_HOP {
+        let count = named(again.headers, name).count();
+        let allowed = match *name {
+            "connection" => usize::from(websocket || req.version == 0),
+            "transfer-encoding" => usize::from(req.body == BodyKind::Chunked),
+            "upgrade" => usize::from(websocket),
+            _ => 0,
+        };
+        assert_eq!(count, allowed, "{name}{}", ctx());
+    }
+    let cl: Vec<_> = named(again.headers, "content-length").collect();
+    match req.body {
+        BodyKind::Length(n) => assert_eq!(cl, [n.to_string().as_bytes()], "{}", ctx()),
+        _ => assert!(cl.is_empty(), "{}", ctx()),
+    }
+    // Fields the client's Connection named are hop-by-hop too (RFC 9110 §7.6.1), unless the
+    // balancer writes its own (X-Forwarded-*, framing, the upgrade pair).
+    let own = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+    ];
+    for token in list_items(named(req.headers, "connection")) {
+        let Ok(token) = std::str::from_utf8(token) else {
+            continue;
+        };
+        if token.is_empty() || own.iter().any(|o| token.eq_ignore_ascii_case(o)) {
+            continue;
+        }
+        assert_eq!(named(again.headers, token).count(), 0, "{token}{}", ctx());
+    }
+    assert_eq!(named(again.headers, "x-forwarded-proto").count(), 1);
+    let xff: Vec<_> = named(again.headers, "x-forwarded-for").collect();
+    let peer = peer.to_string();
+    assert!(
+        xff.first().is_some_and(|v| v.ends_with(peer.as_bytes())),
+        "{}",
+        ctx()
+    );
+}
+
+/// Response-head target: httparse differential, reference framing, and the relayed head
+/// (`write_response`) round trip. The first byte picks the flags the event loop passes:
+/// bit 0 = the request was HEAD, bit 1 = the balancer closes after this response.
+pub fn http_response(data: &[u8]) {
+    let Some((&flags, input)) = data.split_first() else {
+        return;
+    };
+    let head_request = flags & 1 != 0;
+    let close = flags & 2 != 0;
+    let mut st = header_storage();
+    let ours = parse_response(input, &mut st, head_request);
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut theirs_resp = httparse::Response::new(&mut hs);
+    let theirs = theirs_resp.parse(input);
+    let n = match theirs {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return check_against_httparse_failure(&ours, &theirs, input),
+    };
+    let (Some(code), Some(version)) = (theirs_resp.code, theirs_resp.version) else {
+        panic!("httparse complete without status line");
+    };
+    if n > MAX_HEAD {
+        assert_eq!(ours.err(), Some(HeadError::TooLarge));
+        return;
+    }
+    let reference = ref_response(
+        &input[..n],
+        code,
+        version,
+        head_request,
+        theirs_resp.headers,
+    );
+    let resp = match (ours, reference) {
+        (Ok(Some(resp)), Ok(body)) => {
+            assert_eq!(body, resp.body, "{}", show(input));
+            resp
+        }
+        (Err(e), Err(allowed)) => {
+            assert!(
+                allowed.contains(&e),
+                "{e:?} not in {allowed:?}: {}",
+                show(input)
+            );
+            return;
+        }
+        (ours, reference) => panic!("ours {ours:?}, reference {reference:?}: {}", show(input)),
+    };
+    assert!(resp.head_len <= input.len());
+    assert_eq!(
+        (resp.head_len, resp.status, resp.version, resp.reason),
+        (n, code, version, theirs_resp.reason.unwrap_or(""))
+    );
+    assert_eq!(resp.keep_alive, ref_keep_alive(resp.headers, resp.version));
+
+    let whole = resp_summary(input, head_request);
+    assert_eq!(resp_summary(&input[..n], head_request), whole);
+    for cut in cuts(n, input) {
+        assert_eq!(
+            resp_summary(&input[..cut], head_request),
+            Ok(None),
+            "cut {cut}"
+        );
+    }
+
+    check_relayed_response(&resp, head_request, close, input);
+}
+
+fn check_relayed_response(resp: &Response<'_, '_>, head_request: bool, close: bool, input: &[u8]) {
+    let websocket = resp.status == 101;
+    let mut out = Vec::new();
+    write_response(resp, close, websocket, &mut out);
+    let ctx = || {
+        format!(
+            "\nin:  {}\nout: {}",
+            show(&input[..resp.head_len]),
+            show(&out)
+        )
+    };
+    let mut st = header_storage();
+    let again = match parse_response(&out, &mut st, head_request) {
+        Ok(Some(again)) => again,
+        Err(HeadError::TooLarge) if out.len() > MAX_HEAD => return,
+        Err(HeadError::TooManyHeaders) if resp.headers.len() + 3 > MAX_HEADERS => return,
+        other => panic!("relayed head does not parse: {other:?}{}", ctx()),
+    };
+    assert_eq!(again.head_len, out.len(), "{}", ctx());
+    assert_eq!(
+        (again.status, again.reason, again.version, again.body),
+        (resp.status, resp.reason, 1, resp.body),
+        "{}",
+        ctx()
+    );
+    let wants_close = close && resp.status >= 200 && !websocket;
+    assert_eq!(again.keep_alive, !wants_close, "{}", ctx());
+    for name in HOP_BY_HOP {
+        let count = named(again.headers, name).count();
+        let allowed = match *name {
+            "connection" => usize::from(websocket || wants_close),
+            "transfer-encoding" => usize::from(resp.body == BodyKind::Chunked),
+            "upgrade" => usize::from(websocket),
+            _ => 0,
+        };
+        assert_eq!(count, allowed, "{name}{}", ctx());
+    }
+    assert!(
+        named(again.headers, "content-length").count() <= 1,
+        "{}",
+        ctx()
+    );
+    if let BodyKind::Length(n) = resp.body {
+        let cl: Vec<_> = named(again.headers, "content-length").collect();
+        assert_eq!(cl, [n.to_string().as_bytes()], "{}", ctx());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Chunked bodies: an obviously-correct whole-input reference decoder.
+// ---------------------------------------------------------------------------------------
+
+/// What the reference decoder says about a whole input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefBody {
+    /// The body is complete and ends at this offset.
+    Done { end: usize, payload: u64 },
+    /// Every byte so far is valid; more are needed.
+    Incomplete { payload: u64 },
+    /// The input cannot be a prefix of a valid chunked body.
+    Invalid,
+}
+
+/// A line: `Ok(Some((content, next)))` complete (CRLF), `Ok(None)` not ended yet with the
+/// content so far (a final lone CR included in `cr_pending`), `Err` for a bare LF or a CR
+/// followed by anything but LF.
+enum Line<'a> {
+    Complete(&'a [u8], usize),
+    /// The line has not ended; `ended` when its content is known to be final (CR seen).
+    Partial(&'a [u8], bool),
+}
+
+fn line(input: &[u8], pos: usize) -> Result<Line<'_>, ()> {
+    let rest = &input[pos..];
+    match rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+        None => Ok(Line::Partial(rest, false)),
+        Some(i) if rest[i] == b'\n' => Err(()),
+        Some(i) => match rest.get(i + 1) {
+            None => Ok(Line::Partial(&rest[..i], true)),
+            Some(b'\n') => Ok(Line::Complete(&rest[..i], pos + i + 2)),
+            Some(_) => Err(()),
+        },
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `chunk-size [ chunk-ext ]` content (or a prefix of one when `!complete`); returns the size.
+/// Size: 1 to 16 hex digits. Extension: `;` then VCHAR/SP/HTAB, at most 4096 bytes with the `;`.
+fn size_line(content: &[u8], complete: bool) -> Result<Option<u64>, ()> {
+    let digits = content.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let (hex, ext) = content.split_at(digits);
+    if digits > 16 || (digits == 0 && (complete || !ext.is_empty())) {
+        return Err(());
+    }
+    if let Some((&first, ext_rest)) = ext.split_first() {
+        if first != b';' || ext.len() > 4096 {
+            return Err(());
+        }
+        if !ext_rest
+            .iter()
+            .all(|&b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
+        {
+            return Err(());
+        }
+    }
+    if hex.is_empty() {
+        return Ok(None);
+    }
+    let value = u128::from_str_radix(std::str::from_utf8(hex).map_err(|_| ())?, 16);
+    Ok(Some(u64::try_from(value.map_err(|_| ())?).map_err(|_| ())?))
+}
+
+/// `field-name ":" field-value` (or a prefix of one when `!complete`).
+fn trailer_line(content: &[u8], complete: bool) -> bool {
+    let name_len = content.iter().take_while(|&&b| is_tchar(b)).count();
+    let (name, rest) = content.split_at(name_len);
+    match rest.split_first() {
+        None => !complete,
+        Some((&b':', value)) => {
+            !name.is_empty()
+                && value
+                    .iter()
+                    .all(|&b| b.is_ascii_graphic() || b == b' ' || b == b'\t' || b >= 0x80)
+        }
+        Some(_) => false,
+    }
+}
+
+/// RFC 9112 §7.1 chunked body with the balancer's limits (16 hex digits, 4 KiB extension,
+/// 16 KiB trailer section), read line by line over the whole input.
+pub fn reference_chunked(input: &[u8]) -> RefBody {
+    let mut pos = 0;
+    let mut payload = 0u64;
+    loop {
+        let size = match line(input, pos) {
+            Err(()) => return RefBody::Invalid,
+            Ok(Line::Partial(content, ended)) => {
+                return match size_line(content, ended) {
+                    Ok(_) => RefBody::Incomplete { payload },
+                    Err(()) => RefBody::Invalid,
+                }
+            }
+            Ok(Line::Complete(content, next)) => {
+                pos = next;
+                match size_line(content, true) {
+                    Ok(Some(size)) => size,
+                    _ => return RefBody::Invalid,
+                }
+            }
+        };
+        if size == 0 {
+            break;
+        }
+        let available = (input.len() - pos) as u64;
+        if available < size {
+            return RefBody::Incomplete {
+                payload: payload + available,
+            };
+        }
+        payload += size;
+        pos += size as usize;
+        match &input[pos..] {
+            [] | [b'\r'] => return RefBody::Incomplete { payload },
+            [b'\r', b'\n', ..] => pos += 2,
+            _ => return RefBody::Invalid,
+        }
+    }
+    // Trailer section: lines until an empty one, at most 16 KiB including the final CRLF.
+    let start = pos;
+    loop {
+        let verdict = match line(input, pos) {
+            Err(()) => RefBody::Invalid,
+            Ok(Line::Partial(content, ended)) => {
+                if trailer_line(content, ended) || (ended && content.is_empty()) {
+                    RefBody::Incomplete { payload }
+                } else {
+                    RefBody::Invalid
+                }
+            }
+            Ok(Line::Complete(content, next)) => {
+                if next - start > 16 * 1024 {
+                    return RefBody::Invalid;
+                }
+                if content.is_empty() {
+                    return RefBody::Done { end: next, payload };
+                }
+                if !trailer_line(content, true) {
+                    return RefBody::Invalid;
+                }
+                pos = next;
+                continue;
+            }
+        };
+        // Not complete: the reader fails as soon as the section passes the limit.
+        if input.len() - start > 16 * 1024 {
+            return RefBody::Invalid;
+        }
+        return verdict;
+    }
+}
+
+/// Feeds `parts` in order; returns (consumed, done, payload) or the error.
+fn feed_body(kind: BodyKind, parts: &[&[u8]]) -> Result<(usize, bool, u64), BodyError> {
+    let mut r = BodyReader::new(kind);
+    let mut total = 0;
+    for part in parts {
+        if r.is_done() {
+            break;
+        }
+        let p = match r.feed(part) {
+            Ok(p) => p,
+            Err(e) => {
+                // The error sticks.
+                assert_eq!(r.feed(b"0\r\n\r\n"), Err(e));
+                return Err(e);
+            }
+        };
+        assert!(
+            p.consumed <= part.len(),
+            "consumed {} of {}",
+            p.consumed,
+            part.len()
+        );
+        assert_eq!(p.done, r.is_done());
+        if !p.done {
+            assert_eq!(p.consumed, part.len(), "stopped early without being done");
+        }
+        total += p.consumed;
+    }
+    Ok((total, r.is_done(), r.payload_bytes()))
+}
+
+/// Chunked-body target. Byte 0: split offset selector (and, at 0xf8 and above, a
+/// Content-Length / until-close body instead); the rest is the body bytes.
+pub fn chunked(data: &[u8]) {
+    let Some((&sel, input)) = data.split_first() else {
+        return;
+    };
+    let kind = match sel {
+        0xf8 => BodyKind::Empty,
+        0xf9 => BodyKind::UntilClose,
+        0xfa => BodyKind::Length(u64::MAX),
+        0xfb..=0xff => BodyKind::Length(u64::from(sel - 0xfb) * 3),
+        _ => BodyKind::Chunked,
+    };
+    let split = (sel as usize * input.len()) / 0xf7;
+    let split = split.min(input.len());
+    let whole = feed_body(kind, &[input]);
+    let (a, b) = input.split_at(split);
+    assert_eq!(feed_body(kind, &[a, b]), whole, "split at {split}");
+    if input.len() <= 2048 {
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(feed_body(kind, &bytes), whole, "byte by byte");
+    }
+    let expected = match kind {
+        BodyKind::Chunked => reference_chunked(input),
+        BodyKind::Empty => RefBody::Done { end: 0, payload: 0 },
+        BodyKind::UntilClose => RefBody::Incomplete {
+            payload: input.len() as u64,
+        },
+        BodyKind::Length(n) => match usize::try_from(n) {
+            Ok(n) if n <= input.len() => RefBody::Done {
+                end: n,
+                payload: n as u64,
+            },
+            _ => RefBody::Incomplete {
+                payload: input.len() as u64,
+            },
+        },
+    };
+    let got = match whole {
+        Ok((end, true, payload)) => RefBody::Done { end, payload },
+        Ok((consumed, false, payload)) => {
+            assert_eq!(consumed, input.len());
+            RefBody::Incomplete { payload }
+        }
+        Err(_) => RefBody::Invalid,
+    };
+    assert_eq!(got, expected, "{:?}", show(input));
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket handshake.
+// ---------------------------------------------------------------------------------------
+
+/// Canonical base64 of 16 bytes: 22 symbols whose last carries 4 zero bits, then `==`.
+fn canonical_key(key: &[u8]) -> bool {
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    key.len() == 24
+        && key[..22].iter().all(|b| B64.contains(b))
+        && B64
+            .iter()
+            .position(|&b| b == key[21])
+            .is_some_and(|i| i & 0x0f == 0)
+        && &key[22..] == b"=="
+}
+
+/// tungstenite's own server-side check of the same request, where the header fields can be
+/// expressed as `http` types.
+fn tungstenite_accepts(req: &Request<'_, '_>) -> Option<bool> {
+    use tungstenite::http;
+    let mut b = http::Request::builder()
+        .method(http::Method::from_bytes(req.method.as_bytes()).ok()?)
+        .uri(req.path)
+        .version(if req.version == 1 {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_10
+        });
+    for h in req.headers {
+        b = b.header(
+            http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+            http::HeaderValue::from_bytes(h.value).ok()?,
+        );
+    }
+    let r = b.body(()).ok()?;
+    Some(tungstenite::handshake::server::create_response(&r).is_ok())
+}
+
+/// Handshake target: the input is a request head, optionally followed by a response head
+/// after the first `\r\n\r\n`. A key is accepted only when canonical base64 of 16 bytes;
+/// tungstenite agrees on the verdict where both read the fields the same way; the accept
+/// value derived for an accepted key validates, and a response validates only with it.
+pub fn ws_handshake(data: &[u8]) {
+    let mut st = header_storage();
+    let Ok(Some(req)) = parse_request(data, &mut st) else {
+        return;
+    };
+    let verdict = validate_request(&req);
+    let ctx = || show(&data[..req.head_len]);
+    if let Ok(key) = verdict {
+        assert!(req.method == "GET" && req.version == 1 && req.body == BodyKind::Empty);
+        assert!(list_has(req.headers, "connection", "upgrade"), "{}", ctx());
+        assert!(canonical_key(&key.0), "{}", ctx());
+        let sent = named(req.headers, "sec-websocket-key").next().map(trim);
+        assert_eq!(sent, Some(&key.0[..]));
+    }
+    if let Err(e) = verdict {
+        assert!(matches!(e.status(), 400 | 426), "{e:?}");
+    }
+
+    // Differential: tungstenite reads the first of repeated fields and needs an exact
+    // `Upgrade: websocket`; compare only where those readings coincide.
+    let simple = |name: &str| named(req.headers, name).count() == 1;
+    // `http::HeaderValue::to_str` (which tungstenite uses) fails on anything but visible
+    // ASCII, SP and HTAB.
+    let visible = req.headers.iter().all(|h| {
+        h.value
+            .iter()
+            .all(|&b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
+    });
+    let plain_upgrade =
+        named(req.headers, "upgrade").all(|v| trim(v).eq_ignore_ascii_case(b"websocket"));
+    if req.wants_websocket
+        && visible
+        && plain_upgrade
+        && [
+            "connection",
+            "upgrade",
+            "sec-websocket-version",
+            "sec-websocket-key",
+        ]
+        .iter()
+        .all(|n| simple(n))
+        && req.body == BodyKind::Empty
+    {
+        let version = named(req.headers, "sec-websocket-version").next().map(trim);
+        let conn_raw = named(req.headers, "connection").next().unwrap_or_default();
+        // tungstenite also splits Connection on spaces and does not trim the key/version.
+        let untrimmed = named(req.headers, "sec-websocket-version").next() == version
+            && named(req.headers, "sec-websocket-key").next().map(trim)
+                == named(req.headers, "sec-websocket-key").next();
+        let same_connection = conn_raw
+            .split(|&b| b == b',' || b == b' ')
+            .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+            == list_has(req.headers, "connection", "upgrade");
+        if untrimmed && same_connection {
+            if let Some(theirs) = tungstenite_accepts(&req) {
+                assert_eq!(verdict.is_ok(), theirs, "{verdict:?}: {}", ctx());
+            }
+        }
+    }
+
+    let key = verdict.unwrap_or(WsKey(*b"dGhlIHNhbXBsZSBub25jZQ=="));
+    let accept = tungstenite::handshake::derive_accept_key(&key.0);
+    let good = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    let mut st2 = header_storage();
+    let Ok(Some(resp)) = parse_response(good.as_bytes(), &mut st2, false) else {
+        panic!("own 101 does not parse");
+    };
+    assert_eq!(validate_response(&resp, &key), Ok(()));
+
+    let rest = &data[req.head_len..];
+    let mut st3 = header_storage();
+    if let Ok(Some(resp)) = parse_response(rest, &mut st3, false) {
+        if validate_response(&resp, &key).is_ok() {
+            assert!(list_has(resp.headers, "upgrade", "websocket"));
+            let got = named(resp.headers, "sec-websocket-accept").next().map(trim);
+            assert_eq!(got, Some(accept.as_bytes()), "{}", show(rest));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket frames: tungstenite's header parser as the boundary reference.
+// ---------------------------------------------------------------------------------------
+
+/// Everything observable on a tracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub result: Result<(), FrameError>,
+    pub frames: u64,
+    pub messages: u64,
+    pub frame_boundary: bool,
+    pub message_boundary: bool,
+    pub close_seen: bool,
+    pub close_code: Option<u16>,
+}
+
+fn track(dir: Direction, max: u64, parts: &[&[u8]]) -> Seen {
+    let mut t = FrameTracker::new(dir, max);
+    let mut completed = 0u64;
+    let mut result = Ok(());
+    for part in parts {
+        match t.feed(part) {
+            Ok(n) => completed += n as u64,
+            Err(e) => {
+                assert_eq!(t.error(), Some(e));
+                assert_eq!(t.feed(b"\x81\x00"), Err(e), "the error sticks");
+                assert!(!t.at_frame_boundary());
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if result.is_ok() {
+        assert_eq!(completed, t.frames(), "feed counts add up to frames()");
+    }
+    Seen {
+        result,
+        frames: t.frames(),
+        messages: t.messages(),
+        frame_boundary: t.at_frame_boundary(),
+        message_boundary: t.at_message_boundary(),
+        close_seen: t.close_seen(),
+        close_code: t.close_code(),
+    }
+}
+
+/// Whole-input reference: frames delimited by `FrameHeader::parse` in a loop, payloads
+/// skipped by count, RFC 6455 §5 rules applied per header.
+pub fn reference_frames(dir: Direction, max: u64, input: &[u8]) -> Seen {
+    let mut seen = Seen {
+        result: Ok(()),
+        frames: 0,
+        messages: 0,
+        frame_boundary: true,
+        message_boundary: true,
+        close_seen: false,
+        close_code: None,
+    };
+    let mut fragmented = false;
+    let mut pos = 0usize;
+    let fail = |mut seen: Seen, e| {
+        seen.result = Err(e);
+        seen.frame_boundary = false;
+        seen.message_boundary = false;
+        seen
+    };
+    while pos < input.len() {
+        if seen.close_seen {
+            return fail(seen, FrameError::DataAfterClose);
+        }
+        let mut cursor = Cursor::new(&input[pos..]);
+        let (header, len) = match FrameHeader::parse(&mut cursor) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                seen.frame_boundary = false;
+                seen.message_boundary = false;
+                return seen;
+            }
+            Err(_) => return fail(seen, FrameError::ReservedOpcode),
+        };
+        let header_len = cursor.position() as usize;
+        let masked = header.mask.is_some();
+        if masked != (dir == Direction::ClientToServer) {
+            return fail(seen, FrameError::Masking);
+        }
+        let (is_data, ends_message, is_close) = match header.opcode {
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                return fail(seen, FrameError::ReservedOpcode)
+            }
+            OpCode::Control(c) => {
+                if len > 125 {
+                    return fail(seen, FrameError::ControlTooLong);
+                }
+                if !header.is_final {
+                    return fail(seen, FrameError::FragmentedControl);
+                }
+                (false, false, c == Control::Close)
+            }
+            OpCode::Data(Data::Continue) if !fragmented => {
+                return fail(seen, FrameError::UnexpectedContinuation)
+            }
+            OpCode::Data(Data::Continue) => (true, header.is_final, false),
+            OpCode::Data(_) if fragmented => return fail(seen, FrameError::ExpectedContinuation),
+            OpCode::Data(_) => (true, header.is_final, false),
+        };
+        if len >> 63 != 0 {
+            return fail(seen, FrameError::BadHeader);
+        }
+        if len > max {
+            return fail(seen, FrameError::TooLarge);
+        }
+        if is_data {
+            fragmented = !ends_message;
+        }
+        let body_start = pos + header_len;
+        let available = (input.len() - body_start) as u64;
+        let mask = header.mask.unwrap_or_default();
+        if is_close {
+            // The code is the first two unmasked payload bytes, once the frame completes.
+            let code: Vec<u8> = input[body_start..]
+                .iter()
+                .take(2)
+                .zip(mask)
+                .map(|(b, m)| b ^ m)
+                .collect();
+            if available >= len {
+                seen.close_seen = true;
+                seen.close_code = (len >= 2).then(|| u16::from_be_bytes([code[0], code[1]]));
+            }
+        }
+        if available < len {
+            seen.frame_boundary = false;
+            seen.message_boundary = false;
+            return seen;
+        }
+        seen.frames += 1;
+        if is_data && ends_message {
+            seen.messages += 1;
+        }
+        pos = body_start + len as usize;
+        seen.message_boundary = !fragmented;
+    }
+    seen.frame_boundary = true;
+    seen.message_boundary = !fragmented;
+    seen
+}
+
+const MAX_PAYLOADS: [u64; 8] = [0, 1, 125, 126, 65_535, 65_536, 1 << 20, u64::MAX];
+
+/// Frame-tracker target. Byte 0: bit 0 = server-to-client (unmasked), bits 1-3 = payload
+/// limit; byte 1: split offset selector; the rest is the stream of one direction.
+pub fn ws_frames(data: &[u8]) {
+    let [flags, sel, input @ ..] = data else {
+        return;
+    };
+    let dir = if flags & 1 == 0 {
+        Direction::ClientToServer
+    } else {
+        Direction::ServerToClient
+    };
+    let max = MAX_PAYLOADS[usize::from((flags >> 1) & 7)];
+    let whole = track(dir, max, &[input]);
+    let split = (usize::from(*sel) * input.len() / 255).min(input.len());
+    let (a, b) = input.split_at(split);
+    assert_eq!(track(dir, max, &[a, b]), whole, "split at {split}");
+    if input.len() <= 2048 {
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(track(dir, max, &bytes), whole, "byte by byte");
+    }
+    assert_eq!(
+        reference_frames(dir, max, input),
+        whole,
+        "differential vs tungstenite"
+    );
+
+    // The balancer's own frames: what it encodes tungstenite reads back, and a tracker
+    // accepts it whole.
+    let opcode = [0x1, 0x2, 0x8, 0x9, 0xa][usize::from(*sel) % 5];
+    let len = u64::from_le_bytes(std::array::from_fn(|i| input.get(i).copied().unwrap_or(0)))
+        >> (flags >> 2);
+    let mut out = [0u8; 14];
+    let n = encode_header(opcode, len, &mut out);
+    let mut cursor = Cursor::new(&out[..n]);
+    let (h, parsed) = FrameHeader::parse(&mut cursor)
+        .ok()
+        .flatten()
+        .expect("own header");
+    assert_eq!(
+        (u8::from(h.opcode), parsed, cursor.position()),
+        (opcode, len, n as u64)
+    );
+    assert!(h.is_final && h.mask.is_none() && !h.rsv1 && !h.rsv2 && !h.rsv3);
+    let code = u16::from_be_bytes([*flags, *sel]);
+    let mask = (flags & 1 == 0).then_some([*sel, *flags, 0x5a, 0xa5]);
+    let mut close = [0u8; 8];
+    let n = encode_close(code, mask, &mut close);
+    let close_dir = if mask.is_some() {
+        Direction::ClientToServer
+    } else {
+        Direction::ServerToClient
+    };
+    let seen = track(close_dir, 125, &[&close[..n]]);
+    assert_eq!((seen.result, seen.close_code), (Ok(()), Some(code)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Flag values.
+// ---------------------------------------------------------------------------------------
+
+/// A duration in the coarsest unit that states it exactly (parse_duration only yields whole
+/// milliseconds).
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn format_size(n: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// Long flags whose values `parse_args` reads without the network. `--listen`, `--backend`
+/// and `--control` resolve host names, so the target never passes them (an allowlist: a
+/// flag added later stays out until it is known to be offline).
+const OFFLINE_FLAGS: &[&str] = &[
+    "algorithm",
+    "protocols",
+    "header-timeout",
+    "connect-timeout",
+    "idle-timeout",
+    "drain-timeout",
+    "heartbeat",
+    "ws-idle-timeout",
+    "max-connections",
+    "max-connections-per-ip",
+    "max-frame-size",
+    "max-memory",
+    "throttle",
+    "allowed-origin",
+    "token",
+    "on-backend-lost",
+    "log-format",
+    "quiet",
+    "verbose",
+    "help",
+    "version",
+];
+
+/// Short flags that never resolve anything (`-a` takes a value).
+const OFFLINE_SHORT: &str = "aqvhV";
+
+fn offline_arg(a: &str) -> bool {
+    if a == "--" {
+        true
+    } else if let Some(long) = a.strip_prefix("--") {
+        let name = long.split_once('=').map_or(long, |(n, _)| n);
+        OFFLINE_FLAGS.contains(&name)
+    } else if let Some(short) = a.strip_prefix('-') {
+        // After `-a` the rest of the group is its value.
+        let flags = short.split_once('a').map_or(short, |(f, _)| f);
+        flags.chars().all(|c| OFFLINE_SHORT.contains(c))
+    } else {
+        true
+    }
+}
+
+/// The fields a command line printed back from a [`wslb::Config`] must reproduce.
+fn settings(c: &wslb::Config) -> String {
+    format!(
+        "{:?} ws={} http={} {:?} {:?} {:?} {:?} {} {} {:?} {}",
+        c.algorithm,
+        c.websocket,
+        c.http,
+        c.header_timeout,
+        c.connect_timeout,
+        c.idle_timeout,
+        c.drain_timeout,
+        c.max_connections,
+        c.max_frame_size,
+        c.log_format,
+        c.verbosity
+    )
+}
+
+/// Flag-value target: the input (as UTF-8, lossily) is given to each value parser whole;
+/// split on NUL it is a command line for `parse_args`.
+pub fn config_values(data: &[u8]) {
+    let s = String::from_utf8_lossy(data);
+    let s = s.as_ref();
+
+    // Durations: positive, whitespace-insensitive, and printing one back reads the same.
+    match parse_duration(s) {
+        Ok(d) => {
+            assert!(!d.is_zero());
+            assert_eq!(d.subsec_nanos() % 1_000_000, 0);
+            let again = format_duration(d);
+            assert_eq!(parse_duration(&again), Ok(d), "{again}");
+            assert_eq!(parse_duration(&format!(" {again}\t")), Ok(d));
+        }
+        Err(why) => assert!(!why.is_empty()),
+    }
+    assert_eq!(parse_duration(s.trim()), parse_duration(s));
+
+    // Sizes: positive, unit case-insensitive, round trip.
+    match parse_size(s) {
+        Ok(n) => {
+            assert!(n > 0);
+            let again = format_size(n);
+            assert_eq!(parse_size(&again), Ok(n), "{again}");
+            assert_eq!(parse_size(&again.to_ascii_lowercase()), Ok(n));
+        }
+        Err(why) => assert!(!why.is_empty()),
+    }
+    assert_eq!(parse_size(&s.to_ascii_uppercase()), parse_size(s));
+    assert_eq!(parse_size(&s.to_ascii_lowercase()), parse_size(s));
+
+    // Backend URLs: the authority is the text right after the scheme, ends in a port
+    // 1..=65535, and the same authority reads back from the same scheme with any path.
+    if let Ok(auth) = parse_backend_url(s) {
+        let (scheme, rest) = s.split_once("://").unwrap_or_else(|| panic!("{s:?}"));
+        assert!(rest.starts_with(auth), "{s:?}");
+        assert!(!auth.contains('/'));
+        let port = auth.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+        assert!(matches!(port, Some(Ok(1..))), "{s:?}");
+        for url in [
+            format!("{scheme}://{auth}"),
+            format!("{scheme}://{auth}/x/y?z"),
+        ] {
+            assert_eq!(parse_backend_url(&url), Ok(auth));
+        }
+    }
+
+    // Command lines: a refused value names the flag it was given with; a successful parse
+    // prints back to flags that parse to the same values.
+    let args: Vec<&str> = s.split('\0').filter(|a| offline_arg(a)).collect();
+    let cfg = match parse_args(&args) {
+        Ok(Command::Run(cfg)) => cfg,
+        Err(wslb::ConfigError::Value { flag, .. }) => {
+            if let [only, _value] = args.as_slice() {
+                if only.starts_with("--") && !only.contains('=') {
+                    assert_eq!(flag, *only, "{args:?}");
+                }
+            }
+            return;
+        }
+        _ => return,
+    };
+    for d in [
+        cfg.header_timeout,
+        cfg.connect_timeout,
+        cfg.idle_timeout,
+        cfg.drain_timeout,
+    ] {
+        assert!(!d.is_zero());
+    }
+    assert!(cfg.max_connections > 0 && cfg.max_frame_size > 0);
+    assert!(cfg.backends.is_empty());
+    let alg = format!("{:?}", cfg.algorithm);
+    let alg = match alg.as_str() {
+        "Fewest" => "fewest",
+        "Random" => "random",
+        "RoundRobin" => "round-robin",
+        "PowerOfTwo" => "p2c",
+        other => panic!("unknown algorithm {other}"),
+    };
+    let protocols = match (cfg.websocket, cfg.http) {
+        (true, true) => "ws,http",
+        (true, false) => "ws",
+        (false, true) => "http",
+        // Every listed protocol is one of the two and the list is never empty.
+        (false, false) => panic!("no protocol enabled: {args:?}"),
+    };
+    let mut printed: Vec<String> = vec![
+        "--algorithm".into(),
+        alg.into(),
+        "--protocols".into(),
+        protocols.into(),
+        "--header-timeout".into(),
+        format_duration(cfg.header_timeout),
+        "--connect-timeout".into(),
+        format_duration(cfg.connect_timeout),
+        "--idle-timeout".into(),
+        format_duration(cfg.idle_timeout),
+        "--drain-timeout".into(),
+        format_duration(cfg.drain_timeout),
+        "--max-connections".into(),
+        cfg.max_connections.to_string(),
+        "--max-frame-size".into(),
+        format_size(cfg.max_frame_size),
+        "--log-format".into(),
+        format!("{:?}", cfg.log_format).to_ascii_lowercase(),
+    ];
+    match cfg.verbosity {
+        0 => printed.push("-q".into()),
+        2 => printed.push("-v".into()),
+        _ => {}
+    }
+    let Ok(Command::Run(again)) = parse_args(&printed) else {
+        panic!("printed flags do not parse: {printed:?}");
+    };
+    assert_eq!(settings(&again), settings(&cfg), "{args:?} -> {printed:?}");
+}

@@ -34,6 +34,26 @@ pub enum ControlEvent {
     Drain,
     /// Leave the pool.
     Deregister,
+    /// An admin API request to answer with [`ControlConn::respond`].
+    Admin(Box<AdminRequest>),
+}
+
+/// Largest admin request body (a broadcast message).
+pub const MAX_ADMIN_BODY: usize = 1 << 20;
+
+/// An HTTP request to the admin API (status page, metrics, messaging).
+#[derive(Debug, PartialEq, Eq)]
+pub struct AdminRequest {
+    /// Method, e.g. `POST`.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// Query string without `?`.
+    pub query: String,
+    /// `Content-Type` value.
+    pub content_type: String,
+    /// Body (Content-Length only).
+    pub body: Vec<u8>,
 }
 
 /// Who may open control connections.
@@ -83,10 +103,17 @@ enum State {
         out: Outbox,
         leftover: Vec<u8>,
     },
-    /// Writing a refusal, then closing.
+    /// Writing a refusal or an admin answer, then closing.
     Refusing {
         out: Outbox,
     },
+    /// Reading an admin request's body.
+    AdminBody {
+        req: Box<AdminRequest>,
+        need: usize,
+    },
+    /// The server is computing the answer to an admin request.
+    AwaitingAnswer,
     Open(Box<WebSocket<Transport>>),
     /// Our close went out: FIN sent, reading and discarding until the peer hangs up, so the
     /// error message is not destroyed by a reset while the peer is still sending.
@@ -212,9 +239,39 @@ impl ControlConn {
                 }
                 ControlDrive::Continue
             }
+            State::AwaitingAnswer => ControlDrive::Continue,
             _ if now >= self.opened + header_timeout => ControlDrive::Done,
             _ => ControlDrive::Continue,
         }
+    }
+
+    /// Answers an admin request and closes after writing it.
+    pub fn respond(&mut self, status: u16, content_type: &str, body: &[u8]) {
+        let mut out = Outbox::default();
+        let head = out.head_vec();
+        let reason = match status {
+            200 => "OK",
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            409 => "Conflict",
+            _ => "Error",
+        };
+        head.extend_from_slice(
+            format!(
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        head.extend_from_slice(body);
+        self.ready.writable = true;
+        self.state = State::Refusing { out };
+    }
+
+    /// When the backend behind this connection was last heard from.
+    pub fn last_heard(&self) -> Instant {
+        self.last_heard
     }
 
     /// Sends a text message (an answer or a notice); failure closes the connection later.
@@ -293,8 +350,36 @@ impl ControlConn {
                     }
                     Io::Eof | Io::Failed => return Err(()),
                 }
-                (self.handshake(inbuf, auth)?, true)
+                (self.handshake(inbuf, auth, events)?, true)
             }
+            State::AdminBody { mut req, need } => {
+                let Some(stream) = self.stream.as_mut() else {
+                    return Err(());
+                };
+                let mut chunk = [0u8; 16 * 1024];
+                let want = (need - req.body.len()).min(chunk.len());
+                match crate::endpoint::read_some(
+                    stream,
+                    &mut self.ready,
+                    chunk.get_mut(..want).unwrap_or_default(),
+                ) {
+                    Io::Progress(n) => req
+                        .body
+                        .extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Io::WouldBlock => {
+                        self.state = State::AdminBody { req, need };
+                        return Ok(false);
+                    }
+                    Io::Eof | Io::Failed => return Err(()),
+                }
+                if req.body.len() >= need {
+                    events.push(ControlEvent::Admin(req));
+                    (State::AwaitingAnswer, true)
+                } else {
+                    (State::AdminBody { req, need }, true)
+                }
+            }
+            State::AwaitingAnswer => (State::AwaitingAnswer, false),
             State::Accepting { mut out, leftover } => {
                 let Some(stream) = self.stream.as_mut() else {
                     return Err(());
@@ -364,7 +449,12 @@ impl ControlConn {
         Ok(progress)
     }
 
-    fn handshake(&mut self, mut inbuf: Buffer, auth: &ControlAuth) -> Result<State, ()> {
+    fn handshake(
+        &mut self,
+        mut inbuf: Buffer,
+        auth: &ControlAuth,
+        events: &mut Vec<ControlEvent>,
+    ) -> Result<State, ()> {
         let mut storage = head::header_storage();
         let parsed = head::parse_request(inbuf.data(), &mut storage);
         let refuse = |status: u16| {
@@ -378,16 +468,47 @@ impl ControlConn {
             Ok(None) => return Ok(State::Handshake { inbuf }),
             Err(e) => return refuse(e.status()),
         };
-        let path = req.path.split('?').next().unwrap_or_default();
-        if path != "/register" {
-            return refuse(404);
-        }
-        if let Err(status) = auth.check(self.peer, header(req.headers, "authorization")) {
+        let (path, query) = req.path.split_once('?').unwrap_or((req.path, ""));
+        // Browsers cannot send a bearer header to the status page: `?token=` works too.
+        let query_token = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(|t| format!("Bearer {t}"));
+        let authorization =
+            header(req.headers, "authorization").or(query_token.as_deref().map(str::as_bytes));
+        if let Err(status) = auth.check(self.peer, authorization) {
             crate::log::error(
                 "control connection refused",
                 &[("peer", &self.peer), ("status", &status)],
             );
             return refuse(status);
+        }
+        if path != "/register" {
+            let need = match req.body {
+                crate::http::body::BodyKind::Empty => 0,
+                crate::http::body::BodyKind::Length(n) if n <= MAX_ADMIN_BODY as u64 => n as usize,
+                crate::http::body::BodyKind::Length(_) => return refuse(413),
+                _ => return refuse(411),
+            };
+            let mut admin = Box::new(AdminRequest {
+                method: req.method.to_string(),
+                path: path.to_string(),
+                query: query.to_string(),
+                content_type: header(req.headers, "content-type")
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default(),
+                body: Vec::with_capacity(need),
+            });
+            let rest = inbuf.data().get(req.head_len..).unwrap_or_default();
+            admin
+                .body
+                .extend_from_slice(rest.get(..need.min(rest.len())).unwrap_or_default());
+            inbuf.release();
+            if admin.body.len() >= need {
+                events.push(ControlEvent::Admin(admin));
+                return Ok(State::AwaitingAnswer);
+            }
+            return Ok(State::AdminBody { req: admin, need });
         }
         if !req.wants_websocket {
             return refuse(400);

@@ -292,7 +292,9 @@ pub fn parse_response<'h, 'b>(
     if has_bare_lf(buf.get(..head_len).unwrap_or_default()) {
         return Err(HeadError::Malformed(httparse::Error::NewLine));
     }
-    let (Some(code), Some(version)) = (resp.code, resp.version) else {
+    let (Some(code @ 100..), Some(version)) = (resp.code, resp.version) else {
+        // httparse takes any three digits; below 100 is no status (RFC 9110 §15), and would be
+        // relayed as a shorter number and taken for an interim answer.
         return Err(HeadError::Malformed(httparse::Error::Status));
     };
     let reason = resp.reason.unwrap_or("");
@@ -534,6 +536,24 @@ mod tests {
             .unwrap_err(),
             HeadError::ConflictingFraming
         );
+    }
+
+    #[test]
+    fn status_below_100_refused() {
+        // Fuzz find (http_response): "099" parsed as status 99, relayed as "HTTP/1.1 99".
+        for raw in [
+            &b"HTTP/1.1 099 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 000 X\r\n\r\n",
+        ] {
+            let mut st = header_storage();
+            assert_eq!(
+                parse_response(raw, &mut st, false).unwrap_err(),
+                HeadError::Malformed(httparse::Error::Status)
+            );
+        }
+        let mut st = header_storage();
+        let r = parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", &mut st, false);
+        assert_eq!(r.unwrap().unwrap().status, 100);
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub fn write_error(status: u16, close: bool, out: &mut Vec<u8>) {
         403 => ("Forbidden", "forbidden\n"),
         405 => ("Method Not Allowed", "method not allowed\n"),
         408 => ("Request Timeout", "request timeout\n"),
+        411 => ("Length Required", "length required\n"),
+        413 => ("Content Too Large", "content too large\n"),
         426 => ("Upgrade Required", "upgrade required\n"),
         429 => ("Too Many Requests", "too many requests\n"),
         431 => (

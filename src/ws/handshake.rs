@@ -87,7 +87,10 @@ pub fn validate_request(req: &Request<'_, '_>) -> Result<WsKey, HandshakeError> 
     // 16 bytes encode to 22 symbols + "==" (RFC 6455 §4.1 item 7).
     let key: [u8; 24] = key.try_into().map_err(|_| HandshakeError::BadKey)?;
     let (sym, pad) = key.split_at(22);
-    if !sym.iter().all(|&b| is_b64(b)) || pad != b"==" {
+    // The last symbol holds 2 data bits and 4 zero bits (RFC 4648 §3.5): any other is not
+    // 16 bytes to a strict decoder such as a tungstenite backend's, which would refuse it.
+    let canonical_end = sym.last().is_some_and(|b| b"AQgw".contains(b));
+    if !sym.iter().all(|&b| is_b64(b)) || !canonical_end || pad != b"==" {
         return Err(HandshakeError::BadKey);
     }
     if req.body != crate::http::body::BodyKind::Empty {
@@ -170,5 +173,18 @@ mod tests {
             assert_eq!(check(&raw), Err(err), "{raw}");
         }
         assert_eq!(HandshakeError::UnsupportedVersion.status(), 426);
+    }
+
+    #[test]
+    fn non_canonical_key_refused() {
+        // Fuzz find (ws_handshake): 'X' leaves non-zero padding bits, so a strict base64
+        // decoder (tungstenite's server) rejects the key the balancer had accepted.
+        let raw = GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZX==");
+        assert_eq!(check(&raw), Err(HandshakeError::BadKey));
+        for last in ['A', 'Q', 'g', 'w'] {
+            let key = format!("dGhlIHNhbXBsZSBub25jZ{last}==");
+            let raw = GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", &key);
+            assert!(check(&raw).is_ok(), "{key}");
+        }
     }
 }

@@ -1,0 +1,132 @@
+//! What the control listener serves besides `/register`: the status page and JSON views.
+//! Pure rendering from snapshots the server takes; routing and actions live in the server.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+/// One backend row.
+#[derive(Debug)]
+pub struct BackendRow {
+    /// Registry id.
+    pub id: usize,
+    /// URL or guid.
+    pub name: String,
+    /// Guid for registered backends.
+    pub guid: Option<String>,
+    /// ready / draining / gone.
+    pub state: &'static str,
+    /// Bindings (URLs).
+    pub bindings: Vec<String>,
+    /// Weight.
+    pub weight: u32,
+    /// Active connections.
+    pub active: u32,
+    /// Times selected.
+    pub selected: u64,
+    /// Seconds since the control connection was last heard from (registered only).
+    pub heard_secs_ago: Option<u64>,
+    /// In passive back-off after failed connects.
+    pub down: bool,
+    /// Tags.
+    pub tags: Vec<(String, String)>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// JSON for `GET /api/backends`.
+pub fn backends_json(rows: &[BackendRow]) -> Value {
+    Value::Array(
+        rows.iter()
+            .map(|b| {
+                json!({
+                    "id": b.id, "name": b.name, "guid": b.guid, "state": b.state,
+                    "bindings": b.bindings, "weight": b.weight, "active": b.active,
+                    "selected": b.selected, "last_heartbeat_secs_ago": b.heard_secs_ago,
+                    "down": b.down,
+                    "tags": b.tags.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                        .collect::<serde_json::Map<String, Value>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The self-refreshing HTML status page (no external assets).
+pub fn status_html(
+    rows: &[BackendRow],
+    clients: usize,
+    tunnels: usize,
+    uptime_secs: u64,
+    version: &str,
+) -> String {
+    let mut o = String::with_capacity(4096);
+    let _ = write!(
+        o,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
+<title>wslb status</title><style>body{{font:14px system-ui,sans-serif;margin:2em}}\
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}\
+.ready{{color:#070}}.draining{{color:#a60}}.gone{{color:#a00}}</style></head><body>\
+<h1>wslb {ver}</h1><p id=\"totals\">uptime {up}s · {clients} client connections · {tunnels} WebSockets · {n} backends</p>\
+<table id=\"backends\"><tr><th>state</th><th>name / guid</th><th>bindings</th><th>weight</th>\
+<th>active</th><th>selected</th><th>last heartbeat</th></tr>",
+        ver = esc(version),
+        up = uptime_secs,
+        n = rows.len(),
+    );
+    for b in rows {
+        let heard = b
+            .heard_secs_ago
+            .map_or("-".to_string(), |s| format!("{s}s ago"));
+        let state = if b.down && b.state == "ready" {
+            "ready (backing off)"
+        } else {
+            b.state
+        };
+        let _ = write!(
+            o,
+            "<tr class=\"{cls}\"><td>{state}</td><td>{name}</td><td>{bind}</td><td>{w}</td><td>{a}</td><td>{s}</td><td>{heard}</td></tr>",
+            cls = b.state,
+            name = esc(b.guid.as_deref().unwrap_or(&b.name)),
+            bind = esc(&b.bindings.join(" ")),
+            w = b.weight,
+            a = b.active,
+            s = b.selected,
+        );
+    }
+    o.push_str("</table></body></html>\n");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_escapes_and_lists() {
+        let rows = [BackendRow {
+            id: 0,
+            name: "g<1>".into(),
+            guid: Some("g<1>".into()),
+            state: "ready",
+            bindings: vec!["ws://127.0.0.1:1".into()],
+            weight: 2,
+            active: 3,
+            selected: 4,
+            heard_secs_ago: Some(1),
+            down: false,
+            tags: vec![("zone".into(), "a".into())],
+        }];
+        let html = status_html(&rows, 5, 1, 9, "0.1.0");
+        assert!(html.contains("g&lt;1&gt;") && !html.contains("g<1>"));
+        assert!(html.contains("http-equiv=\"refresh\""));
+        let j = backends_json(&rows);
+        assert_eq!(j[0]["tags"]["zone"], "a");
+        assert_eq!(j[0]["active"], 3);
+    }
+}

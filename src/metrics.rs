@@ -1,0 +1,258 @@
+//! Counters the loop keeps, and their Prometheus text exposition. Plain integers: the loop is
+//! single-threaded, so counting costs one add.
+
+use std::fmt::Write as _;
+
+/// Loop-wide counters.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Client connections accepted.
+    pub accepted: u64,
+    /// Client connections refused by a limit (429) .
+    pub rejected: u64,
+    /// WebSocket handshakes relayed (101 sent to the client).
+    pub ws_opened: u64,
+    /// WebSocket data messages client → backend.
+    pub ws_messages_up: u64,
+    /// WebSocket data messages backend → client.
+    pub ws_messages_down: u64,
+    /// WebSocket bytes client → backend.
+    pub ws_bytes_up: u64,
+    /// WebSocket bytes backend → client.
+    pub ws_bytes_down: u64,
+    /// Frames injected by the balancer (broadcast, send, ping, close).
+    pub ws_injected: u64,
+    /// HTTP responses by status class: index 0 = 1xx … 4 = 5xx.
+    pub http_responses: [u64; 5],
+    /// TLS handshakes that failed.
+    pub tls_handshake_failures: u64,
+    /// Control connections opened.
+    pub server_connected: u64,
+    /// Registrations accepted.
+    pub server_ready: u64,
+    /// Registered backends lost or deregistered.
+    pub server_disconnected: u64,
+}
+
+impl Stats {
+    /// Counts one HTTP response with `status`.
+    pub fn response(&mut self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        if let Some(n) = self.http_responses.get_mut(class) {
+            *n += 1;
+        }
+    }
+}
+
+/// One backend as the metrics see it.
+#[derive(Debug)]
+pub struct BackendSample<'a> {
+    /// Name (URL or guid).
+    pub name: &'a str,
+    /// Life-cycle state.
+    pub state: &'a str,
+    /// Active connections.
+    pub active: u32,
+    /// Times selected.
+    pub selected: u64,
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Renders the text exposition format (version 0.0.4).
+pub fn render(
+    s: &Stats,
+    active_clients: usize,
+    active_tunnels: usize,
+    uptime_secs: u64,
+    backends: &[BackendSample<'_>],
+) -> String {
+    let mut o = String::with_capacity(4096);
+    let counters: [(&str, &str, u64); 11] = [
+        (
+            "wslb_connections_accepted_total",
+            "Client connections accepted.",
+            s.accepted,
+        ),
+        (
+            "wslb_connections_rejected_total",
+            "Client connections refused by a limit.",
+            s.rejected,
+        ),
+        (
+            "wslb_websocket_opened_total",
+            "WebSocket handshakes relayed.",
+            s.ws_opened,
+        ),
+        (
+            "wslb_websocket_injected_frames_total",
+            "Frames sent by the balancer itself.",
+            s.ws_injected,
+        ),
+        (
+            "wslb_tls_handshake_failures_total",
+            "TLS handshakes that failed.",
+            s.tls_handshake_failures,
+        ),
+        (
+            "wslb_server_connected_total",
+            "Backend control connections opened.",
+            s.server_connected,
+        ),
+        (
+            "wslb_server_ready_total",
+            "Backend registrations accepted.",
+            s.server_ready,
+        ),
+        (
+            "wslb_server_disconnected_total",
+            "Registered backends lost.",
+            s.server_disconnected,
+        ),
+        (
+            "wslb_uptime_seconds_total",
+            "Seconds since start.",
+            uptime_secs,
+        ),
+        (
+            "wslb_websocket_messages_up_total",
+            "WebSocket messages client to backend.",
+            s.ws_messages_up,
+        ),
+        (
+            "wslb_websocket_messages_down_total",
+            "WebSocket messages backend to client.",
+            s.ws_messages_down,
+        ),
+    ];
+    for (name, help, v) in counters {
+        metric(&mut o, name, "counter", help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    metric(
+        &mut o,
+        "wslb_websocket_bytes_total",
+        "counter",
+        "WebSocket bytes relayed.",
+    );
+    let _ = writeln!(
+        o,
+        "wslb_websocket_bytes_total{{direction=\"up\"}} {}",
+        s.ws_bytes_up
+    );
+    let _ = writeln!(
+        o,
+        "wslb_websocket_bytes_total{{direction=\"down\"}} {}",
+        s.ws_bytes_down
+    );
+    metric(
+        &mut o,
+        "wslb_http_responses_total",
+        "counter",
+        "HTTP responses by status class.",
+    );
+    for (i, n) in s.http_responses.iter().enumerate() {
+        let _ = writeln!(o, "wslb_http_responses_total{{class=\"{}xx\"}} {n}", i + 1);
+    }
+    metric(
+        &mut o,
+        "wslb_connections_active",
+        "gauge",
+        "Client connections open.",
+    );
+    let _ = writeln!(o, "wslb_connections_active {active_clients}");
+    metric(
+        &mut o,
+        "wslb_websocket_active",
+        "gauge",
+        "WebSocket tunnels open.",
+    );
+    let _ = writeln!(o, "wslb_websocket_active {active_tunnels}");
+    metric(
+        &mut o,
+        "wslb_backend_active_connections",
+        "gauge",
+        "Active connections per backend.",
+    );
+    for b in backends {
+        let _ = writeln!(
+            o,
+            "wslb_backend_active_connections{{backend=\"{}\"}} {}",
+            escape_label(b.name),
+            b.active
+        );
+    }
+    metric(
+        &mut o,
+        "wslb_backend_selected_total",
+        "counter",
+        "Times each backend was chosen.",
+    );
+    for b in backends {
+        let _ = writeln!(
+            o,
+            "wslb_backend_selected_total{{backend=\"{}\"}} {}",
+            escape_label(b.name),
+            b.selected
+        );
+    }
+    metric(
+        &mut o,
+        "wslb_backend_state",
+        "gauge",
+        "1 for the state each backend is in.",
+    );
+    for b in backends {
+        for state in ["ready", "draining", "gone"] {
+            let v = u8::from(b.state == state);
+            let _ = writeln!(
+                o,
+                "wslb_backend_state{{backend=\"{}\",state=\"{state}\"}} {v}",
+                escape_label(b.name)
+            );
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_help_type_and_samples() {
+        let mut s = Stats::default();
+        s.response(204);
+        s.response(502);
+        s.response(99);
+        s.accepted = 3;
+        let b = [BackendSample {
+            name: "ws://a\"b",
+            state: "ready",
+            active: 2,
+            selected: 7,
+        }];
+        let text = render(&s, 1, 0, 5, &b);
+        assert!(text.contains("wslb_connections_accepted_total 3\n"));
+        assert!(text.contains("wslb_http_responses_total{class=\"2xx\"} 1\n"));
+        assert!(text.contains("wslb_http_responses_total{class=\"5xx\"} 1\n"));
+        assert!(text.contains("wslb_http_responses_total{class=\"1xx\"} 1\n"));
+        assert!(text.contains("backend=\"ws://a\\\"b\""));
+        assert!(text.contains("wslb_backend_state{backend=\"ws://a\\\"b\",state=\"ready\"} 1"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(
+                line.rsplit_once(' ')
+                    .is_some_and(|(_, v)| v.parse::<f64>().is_ok()),
+                "{line}"
+            );
+        }
+    }
+}
