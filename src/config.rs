@@ -80,6 +80,12 @@ pub struct Config {
     pub ws_ping: Option<Duration>,
     /// `--events FILE|-`: JSON lines of connection and backend events.
     pub events: Option<String>,
+    /// Sticky sessions mode (`None` = off).
+    pub sticky: Option<crate::sticky::StickyMode>,
+    /// HMAC secret for sticky cookies (`--sticky-secret` or env `WSLB_STICKY_SECRET`).
+    pub sticky_secret: Option<String>,
+    /// Lifetime of sticky cookies.
+    pub sticky_max_age: Duration,
     /// TLS proxy listeners.
     pub tls_listen: Vec<SocketAddr>,
     /// Certificate/key pairs, selected by SNI; the first is the default.
@@ -124,6 +130,9 @@ impl Default for Config {
             ws_idle_timeout: None,
             ws_ping: None,
             events: None,
+            sticky: None,
+            sticky_secret: None,
+            sticky_max_age: Duration::from_secs(24 * 3600),
             tls_listen: Vec::new(),
             certs: Vec::new(),
             backend_ca: None,
@@ -264,6 +273,24 @@ fn options() -> getopts::Options {
         "throttle",
         "bytes per second relayed per connection and direction, e.g. 64KiB [default: unlimited]",
         "SIZE",
+    );
+    o.optopt(
+        "",
+        "sticky",
+        "sticky sessions: cookie[:NAME] | ip | header:NAME [default: off]",
+        "MODE",
+    );
+    o.optopt(
+        "",
+        "sticky-secret",
+        "HMAC secret for sticky cookies, shared by all balancers (or env WSLB_STICKY_SECRET) [default: random per process]",
+        "SECRET",
+    );
+    o.optopt(
+        "",
+        "sticky-max-age",
+        "lifetime of sticky cookies [default: 24h]",
+        "DUR",
     );
     o.optopt(
         "",
@@ -505,6 +532,18 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         cfg.ws_ping = Some(parse_duration(&v).map_err(|why| bad("--ws-ping", &v, why))?);
     }
     cfg.events = m.opt_str("events");
+    if let Some(v) = m.opt_str("sticky") {
+        cfg.sticky = Some(crate::sticky::parse_mode(&v).map_err(|why| bad("--sticky", &v, why))?);
+    }
+    if let Some(v) = m.opt_str("sticky-secret") {
+        if v.len() < 16 {
+            return Err(bad("--sticky-secret", "", "use at least 16 characters"));
+        }
+        cfg.sticky_secret = Some(v);
+    }
+    if let Some(v) = m.opt_str("sticky-max-age") {
+        cfg.sticky_max_age = parse_duration(&v).map_err(|why| bad("--sticky-max-age", &v, why))?;
+    }
     if let Some(v) = m.opt_str("ws-idle-timeout") {
         cfg.ws_idle_timeout =
             Some(parse_duration(&v).map_err(|why| bad("--ws-idle-timeout", &v, why))?);

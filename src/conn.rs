@@ -89,6 +89,8 @@ pub struct Ctx<'a> {
     pub events: &'a mut EventSink,
     /// Library hooks, if any.
     pub hooks: Option<&'a mut (dyn Hooks + 'static)>,
+    /// Signs and checks sticky cookies (cookie mode only).
+    pub signer: Option<&'a crate::sticky::CookieSigner>,
 }
 
 /// Outcome of driving a connection.
@@ -145,6 +147,86 @@ struct Exchange {
     status: u16,
     /// `METHOD path`, kept only when events are on.
     request_line: Option<String>,
+    /// Sticky: the backend a valid cookie named, or a key to hash (ip / header modes).
+    sticky: Sticky,
+}
+
+/// What sticky sessions ask of the selection for one request.
+#[derive(Debug)]
+enum Sticky {
+    Off,
+    /// Cookie mode; `Some(id)` = a valid cookie named this backend.
+    Cookie(Option<String>),
+    /// Rendezvous key (client address or header value).
+    Key(Vec<u8>),
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What sticky sessions need from a request head.
+fn sticky_of(req: &head::Request<'_, '_>, peer: SocketAddr, ctx: &Ctx<'_>) -> Sticky {
+    use crate::sticky::{find_cookie, ip_key, StickyMode};
+    match &ctx.cfg.sticky {
+        None => Sticky::Off,
+        Some(StickyMode::Ip) => Sticky::Key(ip_key(peer.ip()).to_vec()),
+        Some(StickyMode::Header { name }) => match head::header(req.headers, name) {
+            Some(v) => Sticky::Key(v.to_vec()),
+            None => Sticky::Off,
+        },
+        Some(StickyMode::Cookie { name }) => {
+            let max_age = ctx.cfg.sticky_max_age.as_secs();
+            let now = unix_now();
+            // A tampered, expired or malformed cookie is simply not there.
+            let id = ctx.signer.and_then(|signer| {
+                req.headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+                    .filter_map(|h| find_cookie(h.value, name))
+                    .find_map(|v| signer.verify(v, now, max_age).map(|c| c.id.to_string()))
+            });
+            Sticky::Cookie(id)
+        }
+    }
+}
+
+/// Adds `Set-Cookie` to the head just written (which ends with the blank line) when the
+/// client's cookie does not already name the backend that answered.
+fn add_sticky_cookie(
+    head: &mut Vec<u8>,
+    sticky: &Sticky,
+    backend: Option<usize>,
+    tls: bool,
+    ctx: &Ctx<'_>,
+) {
+    let (
+        Sticky::Cookie(had),
+        Some(crate::sticky::StickyMode::Cookie { name }),
+        Some(signer),
+        Some(id),
+    ) = (
+        sticky,
+        &ctx.cfg.sticky,
+        ctx.signer,
+        backend.and_then(|b| ctx.backends.sticky_id(b)),
+    )
+    else {
+        return;
+    };
+    if had.as_deref() == Some(id) || !head.ends_with(b"\r\n\r\n") {
+        return;
+    }
+    let Some(value) = signer.issue(id, unix_now()) else {
+        return;
+    };
+    let line = crate::sticky::set_cookie_value(name, &value, tls, ctx.cfg.sticky_max_age.as_secs());
+    head.truncate(head.len() - 2);
+    head.extend_from_slice(b"Set-Cookie: ");
+    head.extend_from_slice(line.as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
 }
 
 /// After 101: frames relayed both ways, tracked header by header.
@@ -957,6 +1039,7 @@ impl Conn {
             started: ctx.now,
             status: 0,
             request_line,
+            sticky: sticky_of(&req, self.peer, ctx),
         };
         let head_len = req.head_len;
         let req_keep_alive = req.keep_alive && !ctx.draining;
@@ -1008,7 +1091,14 @@ impl Conn {
                         .and_then(|i| cands.get(i))
                         .map(|(id, _)| *id)
                 });
-                chosen.or_else(|| {
+                let sticky = match &ex.sticky {
+                    Sticky::Off => None,
+                    Sticky::Cookie(id) => id
+                        .as_deref()
+                        .and_then(|id| ctx.backends.find_sticky(id, &ex.failed, ctx.now)),
+                    Sticky::Key(key) => ctx.backends.pick_by_key(key, &ex.failed, ctx.now),
+                };
+                chosen.or(sticky).or_else(|| {
                     ctx.backends
                         .pick(ctx.cfg.algorithm, &ex.failed, ctx.now, ctx.rng)
                 })
@@ -1253,6 +1343,13 @@ impl Conn {
                             return Step::Progress;
                         }
                         rewrite::write_response(&resp, false, true, self.to_client.head_vec());
+                        add_sticky_cookie(
+                            self.to_client.head_vec(),
+                            &ex.sticky,
+                            Some(leg.backend),
+                            self.client.is_tls(),
+                            ctx,
+                        );
                         let n = resp.head_len;
                         leg.from_backend.consume(n);
                         return self.open_tunnel(ctx);
@@ -1285,6 +1382,13 @@ impl Conn {
                             self.to_client.head_vec(),
                         ),
                     }
+                    add_sticky_cookie(
+                        self.to_client.head_vec(),
+                        &ex.sticky,
+                        Some(leg.backend),
+                        self.client.is_tls(),
+                        ctx,
+                    );
                     let n = resp.head_len;
                     ex.resp = Resp::Body(BodyReader::new(resp.body));
                     leg.from_backend.consume(n);

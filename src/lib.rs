@@ -36,4 +36,4 @@ mod transport;
 pub mod ws;
 
 pub use config::{Config, ConfigError};
-pub use server::{run, Error, Server, ServerHandle};
+pub use server::{run, Error, Outgoing, Server, ServerHandle, Target};

@@ -22,6 +22,11 @@ fn main() -> ExitCode {
             if cfg.token.is_none() {
                 cfg.token = std::env::var("WSLB_TOKEN").ok().filter(|t| !t.is_empty());
             }
+            if cfg.sticky_secret.is_none() {
+                cfg.sticky_secret = std::env::var("WSLB_STICKY_SECRET")
+                    .ok()
+                    .filter(|t| !t.is_empty());
+            }
             run(*cfg)
         }
         Err(e) => {

@@ -67,6 +67,9 @@ pub struct Backend {
     pub name: String,
     /// Registered (not `-B`) backends have a guid.
     pub guid: Option<String>,
+    /// Id used by sticky sessions: the guid, or a hash of the `-B` URL (same on every
+    /// balancer given the same flags).
+    pub sticky_id: String,
     /// URLs as given or announced.
     pub bindings: Vec<String>,
     /// Where to connect, same order as `bindings`.
@@ -233,6 +236,53 @@ impl Registry {
             .collect()
     }
 
+    /// The eligible backend whose sticky id is `sticky_id`, unless excluded or backing off.
+    pub fn find_sticky(&self, sticky_id: &str, exclude: &[usize], now: Instant) -> Option<usize> {
+        self.backends
+            .iter()
+            .find(|(id, b)| {
+                b.sticky_id == sticky_id
+                    && b.eligible()
+                    && !exclude.contains(id)
+                    && !b.down_until.is_some_and(|t| t > now)
+            })
+            .map(|(id, _)| id)
+    }
+
+    /// Sticky id of a backend.
+    pub fn sticky_id(&self, id: usize) -> Option<&str> {
+        self.backends.get(id).map(|b| b.sticky_id.as_str())
+    }
+
+    /// Rendezvous hashing of `key` over eligible backends (healthy ones first), so that a
+    /// backend leaving remaps only the keys it held.
+    pub fn pick_by_key(&mut self, key: &[u8], exclude: &[usize], now: Instant) -> Option<usize> {
+        for allow_down in [false, true] {
+            let cands: Vec<(usize, &Backend)> = self
+                .backends
+                .iter()
+                .filter(|(id, b)| {
+                    b.eligible()
+                        && !exclude.contains(id)
+                        && (allow_down || !b.down_until.is_some_and(|t| t > now))
+                })
+                .collect();
+            let pick = crate::sticky::rendezvous_pick(
+                key,
+                cands.iter().map(|(_, b)| (b.sticky_id.as_str(), b.weight)),
+            )
+            .and_then(|i| cands.get(i))
+            .map(|(id, _)| *id);
+            if let Some(id) = pick {
+                if let Some(b) = self.backends.get_mut(id) {
+                    b.selected += 1;
+                }
+                return Some(id);
+            }
+        }
+        None
+    }
+
     /// Has at least one backend that could take a client (else the answer is 503).
     pub fn any_eligible(&self) -> bool {
         self.backends.iter().any(|(_, b)| b.eligible())
@@ -390,6 +440,9 @@ impl Backend {
         weight: u32,
     ) -> Self {
         Backend {
+            sticky_id: guid
+                .clone()
+                .unwrap_or_else(|| crate::sticky::static_backend_id(&name)),
             name,
             guid,
             tls_names: bindings.iter().map(|u| tls_name(u)).collect(),

@@ -131,6 +131,7 @@ pub struct Server {
     stats: Stats,
     events: EventSink,
     hooks: Option<Box<dyn Hooks>>,
+    signer: Option<crate::sticky::CookieSigner>,
     started: Instant,
     commands: (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     /// Proxy listeners; `true` = TLS.
@@ -278,6 +279,22 @@ impl Server {
                 why: format!("cannot open --events file: {e}"),
             })
         })?;
+        let signer = match (&cfg.sticky, &cfg.sticky_secret) {
+            (Some(crate::sticky::StickyMode::Cookie { .. }), Some(secret)) => {
+                Some(crate::sticky::CookieSigner::new(secret.as_bytes()))
+            }
+            (Some(crate::sticky::StickyMode::Cookie { .. }), None) => {
+                log::error(
+                    "--sticky cookie without --sticky-secret: using a random secret; several balancers need one shared secret",
+                    &[],
+                );
+                Some(
+                    crate::sticky::CookieSigner::random()
+                        .map_err(|e| io::Error::other(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -293,6 +310,7 @@ impl Server {
             stats: Stats::default(),
             events,
             hooks: None,
+            signer,
             started: Instant::now(),
             commands: mpsc::channel(),
             listeners,
@@ -481,6 +499,7 @@ impl Server {
             stats: &mut self.stats,
             events: &mut self.events,
             hooks: self.hooks.as_deref_mut(),
+            signer: self.signer.as_ref(),
         };
         match f(conn, &mut ctx) {
             Drive::Continue => {}
@@ -710,6 +729,7 @@ impl Server {
                 stats: &mut self.stats,
                 events: &mut self.events,
                 hooks: self.hooks.as_deref_mut(),
+                signer: self.signer.as_ref(),
             };
             conn.teardown(&mut ctx);
             if conn.counts_for_ip {
