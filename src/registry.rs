@@ -244,7 +244,7 @@ impl Registry {
                 b.sticky_id == sticky_id
                     && b.eligible()
                     && !exclude.contains(id)
-                    && !b.down_until.is_some_and(|t| t > now)
+                    && b.down_until.is_none_or(|t| t <= now)
             })
             .map(|(id, _)| id)
     }
@@ -264,7 +264,7 @@ impl Registry {
                 .filter(|(id, b)| {
                     b.eligible()
                         && !exclude.contains(id)
-                        && (allow_down || !b.down_until.is_some_and(|t| t > now))
+                        && (allow_down || b.down_until.is_none_or(|t| t <= now))
                 })
                 .collect();
             let pick = crate::sticky::rendezvous_pick(
