@@ -2,8 +2,9 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_CI_SECONDS ?= 20
+APT ?= $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: all build run test test-unit fmt fmt-check clippy fuzz fuzz-ci bench clean
+.PHONY: all build run test test-deps test-unit fmt fmt-check clippy fuzz fuzz-ci bench bench-deps bench-smoke clean
 
 all: build
 
@@ -13,11 +14,21 @@ build:
 run: build
 	bash scripts/demo.sh
 
-test: fmt-check clippy test-unit fuzz-ci
+test: test-deps fmt-check clippy test-unit bench-smoke fuzz-ci
 
-# Unit tests, integration tests (real sockets on 127.0.0.1), fuzz corpus replay. `cargo test`
-# also builds examples/echo_backend, which the integration tests start.
+# Real external clients the tests drive: curl, Python websockets + prometheus_client, and
+# headless Chromium for the status page. Installed only when missing.
+test-deps:
+	@command -v curl >/dev/null || ($(APT) update -qq && $(APT) install -y -qq curl)
+	@python3 -c 'import websockets, prometheus_client' 2>/dev/null || \
+		python3 -m pip install -q 'websockets>=14' prometheus_client
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		($(APT) update -qq && $(APT) install -y -qq chromium)
+
+# Unit tests, integration tests (real sockets on 127.0.0.1), fuzz corpus replay. Building
+# all targets first makes examples/echo_backend, which the integration tests start.
 test-unit:
+	$(CARGO) build --all-targets
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 
@@ -35,6 +46,16 @@ fuzz:
 
 fuzz-ci:
 	bash fuzz/run.sh $(FUZZ_CI_SECONDS)
+
+bench-deps:
+	@command -v haproxy >/dev/null && command -v nginx >/dev/null && command -v wrk >/dev/null || \
+		($(APT) update -qq && $(APT) install -y -qq haproxy nginx-light wrk)
+
+bench: build
+	bash bench/run.sh
+
+bench-smoke:
+	bash bench/smoke.sh
 
 clean:
 	$(CARGO) clean
