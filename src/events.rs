@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 /// Where events go.
 #[derive(Default)]
 pub struct EventSink {
-    out: Option<Box<dyn Write>>,
+    out: Option<Box<dyn Write + Send>>,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -26,7 +26,7 @@ impl std::fmt::Debug for EventSink {
 impl EventSink {
     /// `-` = stdout, otherwise a file opened for appending; `None` = off.
     pub fn open(spec: Option<&str>) -> io::Result<Self> {
-        let out: Option<Box<dyn Write>> = match spec {
+        let out: Option<Box<dyn Write + Send>> = match spec {
             None => None,
             Some("-") => Some(Box::new(LineWriter::new(io::stdout()))),
             Some(path) => Some(Box::new(LineWriter::new(
