@@ -5,8 +5,10 @@
 //! Every HTTP response carries `X-Backend: NAME`. Routes: `/` (and unknown paths), `POST /echo`,
 //! `/chunked?n=&size=`, `/sse?n=&interval_ms=`, `/close`, `/big?bytes=`, `/slow?ms=`,
 //! `/status?code=`, `/headers` (the request headers as the body), `/stats` (open WebSockets and
-//! `/slow` requests in progress). WebSocket: echo; `whoami` → NAME; `close-me` → the
-//! TCP connection is dropped without a close frame.
+//! `/slow` requests in progress, pongs received). WebSocket: echo; `whoami` → NAME; `close-me` →
+//! the TCP connection is dropped without a close frame; `frags N` → N text messages
+//! `fragment-message-<i>`, each sent as 3 fragments with 1 ms between fragments (so frames
+//! injected by a balancer have every chance to land mid-message if it were wrong).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -20,6 +22,12 @@ use tungstenite::{Message, WebSocket};
 /// WebSocket connections open and `/slow` requests in progress (reported by `GET /stats`).
 static WS_ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static SLOW_ACTIVE: AtomicUsize = AtomicUsize::new(0);
+/// Pong frames received (`pongs`), and those whose payload starts with `wslb`, the prefix of
+/// the balancer's own pings (`wslb_pongs`): the balancer must consume those itself.
+static PONGS: AtomicUsize = AtomicUsize::new(0);
+static WSLB_PONGS: AtomicUsize = AtomicUsize::new(0);
+/// Pause between the fragments of a `frags N` message.
+const FRAGMENT_PAUSE: Duration = Duration::from_millis(1);
 const MAX_HEAD: usize = 1 << 20;
 const BIG_WRITE: usize = 64 * 1024;
 
@@ -359,7 +367,13 @@ fn respond(
                 WS_ACTIVE.load(Ordering::SeqCst),
                 SLOW_ACTIVE.load(Ordering::SeqCst),
             );
-            let stats = format!("ws_active {ws}\nslow_active {slow}\n");
+            let (pongs, wslb_pongs) = (
+                PONGS.load(Ordering::SeqCst),
+                WSLB_PONGS.load(Ordering::SeqCst),
+            );
+            let stats = format!(
+                "ws_active {ws}\nslow_active {slow}\npongs {pongs}\nwslb_pongs {wslb_pongs}\n"
+            );
             simple(s, 200, name, keep, &[text], stats.as_bytes())?;
         }
         path => {
@@ -421,7 +435,17 @@ fn ws_echo(ws: &mut WebSocket<TcpStream>, name: &str) -> tungstenite::Result<()>
                 // Abrupt loss: no close frame, just the TCP connection going away.
                 return Ok(ws.get_ref().shutdown(Shutdown::Both)?);
             }
+            Ok(Message::Text(t)) if t.as_str().starts_with("frags ") => {
+                let n = t.as_str()["frags ".len()..].trim().parse().unwrap_or(0);
+                send_fragmented(ws, n)?;
+            }
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => ws.send(msg)?,
+            Ok(Message::Pong(payload)) => {
+                PONGS.fetch_add(1, Ordering::SeqCst);
+                if payload.starts_with(b"wslb") {
+                    WSLB_PONGS.fetch_add(1, Ordering::SeqCst);
+                }
+            }
             Ok(_) => {} // tungstenite answers pings and close frames itself
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 return Ok(())
@@ -429,6 +453,29 @@ fn ws_echo(ws: &mut WebSocket<TcpStream>, name: &str) -> tungstenite::Result<()>
             Err(e) => return Err(e),
         }
     }
+}
+
+/// `frags N`: N text messages `fragment-message-<i>`, each as 3 frames (text, continuation,
+/// final continuation), flushed one by one with a pause after each.
+fn send_fragmented(ws: &mut WebSocket<TcpStream>, n: usize) -> tungstenite::Result<()> {
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tungstenite::protocol::frame::Frame;
+    for i in 0..n {
+        let text = format!("fragment-message-{i}");
+        let (a, rest) = text.split_at(text.len() / 3);
+        let (b, c) = rest.split_at(rest.len() / 2);
+        let parts = [
+            (a, OpCode::Data(Data::Text), false),
+            (b, OpCode::Data(Data::Continue), false),
+            (c, OpCode::Data(Data::Continue), true),
+        ];
+        for (part, opcode, fin) in parts {
+            let frame = Frame::message(part.as_bytes().to_vec(), opcode, fin);
+            ws.send(Message::Frame(frame))?;
+            thread::sleep(FRAGMENT_PAUSE);
+        }
+    }
+    Ok(())
 }
 
 /// The page `make run` points a browser at: each button press opens a WebSocket through the
