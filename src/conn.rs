@@ -319,6 +319,8 @@ pub struct Conn {
     close_code: Option<u16>,
     /// The backend of the latest pairing, for events after the leg is gone.
     paired_backend: Option<usize>,
+    /// Its name, kept only when events are on.
+    paired_name: Option<String>,
 }
 
 enum Step {
@@ -362,6 +364,7 @@ impl Conn {
             bytes_down: 0,
             close_code: None,
             paired_backend: None,
+            paired_name: None,
         }
     }
 
@@ -430,7 +433,7 @@ impl Conn {
         vec![
             ("client", json!(self.id)),
             ("peer", json!(self.peer.to_string())),
-            ("backend", json!(self.paired_backend)),
+            ("backend", json!(self.paired_name)),
             ("close_code", json!(close)),
             ("bytes_up", json!(self.bytes_up)),
             ("bytes_down", json!(self.bytes_down)),
@@ -444,6 +447,19 @@ impl Conn {
     /// An open WebSocket tunnel.
     pub fn is_websocket(&self) -> bool {
         matches!(self.phase, Phase::Tunnel(_))
+    }
+
+    /// Moves to `Closing`, keeping the WebSocket close code (either direction's, or the
+    /// one the balancer sends) for the disconnect event.
+    fn enter_closing(&mut self, now: Instant) {
+        if let Phase::Tunnel(t) = &self.phase {
+            self.close_code = self
+                .close_code
+                .or(t.down.close_code())
+                .or(t.up.close_code())
+                .or(t.pending_close);
+        }
+        self.phase = Phase::Closing { since: now };
     }
 
     /// Client address.
@@ -915,7 +931,7 @@ impl Conn {
             if ex.answered {
                 // Part of a response already went out: the only honest signal left is a close.
                 self.to_client.buf.release();
-                self.phase = Phase::Closing { since: ctx.now };
+                self.enter_closing(ctx.now);
                 return;
             }
         }
@@ -933,13 +949,13 @@ impl Conn {
                     ("client", json!(self.id)),
                     ("peer", json!(self.peer.to_string())),
                     ("status", json!(status)),
-                    ("backend", json!(self.paired_backend)),
+                    ("backend", json!(self.paired_name)),
                     ("by", json!("balancer")),
                 ],
             );
         }
         self.from_client.release();
-        self.phase = Phase::Closing { since: ctx.now };
+        self.enter_closing(ctx.now);
     }
 
     fn process_head(&mut self, ctx: &mut Ctx<'_>) -> Step {
@@ -950,7 +966,7 @@ impl Conn {
         }
         if self.from_client.is_empty() {
             if self.c_eof {
-                self.phase = Phase::Closing { since: ctx.now };
+                self.enter_closing(ctx.now);
                 return Step::Progress;
             }
             return Step::Idle;
@@ -961,7 +977,7 @@ impl Conn {
             Ok(Some(req)) => req,
             Ok(None) => {
                 if self.c_eof {
-                    self.phase = Phase::Closing { since: ctx.now };
+                    self.enter_closing(ctx.now);
                     return Step::Progress;
                 }
                 if self.from_client.is_full() && self.from_client.len() < MAX_HEAD {
@@ -1148,6 +1164,7 @@ impl Conn {
         self.paired_backend = Some(id);
         if ctx.events.enabled() || ctx.hooks.is_some() {
             let name = ctx.backends.name(id).unwrap_or_default().to_string();
+            self.paired_name = Some(name.clone());
             ctx.events.emit(
                 "paired",
                 &[
@@ -1277,7 +1294,7 @@ impl Conn {
         if self.c_eof && !ex.req_body.is_done() {
             // The client gave up mid-body: nothing useful can follow.
             self.drop_leg(ctx, false);
-            self.phase = Phase::Closing { since: ctx.now };
+            self.enter_closing(ctx.now);
             return Step::Progress;
         }
         if self.c_eof {
@@ -1465,7 +1482,7 @@ impl Conn {
                 &[
                     ("client", json!(self.id)),
                     ("peer", json!(self.peer.to_string())),
-                    ("backend", json!(self.paired_backend)),
+                    ("backend", json!(self.paired_name)),
                     ("request", json!(ex.request_line)),
                     ("status", json!(ex.status)),
                     ("ms", json!(ms)),
@@ -1475,7 +1492,7 @@ impl Conn {
         let close = ex.close_after;
         self.drop_leg(ctx, reusable);
         if close {
-            self.phase = Phase::Closing { since: ctx.now };
+            self.enter_closing(ctx.now);
         } else {
             self.phase = Phase::Head;
             self.head_started = if self.from_client.is_empty() {
@@ -1506,11 +1523,11 @@ impl Conn {
             &[
                 ("client", json!(self.id)),
                 ("peer", json!(self.peer.to_string())),
-                ("backend", json!(self.paired_backend)),
+                ("backend", json!(self.paired_name)),
             ],
         );
         let Some(leg) = &mut self.leg else {
-            self.phase = Phase::Closing { since: ctx.now };
+            self.enter_closing(ctx.now);
             return Step::Progress;
         };
         // Bytes that arrived with the handshake belong to the frame streams.
@@ -1575,7 +1592,7 @@ impl Conn {
             if t.down.close_seen() {
                 // A close already went to the client; just finish.
                 t.pending_close = None;
-                self.phase = Phase::Closing { since: ctx.now };
+                self.enter_closing(ctx.now);
                 self.drop_leg(ctx, false);
                 return Step::Progress;
             }
@@ -1590,20 +1607,20 @@ impl Conn {
                     let _ = leg.to_backend.flush(&mut leg.stream, &mut leg.ready);
                 }
                 self.drop_leg(ctx, false);
-                self.phase = Phase::Closing { since: ctx.now };
+                self.enter_closing(ctx.now);
                 return Step::Progress;
             }
             if leg.eof {
                 // Mid-frame with no more bytes coming: a TCP close is all that is left.
                 self.drop_leg(ctx, false);
-                self.phase = Phase::Closing { since: ctx.now };
+                self.enter_closing(ctx.now);
                 return Step::Progress;
             }
         }
         if leg.eof && t.down.close_seen() && self.to_client.is_empty() {
             // Clean close handshake from the backend side: forward the FIN.
             self.drop_leg(ctx, false);
-            self.phase = Phase::Closing { since: ctx.now };
+            self.enter_closing(ctx.now);
             return Step::Progress;
         }
         Step::Idle
