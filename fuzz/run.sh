@@ -63,10 +63,12 @@ failed=()
 total_execs=0
 for t in $targets; do
     mkdir -p "artifacts/$t" "$work/$t"
-    corpora=("$work/$t" "corpus/$t")
-    if [ -d "regressions/$t" ]; then
-        corpora+=("regressions/$t")
-    fi
+    corpora=("$work/$t")
+    for dir in "corpus/$t" "regressions/$t"; do
+        if [ -d "$dir" ]; then
+            corpora+=("$dir")
+        fi
+    done
     flags=(
         "-max_total_time=$seconds"
         -timeout=10
