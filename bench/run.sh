@@ -76,7 +76,8 @@ fi
 [ "$HARD" = unlimited ] && HARD=65536
 NOFILE=$((HARD < 65536 ? HARD : 65536))
 ulimit -n "$NOFILE"
-MAX_HOLD=$(((NOFILE - 200) / 2))
+# Headroom: listeners, idle keep-alive pools to the backends (nginx keeps up to 128), logs.
+MAX_HOLD=$(((NOFILE - 600) / 2))
 if [ "$HOLD" -gt "$MAX_HOLD" ]; then
     log "open-file limit is $NOFILE (cannot raise it): holding $MAX_HOLD WebSockets, not $HOLD"
     HOLD=$MAX_HOLD
@@ -121,7 +122,7 @@ busy_pct() {
     a=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
     sleep 2
     b=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN {split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.0f", d > 0 ? 100 * (y[1] - x[1]) / d : 0}'
+    awk -v a="$a" -v b="$b" 'BEGIN {split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.0f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0)}'
 }
 BUSY_BEFORE=$(busy_pct)
 [ "$BUSY_BEFORE" -gt 10 ] && log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark: numbers will be noisy"
@@ -149,7 +150,7 @@ wait_port() {
     return 1
 }
 
-addr_of() { sed -n 's/.*listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' <<<"$1" | head -1; }
+addr_of() { sed -n 's/.*listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' <<<"$1" | sed -n 1p; }
 
 # Process ids making up a target (nginx: master + worker).
 pids_of() {
@@ -217,7 +218,7 @@ fi
 if want nginx; then
     port=$(free_port)
     mkdir -p "$WORK/nginx"
-    sed -e "s/@PORT@/$port/; s/@B1@/$B1/; s/@B2@/$B2/; s/@CONNS@/$((NOFILE - 100))/" \
+    sed -e "s/@PORT@/$port/; s/@B1@/$B1/; s/@B2@/$B2/; s/@CONNS@/$((NOFILE * 2))/" \
         -e "s/@NOFILE@/$NOFILE/; s#@DIR@#$WORK/nginx#g" \
         "$ROOT/bench/nginx.conf.in" >"$WORK/nginx/nginx.conf"
     "${PIN_PROXY[@]}" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
@@ -239,9 +240,9 @@ for t in "${PROXIES[@]}"; do RSS_START[$t]=$(rss_of "$t"); done
 
 # --- meta, sizes --------------------------------------------------------------------------
 json_str() { printf '"%s"' "$(sed 's/\\/\\\\/g; s/"/\\"/g' <<<"$1")"; }
-VERSIONS="wslb $("$WSLB" -V 2>&1 | head -1)"
-command -v "$HAPROXY" >/dev/null && VERSIONS+="; $("$HAPROXY" -v 2>&1 | head -1 | cut -d' ' -f1-3)"
-command -v "$NGINX" >/dev/null && VERSIONS+="; $("$NGINX" -v 2>&1 | head -1)"
+VERSIONS="wslb $("$WSLB" -V 2>&1 | sed -n 1p)"
+command -v "$HAPROXY" >/dev/null && VERSIONS+="; $("$HAPROXY" -v 2>&1 | sed -n 1p | cut -d' ' -f1-3)"
+command -v "$NGINX" >/dev/null && VERSIONS+="; $("$NGINX" -v 2>&1 | sed -n 1p)"
 echo "{\"kind\":\"meta\",\"cpus\":$NCPU,\"placement\":$(json_str "$PLACEMENT"),\"rounds\":$ROUNDS,\"secs\":$SECS,\"rate_secs\":$RATE_SECS,\"warmup\":$WARMUP,\"hold\":$HOLD,\"nofile\":$NOFILE,\"versions\":$(json_str "$VERSIONS"),\"date\":\"$(date -u +%FT%TZ)\",\"kernel\":\"$(uname -r)\",\"busy_before_pct\":$BUSY_BEFORE,\"loadavg_start\":\"$(cut -d' ' -f1-3 /proc/loadavg)\"}" >>"$RAW"
 
 # Size of an ELF file and of it plus the shared libraries it loads.

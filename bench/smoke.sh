@@ -37,7 +37,7 @@ wait_addr() { # FILE: the address after "listening on", within 10 s
     local i
     for ((i = 0; i < 200; i++)); do
         if grep -q "listening on" "$1" 2>/dev/null; then
-            sed -n 's/.*listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$1" | head -1
+            sed -n 's/.*listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$1" | sed -n 1p
             return 0
         fi
         sleep 0.05

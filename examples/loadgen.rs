@@ -7,7 +7,7 @@
 //! loadgen ws-echo --target ADDR [--conns 64] [--size 128] [--secs 10] [--warmup 0] [--path /ws]
 //! loadgen http    --target ADDR [--conns 64] [--secs 10] [--warmup 0] [--path /]
 //! loadgen ws-rate --target ADDR [--conns 8] [--secs 5] [--warmup 0]
-//! loadgen ws-hold --target ADDR [--n 10000] [--parallel 256]
+//! loadgen ws-hold --target ADDR [--n 10000] [--parallel 256] [--echo 1|0]
 //! loadgen free-ports [--n 1]
 //! loadgen report --in RAW.jsonl --json OUT.json --md OUT.md
 //! ```
@@ -16,7 +16,7 @@
 //! `p99_us`, `p999_us`, `max_us`, `errors` (with `error_kinds`). `ws-echo`: one op = one
 //! 128-byte (`--size`) binary message echoed. `http`: one keep-alive GET answered.
 //! `ws-rate`: connect + upgrade + one echo + close handshake, on a new TCP connection each
-//! time. `ws-hold`: opens `--n` WebSocket connections (each does one echo), prints a
+//! time. `ws-hold`: opens `--n` WebSocket connections (each does one echo unless `--echo 0`), prints a
 //! `"ready"` line, then holds them idle until stdin closes (or SIGTERM), and prints a final
 //! line with how many were lost meanwhile. An op still unanswered a second after the end of
 //! the run counts as a `stalled` error.
@@ -68,6 +68,8 @@ struct Cfg {
     path: String,
     threads: usize,
     parallel: usize,
+    /// ws-hold: one echo on each connection before holding it (`--echo 0`: upgrade only).
+    hold_echo: bool,
 }
 
 fn main() {
@@ -84,8 +86,8 @@ fn main() {
         opts.insert(name.to_string(), v);
     }
     let known = [
-        "target", "conns", "size", "secs", "warmup", "path", "threads", "n", "parallel", "in",
-        "json", "md",
+        "target", "conns", "size", "secs", "warmup", "path", "threads", "n", "parallel", "echo",
+        "in", "json", "md",
     ];
     if let Some(k) = opts.keys().find(|k| !known.contains(&k.as_str())) {
         usage(&format!("unknown option --{k}"));
@@ -148,6 +150,7 @@ fn main() {
         }),
         threads: (num("threads", 1.0) as usize).clamp(1, 64),
         parallel: (num("parallel", 256.0) as usize).max(1),
+        hold_echo: num("echo", 1.0) > 0.0,
     };
     let result = run(&cfg);
     println!("{result}");
@@ -157,7 +160,7 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "loadgen: {msg}\nusage: loadgen ws-echo|http|ws-rate|ws-hold|free-ports --target ADDR \
          [--conns N] [--size BYTES] [--secs S] [--warmup S] [--path P] [--threads N] [--n N] \
-         [--parallel N]"
+         [--parallel N] [--echo 0|1]"
     );
     process::exit(2)
 }
@@ -691,6 +694,10 @@ impl Worker {
                     c.rbuf.drain(..n);
                     let now = Instant::now();
                     match self.cfg.scenario {
+                        Scenario::WsHold if !self.cfg.hold_echo => {
+                            c.state = State::Held;
+                            self.in_flight -= 1;
+                        }
                         Scenario::WsRate | Scenario::WsHold => {
                             // one echo on the fresh connection
                             c.wbuf.extend_from_slice(&c.msg);
