@@ -120,6 +120,9 @@ impl Buffer {
 
     /// Appends as much of `bytes` as fits; returns how much did.
     pub fn push(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() {
+            return 0;
+        }
         let space = self.space();
         let n = space.len().min(bytes.len());
         if let (Some(dst), Some(src)) = (space.get_mut(..n), bytes.get(..n)) {

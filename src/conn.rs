@@ -1145,11 +1145,17 @@ impl Conn {
                     continue;
                 }
             };
-            if let Err(e) = ctx.poll.register(
-                stream.socket_mut(),
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            // A pooled socket is still registered (under the token of its last owner): one
+            // MOD moves it here. A new one is added.
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            let registered = if reused {
+                ctx.poll
+                    .reregister(stream.socket_mut(), token, interest)
+                    .or_else(|_| ctx.poll.register(stream.socket_mut(), token, interest))
+            } else {
+                ctx.poll.register(stream.socket_mut(), token, interest)
+            };
+            if let Err(e) = registered {
                 log::error("register failed", &[("error", &e)]);
                 break None;
             }
@@ -1191,6 +1197,7 @@ impl Conn {
             ready: Ready {
                 readable: reused,
                 writable: reused,
+                read_closed: false,
             },
             backend: id,
             addr,
@@ -1205,9 +1212,10 @@ impl Conn {
 
     /// Drops the backend leg; `reusable` returns its socket to the keep-alive pool.
     fn drop_leg(&mut self, ctx: &mut Ctx<'_>, reusable: bool) -> Option<Outbox> {
-        let mut leg = self.leg.take()?;
+        let leg = self.leg.take()?;
         ctx.backends.release(leg.backend);
-        let _ = ctx.poll.deregister(leg.stream.socket_mut());
+        // Not deregistered: a pooled socket is moved by `reregister` at checkout, and closing
+        // a socket removes it from epoll. Stray events for it are ignored like any other.
         if reusable {
             ctx.backends.checkin(leg.backend, leg.stream, ctx.now);
         }
@@ -1702,6 +1710,10 @@ fn read_tracked(
         let fresh = space.get(..n).unwrap_or_default();
         tracker.feed(fresh).map_err(|e| e.close_code())?;
         buf.commit(n);
+    }
+    if buf.is_empty() {
+        // An idle tunnel keeps no buffer.
+        buf.release();
     }
     Ok(io)
 }

@@ -26,6 +26,9 @@ pub struct Ready {
     pub readable: bool,
     /// A write may make progress.
     pub writable: bool,
+    /// The peer's FIN (or an error) was reported: reads must go on until they say so,
+    /// because no further edge will come.
+    pub read_closed: bool,
 }
 
 impl Ready {
@@ -34,6 +37,9 @@ impl Ready {
     pub fn absorb(&mut self, ev: &mio::event::Event) {
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             self.readable = true;
+        }
+        if ev.is_read_closed() || ev.is_error() {
+            self.read_closed = true;
         }
         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
             self.writable = true;
@@ -53,6 +59,10 @@ pub fn read_into(stream: &mut Transport, ready: &mut Ready, buf: &mut Buffer, ma
     let io = stream.read(ready, space.get_mut(..len).unwrap_or_default());
     if let Io::Progress(n) = io {
         buf.commit(n);
+    }
+    if buf.is_empty() {
+        // Nothing arrived: an idle connection keeps no buffer.
+        buf.release();
     }
     io
 }

@@ -19,6 +19,9 @@ use crate::transport::Transport;
 const POOL_PER_BACKEND: usize = 32;
 /// A pooled connection older than this is not trusted (backends commonly time out at 5-60 s).
 const POOL_MAX_AGE: Duration = Duration::from_secs(4);
+/// A pooled connection idle longer than this is checked with a `peek` before reuse; a
+/// younger one is used at once (a failure before any answer is retried on a new one).
+const POOL_PEEK_AFTER: Duration = Duration::from_secs(1);
 /// First back-off after a failed connect; doubles per consecutive failure.
 const DOWN_BASE: Duration = Duration::from_millis(500);
 /// Longest back-off.
@@ -391,6 +394,9 @@ impl Registry {
         while let Some((stream, since)) = b.idle.pop() {
             if now.duration_since(since) > POOL_MAX_AGE {
                 continue;
+            }
+            if now.duration_since(since) < POOL_PEEK_AFTER {
+                return Some(stream);
             }
             let mut probe = [0u8; 1];
             // WouldBlock = open and silent: the only state in which reuse is safe. EOF or

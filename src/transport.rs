@@ -90,7 +90,15 @@ impl Transport {
             Transport::Plain(s) => loop {
                 return match s.read(dst) {
                     Ok(0) => Io::Eof,
-                    Ok(n) => Io::Progress(n),
+                    Ok(n) => {
+                        // A short read emptied the socket: the next read would only say
+                        // WouldBlock, and new data brings a new edge. Not after a FIN was
+                        // reported, whose EOF must still be read.
+                        if n < dst.len() && !ready.read_closed {
+                            ready.readable = false;
+                        }
+                        Io::Progress(n)
+                    }
                     Err(e) => match kind_io(&e) {
                         None => continue,
                         Some(Io::WouldBlock) => {
@@ -145,7 +153,13 @@ impl Transport {
             Transport::Plain(s) => loop {
                 return match s.write(src) {
                     Ok(0) => Io::Failed,
-                    Ok(n) => Io::Progress(n),
+                    Ok(n) => {
+                        // A short write filled the socket buffer: wait for the next edge.
+                        if n < src.len() {
+                            ready.writable = false;
+                        }
+                        Io::Progress(n)
+                    }
                     Err(e) => match kind_io(&e) {
                         None => continue,
                         Some(Io::WouldBlock) => {
@@ -206,6 +220,7 @@ impl Read for Transport {
         let mut ready = Ready {
             readable: true,
             writable: true,
+            read_closed: true,
         };
         match Transport::read(self, &mut ready, buf) {
             Io::Progress(n) => Ok(n),
@@ -221,6 +236,7 @@ impl Write for Transport {
         let mut ready = Ready {
             readable: true,
             writable: true,
+            read_closed: true,
         };
         let r = match Transport::write(self, &mut ready, buf) {
             Io::Progress(n) => Ok(n),
@@ -235,6 +251,7 @@ impl Write for Transport {
         let mut ready = Ready {
             readable: true,
             writable: true,
+            read_closed: true,
         };
         match self.flush_tls(&mut ready) {
             Io::Failed => Err(io::ErrorKind::ConnectionReset.into()),
