@@ -16,7 +16,7 @@ use crate::log;
 use crate::transport::Transport;
 
 /// Idle keep-alive connections kept per backend.
-const POOL_PER_BACKEND: usize = 32;
+const POOL_PER_BACKEND: usize = 256;
 /// A pooled connection older than this is not trusted (backends commonly time out at 5-60 s).
 const POOL_MAX_AGE: Duration = Duration::from_secs(4);
 /// A pooled connection idle longer than this is checked with a `peek` before reuse; a

@@ -31,6 +31,30 @@ fn is_dropped(headers: &[httparse::Header<'_>], name: &str) -> bool {
     DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)) || named_by_connection(headers, name)
 }
 
+/// Decimal digits without an intermediate `String` (this runs for every request).
+fn put_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        if let Some(d) = digits.get_mut(i) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(digits.get(i..).unwrap_or_default());
+}
+
+fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{ip}");
+}
+
 fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -62,7 +86,7 @@ fn put_framing(out: &mut Vec<u8>, body: BodyKind, headers: &[httparse::Header<'_
     match body {
         BodyKind::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            put_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         BodyKind::Chunked | BodyKind::Empty | BodyKind::UntilClose => {}
@@ -111,7 +135,7 @@ pub fn write_request(
             out.extend_from_slice(b"X-Forwarded-For: ");
             out.extend_from_slice(h.value);
             out.extend_from_slice(b", ");
-            out.extend_from_slice(client.peer.to_string().as_bytes());
+            put_ip(out, client.peer);
             out.extend_from_slice(b"\r\n");
             xff_done = true;
             continue;
@@ -119,7 +143,9 @@ pub fn write_request(
         put_header(out, h.name, h.value);
     }
     if !xff_done {
-        put_header(out, "X-Forwarded-For", client.peer.to_string().as_bytes());
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        put_ip(out, client.peer);
+        out.extend_from_slice(b"\r\n");
     }
     put_header(
         out,
@@ -143,7 +169,7 @@ pub fn write_request(
 /// will close the client connection after this response); `websocket` is for a 101.
 pub fn write_response(resp: &Response<'_, '_>, close: bool, websocket: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(resp.status.to_string().as_bytes());
+    put_decimal(out, u64::from(resp.status));
     out.push(b' ');
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -308,6 +334,15 @@ mod tests {
                 .contains("Content-Length: 42"),
             "HEAD keeps it"
         );
+    }
+
+    #[test]
+    fn decimals() {
+        for n in [0u64, 7, 10, 1234567890, u64::MAX] {
+            let mut out = Vec::new();
+            put_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
     }
 
     #[test]
