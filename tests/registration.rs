@@ -304,3 +304,62 @@ fn on_backend_lost_close_closes_its_clients() {
         other => panic!("expected close 1001, got {other:?}"),
     }
 }
+
+/// `wslb agent` with a supervised echo backend, against the real balancer: registers,
+/// serves traffic, and comes back by itself after the balancer restarts on the same port.
+#[test]
+fn agent_reregisters_after_balancer_restart() {
+    let lb = Balancer::start(&["--control", "127.0.0.1:0", "--heartbeat", "300ms"], &[]);
+    let control = lb.control_addr();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let agent = std::process::Command::new(wslb_bin().unwrap())
+        .args([
+            "agent",
+            "--balancer",
+            &format!("ws://{control}/register"),
+            "--binding",
+            &format!("ws://127.0.0.1:{port}"),
+            "--guid",
+            "agent-e2e",
+            "--heartbeat",
+            "300ms",
+            "--",
+        ])
+        .arg(echo_backend_bin())
+        .args([
+            "--name",
+            "supervised",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .arg(self.0.id().to_string())
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    assert!(
+        wait_until(TIMEOUT, || who_answers(&lb).1.contains("supervised")),
+        "agent registered its backend"
+    );
+    let control_arg = control.to_string();
+    drop(lb); // the balancer goes away...
+    let lb2 = Balancer::start(&["--control", &control_arg, "--heartbeat", "300ms"], &[]);
+    assert!(
+        wait_until(TIMEOUT, || who_answers(&lb2).1.contains("supervised")),
+        "...and the agent re-registered with its replacement"
+    );
+    let mut ws = ws_connect(lb2.addr(), "/");
+    assert_eq!(whoami(&mut ws), "supervised");
+}
