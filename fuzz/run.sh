@@ -37,6 +37,11 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
+# The fuzzed code is built with the balancer's own dependency versions: fuzz/Cargo.lock is
+# the root Cargo.lock (not committed, so a build never dirties the tree); cargo adds the
+# fuzz-only crates (libfuzzer-sys) to it.
+cp ../Cargo.lock Cargo.lock
+
 export RUSTC_BOOTSTRAP=1
 sanitizer="${FUZZ_SANITIZER:-address}"
 build_start=$(date +%s)
