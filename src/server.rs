@@ -47,6 +47,26 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// After the drain timeout, how long closing tunnels get before the process exits anyway.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(3);
 
+/// What the loop lends a connection: every field but the slab, borrowed disjointly (a
+/// method could not, while the connection itself is borrowed from the slab).
+macro_rules! ctx {
+    ($s:ident) => {
+        Ctx {
+            cfg: &$s.cfg,
+            backend_tls: $s.backend_tls.as_ref(),
+            backends: &mut $s.backends,
+            poll: $s.poll.registry(),
+            rng: &mut $s.rng,
+            now: Instant::now(),
+            draining: $s.draining,
+            stats: &mut $s.stats,
+            events: &mut $s.events,
+            hooks: $s.hooks.as_deref_mut(),
+            signer: $s.signer.as_ref(),
+        }
+    };
+}
+
 /// Which WebSocket clients a broadcast reaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -488,19 +508,7 @@ impl Server {
         if conn.done {
             return;
         }
-        let mut ctx = Ctx {
-            cfg: &self.cfg,
-            backend_tls: self.backend_tls.as_ref(),
-            backends: &mut self.backends,
-            poll: self.poll.registry(),
-            rng: &mut self.rng,
-            now: Instant::now(),
-            draining: self.draining,
-            stats: &mut self.stats,
-            events: &mut self.events,
-            hooks: self.hooks.as_deref_mut(),
-            signer: self.signer.as_ref(),
-        };
+        let mut ctx = ctx!(self);
         match f(conn, &mut ctx) {
             Drive::Continue => {}
             Drive::Yield => self.yielded.push((key, conn.gen)),
@@ -718,19 +726,7 @@ impl Server {
             let Some(mut conn) = self.conns.try_remove(key) else {
                 continue;
             };
-            let mut ctx = Ctx {
-                cfg: &self.cfg,
-                backend_tls: self.backend_tls.as_ref(),
-                backends: &mut self.backends,
-                poll: self.poll.registry(),
-                rng: &mut self.rng,
-                now: Instant::now(),
-                draining: self.draining,
-                stats: &mut self.stats,
-                events: &mut self.events,
-                hooks: self.hooks.as_deref_mut(),
-                signer: self.signer.as_ref(),
-            };
+            let mut ctx = ctx!(self);
             conn.teardown(&mut ctx);
             if conn.counts_for_ip {
                 let ip = conn.peer().ip();

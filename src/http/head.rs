@@ -125,6 +125,23 @@ fn has_bare_lf(head: &[u8]) -> bool {
     false
 }
 
+/// The limits and line-ending rule shared by requests and responses: `Ok(None)` while the
+/// head is incomplete and under the size limit.
+fn complete_head(parsed: httparse::Result<usize>, buf: &[u8]) -> Result<Option<usize>, HeadError> {
+    let head_len = match parsed.map_err(map_httparse)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        httparse::Status::Partial => return Ok(None),
+    };
+    if head_len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    if has_bare_lf(buf.get(..head_len).unwrap_or_default()) {
+        return Err(HeadError::Malformed(httparse::Error::NewLine));
+    }
+    Ok(Some(head_len))
+}
+
 fn map_httparse(e: httparse::Error) -> HeadError {
     match e {
         httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
@@ -222,18 +239,9 @@ pub fn parse_request<'h, 'b>(
     storage: &'h mut HeaderStorage<'b>,
 ) -> Result<Option<Request<'h, 'b>>, HeadError> {
     let mut req = httparse::Request::new(storage);
-    let status = req.parse(buf).map_err(map_httparse)?;
-    let head_len = match status {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(head_len) = complete_head(req.parse(buf), buf)? else {
+        return Ok(None);
     };
-    if head_len > MAX_HEAD {
-        return Err(HeadError::TooLarge);
-    }
-    if has_bare_lf(buf.get(..head_len).unwrap_or_default()) {
-        return Err(HeadError::Malformed(httparse::Error::NewLine));
-    }
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed(httparse::Error::Token));
     };
@@ -280,18 +288,9 @@ pub fn parse_response<'h, 'b>(
     head_request: bool,
 ) -> Result<Option<Response<'h, 'b>>, HeadError> {
     let mut resp = httparse::Response::new(storage);
-    let status = resp.parse(buf).map_err(map_httparse)?;
-    let head_len = match status {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(head_len) = complete_head(resp.parse(buf), buf)? else {
+        return Ok(None);
     };
-    if head_len > MAX_HEAD {
-        return Err(HeadError::TooLarge);
-    }
-    if has_bare_lf(buf.get(..head_len).unwrap_or_default()) {
-        return Err(HeadError::Malformed(httparse::Error::NewLine));
-    }
     let (Some(code @ 100..), Some(version)) = (resp.code, resp.version) else {
         // httparse takes any three digits; below 100 is no status (RFC 9110 §15), and would be
         // relayed as a shorter number and taken for an interim answer.
