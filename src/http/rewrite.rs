@@ -27,8 +27,18 @@ fn named_by_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
         .any(|h| has_token(h.value, name))
 }
 
+/// Fields a request cannot be forwarded without: a `Connection` header naming them is
+/// ignored for them (found by fuzzing: `Connection: host` would strip the Host).
+fn is_protected(name: &str) -> bool {
+    name.eq_ignore_ascii_case("host")
+        || name
+            .get(..14)
+            .is_some_and(|p| p.eq_ignore_ascii_case("sec-websocket-"))
+}
+
 fn is_dropped(headers: &[httparse::Header<'_>], name: &str) -> bool {
-    DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)) || named_by_connection(headers, name)
+    DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
+        || (!is_protected(name) && named_by_connection(headers, name))
 }
 
 /// Decimal digits without an intermediate `String` (this runs for every request).
@@ -276,6 +286,19 @@ mod tests {
         let mut st = header_storage();
         let again = parse_request(out.as_bytes(), &mut st).unwrap().unwrap();
         assert_eq!(again.head_len, out.len());
+    }
+
+    #[test]
+    fn connection_cannot_strip_host_or_websocket_fields() {
+        let out = forward(
+            b"GET / HTTP/1.1\r\nHost: ex\r\nConnection: host, Upgrade, Sec-WebSocket-Key\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            true,
+        );
+        assert!(out.contains("\r\nHost: ex\r\n"), "{out}");
+        assert!(
+            out.contains("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
