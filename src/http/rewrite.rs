@@ -120,6 +120,8 @@ pub fn write_request(
     websocket: bool,
     out: &mut Vec<u8>,
 ) {
+    // One allocation: the forwarded head is the parsed one plus a few fields.
+    out.reserve(req.head_len + 192);
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
@@ -178,6 +180,7 @@ pub fn write_request(
 /// Writes the head relayed to the client. `close` adds `Connection: close` (the balancer
 /// will close the client connection after this response); `websocket` is for a 101.
 pub fn write_response(resp: &Response<'_, '_>, close: bool, websocket: bool, out: &mut Vec<u8>) {
+    out.reserve(resp.head_len + 96);
     out.extend_from_slice(b"HTTP/1.1 ");
     put_decimal(out, u64::from(resp.status));
     out.push(b' ');
