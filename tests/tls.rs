@@ -404,3 +404,52 @@ fn bad_certificate_files_exit_2_naming_the_file() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("garbage.pem"), "{err}");
 }
+
+#[test]
+fn control_listener_over_tls_and_secure_sticky_cookie() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("ctl", &["localhost"]);
+    let a = Backend::start("ctl-backend");
+    let mut args = tls_args(&cert, &key);
+    args.extend([
+        "--control",
+        "127.0.0.1:0",
+        "--control-tls",
+        "--sticky",
+        "cookie",
+    ]);
+    args.extend(["--sticky-secret", "0123456789abcdef0123"]);
+    let lb = Balancer::start(&args, &[]);
+    let cfg = pki.client_config();
+    // Plain WebSocket to the TLS control port fails; wss registers.
+    let control = lb.control_addr();
+    let stream = tls_connect(&cfg, control, "localhost").unwrap();
+    let (mut ws, _) = tungstenite::client::client(
+        format!("wss://localhost:{}/register", control.port()),
+        stream,
+    )
+    .unwrap();
+    ws.send(Message::text(format!(
+        r#"{{"type":"register","version":1,"guid":"tls-reg","bindings":["{}"]}}"#,
+        a.url()
+    )))
+    .unwrap();
+    let answer = loop {
+        match ws.read().unwrap() {
+            Message::Text(t) => break t.to_string(),
+            _ => continue, // the balancer's heartbeat pings
+        }
+    };
+    assert!(answer.contains("registered"), "{answer}");
+    // The status page is served over TLS too.
+    let page = https_get(&cfg, control, "localhost", "/api/backends").unwrap();
+    assert!(page.contains("tls-reg"), "{page}");
+    // A sticky cookie set on a TLS listener is Secure.
+    let resp = https_get(&cfg, lb.tls_addr(), "localhost", "/").unwrap();
+    let set_cookie = resp
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {resp}"));
+    assert!(set_cookie.contains("Secure"), "{set_cookie}");
+    assert!(resp.contains("backend ctl-backend"), "{resp}");
+}

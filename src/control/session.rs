@@ -332,6 +332,17 @@ impl ControlConn {
         auth: &ControlAuth,
         events: &mut Vec<ControlEvent>,
     ) -> Result<bool, ()> {
+        // TLS records rustls wants out (handshake, alerts) go first, whatever the state:
+        // before the WebSocket takes the stream, nothing else would write them.
+        if let Some(stream) = self.stream.as_mut() {
+            if stream.wants_write() && self.ready.writable {
+                match stream.flush_tls(&mut self.ready) {
+                    Io::Failed => return Err(()),
+                    Io::Progress(_) => return Ok(true),
+                    _ => {}
+                }
+            }
+        }
         let state = std::mem::replace(&mut self.state, State::Gone);
         let (next, progress) = match state {
             State::Handshake { mut inbuf } => {
@@ -345,8 +356,10 @@ impl ControlConn {
                 match read_into(stream, &mut self.ready, &mut inbuf, usize::MAX) {
                     Io::Progress(_) => {}
                     Io::WouldBlock => {
+                        // A TLS handshake message may now be owed: one more round sends it.
+                        let owed = stream.wants_write() && self.ready.writable;
                         self.state = State::Handshake { inbuf };
-                        return Ok(false);
+                        return Ok(owed);
                     }
                     Io::Eof | Io::Failed => return Err(()),
                 }
@@ -413,7 +426,13 @@ impl ControlConn {
                 };
                 match out.flush(stream, &mut self.ready) {
                     Io::Failed => return Err(()),
-                    _ if out.is_empty() => return Err(()),
+                    _ if out.is_empty() && !stream.wants_write() => {
+                        // Answer out: FIN (close_notify on TLS), then wait for the peer's
+                        // close so the answer is not destroyed by a reset.
+                        stream.shutdown_write(&mut self.ready);
+                        self.ready.readable = true;
+                        (State::Lingering { since: now }, true)
+                    }
                     _ => (State::Refusing { out }, false),
                 }
             }
@@ -446,7 +465,12 @@ impl ControlConn {
             State::Gone => return Err(()),
         };
         self.state = next;
-        Ok(progress)
+        // Reading may have produced TLS records to send (the handshake): another round.
+        let tls_owed = self
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.wants_write() && self.ready.writable);
+        Ok(progress || tls_owed)
     }
 
     fn handshake(
