@@ -80,6 +80,8 @@ pub struct Config {
     pub ws_ping: Option<Duration>,
     /// `--events FILE|-`: JSON lines of connection and backend events.
     pub events: Option<String>,
+    /// Reassemble client WebSocket messages for hooks and events (`client_message`).
+    pub inspect: bool,
     /// Sticky sessions mode (`None` = off).
     pub sticky: Option<crate::sticky::StickyMode>,
     /// HMAC secret for sticky cookies (`--sticky-secret` or env `WSLB_STICKY_SECRET`).
@@ -130,6 +132,7 @@ impl Default for Config {
             ws_idle_timeout: None,
             ws_ping: None,
             events: None,
+            inspect: false,
             sticky: None,
             sticky_secret: None,
             sticky_max_age: Duration::from_secs(24 * 3600),
@@ -273,6 +276,11 @@ fn options() -> getopts::Options {
         "throttle",
         "bytes per second relayed per connection and direction, e.g. 64KiB [default: unlimited]",
         "SIZE",
+    );
+    o.optflag(
+        "",
+        "inspect",
+        "reassemble client WebSocket messages for hooks and client_message events (costs a copy)",
     );
     o.optopt(
         "",
@@ -532,6 +540,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         cfg.ws_ping = Some(parse_duration(&v).map_err(|why| bad("--ws-ping", &v, why))?);
     }
     cfg.events = m.opt_str("events");
+    cfg.inspect = m.opt_present("inspect");
     if let Some(v) = m.opt_str("sticky") {
         cfg.sticky = Some(crate::sticky::parse_mode(&v).map_err(|why| bad("--sticky", &v, why))?);
     }

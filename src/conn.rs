@@ -244,6 +244,8 @@ struct Tunnel {
     /// A client frame being read exactly, to see whether it is a pong answering our ping.
     up_hold: Vec<u8>,
     next_ping: Option<Instant>,
+    /// `--inspect` reassembly of client messages.
+    inspect: Option<Inspect>,
 }
 
 /// Payload prefix of the balancer's own pings, so their pongs can be told from others.
@@ -691,9 +693,25 @@ impl Conn {
                                 &mut leg.to_backend.buf,
                                 &mut t.up,
                                 up_max,
+                                t.inspect.as_mut(),
                             )
                         };
                         ctx.stats.ws_messages_up += t.up.messages() - messages;
+                        if let Some(ins) = t.inspect.as_mut().filter(|i| !i.done.is_empty()) {
+                            for (opcode, msg) in ins.done.drain(..) {
+                                if let Some(h) = ctx.hooks.as_deref_mut() {
+                                    h.on_client_message(self.id, opcode == 1, &msg);
+                                }
+                                ctx.events.emit(
+                                    "client_message",
+                                    &[
+                                        ("client", json!(self.id)),
+                                        ("text", json!(opcode == 1)),
+                                        ("bytes", json!(msg.len())),
+                                    ],
+                                );
+                            }
+                        }
                         {
                             match io {
                                 Ok(Io::Progress(n)) => {
@@ -833,6 +851,7 @@ impl Conn {
                                 &mut self.to_client.buf,
                                 &mut t.down,
                                 max,
+                                None,
                             )
                         };
                         ctx.stats.ws_messages_down += t.down.messages() - messages;
@@ -1523,6 +1542,7 @@ impl Conn {
             pings_out: 0,
             up_hold: Vec::new(),
             next_ping: ctx.cfg.ws_ping.map(|i| ctx.now + i),
+            inspect: ctx.cfg.inspect.then(Inspect::default),
         };
         ctx.stats.ws_opened += 1;
         ctx.stats.response(101);
@@ -1540,8 +1560,8 @@ impl Conn {
         };
         // Bytes that arrived with the handshake belong to the frame streams.
         let early_up = self.from_client.data();
-        if let Err(e) = t.up.feed(early_up) {
-            t.pending_close = Some(e.close_code());
+        if let Err(code) = feed(&mut t.up, early_up, t.inspect.as_mut()) {
+            t.pending_close = Some(code);
         } else {
             leg.to_backend.buf.push(early_up);
         }
@@ -1701,6 +1721,7 @@ fn read_tracked(
     buf: &mut Buffer,
     tracker: &mut FrameTracker,
     max: usize,
+    inspect: Option<&mut Inspect>,
 ) -> Result<Io, u16> {
     let space = buf.space();
     let len = space.len().min(max);
@@ -1708,7 +1729,7 @@ fn read_tracked(
     let io = stream.read(ready, space);
     if let Io::Progress(n) = io {
         let fresh = space.get(..n).unwrap_or_default();
-        tracker.feed(fresh).map_err(|e| e.close_code())?;
+        feed(tracker, fresh, inspect)?;
         buf.commit(n);
     }
     if buf.is_empty() {
@@ -1716,6 +1737,39 @@ fn read_tracked(
         buf.release();
     }
     Ok(io)
+}
+
+/// `--inspect`: client messages reassembled (unmasked) for the hooks and events.
+#[derive(Debug, Default)]
+struct Inspect {
+    partial: Vec<u8>,
+    done: Vec<(u8, Vec<u8>)>,
+}
+
+/// Most bytes of one message shown to `on_client_message` (the relay itself is unbounded
+/// by this; only the copy for inspection is cut).
+const MAX_INSPECT: usize = 1 << 20;
+
+/// Runs client bytes through the tracker, collecting messages when inspecting.
+fn feed(
+    tracker: &mut FrameTracker,
+    bytes: &[u8],
+    inspect: Option<&mut Inspect>,
+) -> Result<usize, u16> {
+    match inspect {
+        None => tracker.feed(bytes),
+        Some(ins) => tracker.feed_inspect(bytes, |piece| {
+            if ins.partial.len() < MAX_INSPECT {
+                piece.unmask_into(&mut ins.partial);
+                ins.partial.truncate(MAX_INSPECT);
+            }
+            if piece.message_end {
+                ins.done
+                    .push((piece.opcode, std::mem::take(&mut ins.partial)));
+            }
+        }),
+    }
+    .map_err(|e| e.close_code())
 }
 
 /// Starts a non-blocking connect, wrapped in TLS for `wss://`/`https://` bindings.
@@ -1758,7 +1812,7 @@ fn read_exact_frame(
         return Ok(io);
     };
     let fresh = tmp.get(..n).unwrap_or_default();
-    t.up.feed(fresh).map_err(|e| e.close_code())?;
+    feed(&mut t.up, fresh, t.inspect.as_mut())?;
     t.up_hold.extend_from_slice(fresh);
     let is_pong = t.up_hold.first().is_some_and(|b| b & 0x0f == 0xA);
     if is_pong && !t.up.at_frame_boundary() {

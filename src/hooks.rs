@@ -27,6 +27,9 @@ pub trait Hooks: Send {
     /// bytes must remain one valid HTTP/1.1 head ending in CRLF CRLF; framing fields must not
     /// change.
     fn on_request_head(&mut self, _head: &mut Vec<u8>) {}
+    /// Sees each client message before it is forwarded (OnClientMessage), only with
+    /// `--inspect`; messages over 1 MiB are shown cut to their first MiB.
+    fn on_client_message(&mut self, _client: u64, _text: bool, _payload: &[u8]) {}
     /// Edits the response head relayed to the client (OnLoadBalancerHTTPResponse), same rules.
     fn on_response_head(&mut self, _head: &mut Vec<u8>) {}
 }

@@ -24,6 +24,13 @@ impl Hooks for Seen {
         // Always the backend whose URL sorts last.
         (0..candidates.len()).max_by_key(|&i| candidates[i])
     }
+    fn on_client_message(&mut self, client: u64, text: bool, payload: &[u8]) {
+        let kind = if text { "text" } else { "binary" };
+        self.0.lock().unwrap().push(format!(
+            "message {client} {kind} {}",
+            String::from_utf8_lossy(payload)
+        ));
+    }
     fn on_request_head(&mut self, head: &mut Vec<u8>) {
         head.truncate(head.len() - 2);
         head.extend_from_slice(b"X-Hooked: yes\r\n\r\n");
@@ -34,10 +41,19 @@ impl Hooks for Seen {
 fn hooks_and_handle_in_process() {
     let (a, b) = (Backend::start("la"), Backend::start("lb"));
     let last = if a.url() > b.url() { "la" } else { "lb" };
-    let args: Vec<String> = ["-l", "127.0.0.1:0", "-B", &a.url(), "-B", &b.url(), "-q"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "-l",
+        "127.0.0.1:0",
+        "-B",
+        &a.url(),
+        "-B",
+        &b.url(),
+        "-q",
+        "--inspect",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let Ok(Command::Run(cfg)) = parse_args(&args) else {
         panic!("flags")
     };
@@ -53,6 +69,24 @@ fn hooks_and_handle_in_process() {
     for ws in &mut clients {
         assert_eq!(whoami(ws), last);
     }
+    // --inspect: client messages are seen (unmasked, whole) before they are forwarded.
+    clients[0].send(Message::text("seen by hooks")).unwrap();
+    assert_eq!(clients[0].read().unwrap(), Message::text("seen by hooks"));
+    assert!(
+        seen.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.ends_with("text seen by hooks")),
+        "{:?}",
+        seen.0.lock().unwrap()
+    );
+    assert!(seen
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.ends_with("text whoami")));
     // on_request_head edits what the backend receives.
     let r = get(addr, "/headers");
     assert!(

@@ -127,6 +127,34 @@ impl Payload {
     }
 }
 
+/// A run of payload bytes of a data message, as they were on the wire.
+#[derive(Debug, Clone, Copy)]
+pub struct PayloadPiece<'a> {
+    /// The bytes, still masked if the frame was.
+    pub raw: &'a [u8],
+    /// The frame's mask (zeros when unmasked).
+    pub mask: [u8; 4],
+    /// Offset of `raw` within the frame's payload (for the mask phase).
+    pub offset: u64,
+    /// 1 = text message, 2 = binary message.
+    pub opcode: u8,
+    /// The message ends with this piece.
+    pub message_end: bool,
+}
+
+impl PayloadPiece<'_> {
+    /// Appends the unmasked bytes to `out`.
+    pub fn unmask_into(&self, out: &mut Vec<u8>) {
+        let phase = (self.offset % 4) as usize;
+        out.extend(
+            self.raw
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ self.mask.get((i + phase) % 4).copied().unwrap_or(0)),
+        );
+    }
+}
+
 /// Follows one direction of a WebSocket connection, header by header. Small and heap-free:
 /// at most one partial header (14 bytes) plus counters.
 #[derive(Debug, Clone)]
@@ -142,6 +170,10 @@ pub struct FrameTracker {
     messages: u64,
     frames: u64,
     error: Option<FrameError>,
+    /// Opcode of the data message in progress (1 text, 2 binary).
+    message_opcode: u8,
+    /// A zero-length data frame just completed (`Some(ends_message)`), for `feed_inspect`.
+    empty_data: Option<bool>,
 }
 
 impl FrameTracker {
@@ -159,6 +191,8 @@ impl FrameTracker {
             messages: 0,
             frames: 0,
             error: None,
+            message_opcode: 0,
+            empty_data: None,
         }
     }
 
@@ -169,7 +203,22 @@ impl FrameTracker {
         if let Some(e) = self.error {
             return Err(e);
         }
-        self.scan(input).inspect_err(|&e| self.error = Some(e))
+        self.scan(input, &mut |_| {})
+            .inspect_err(|&e| self.error = Some(e))
+    }
+
+    /// [`FrameTracker::feed`], also handing every piece of data-frame payload to `on_data`
+    /// (for `--inspect`); control frames are not shown.
+    pub fn feed_inspect(
+        &mut self,
+        input: &[u8],
+        mut on_data: impl FnMut(PayloadPiece<'_>),
+    ) -> Result<usize, FrameError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.scan(input, &mut on_data)
+            .inspect_err(|&e| self.error = Some(e))
     }
 
     /// Between two frames (no partial header, no payload outstanding).
@@ -232,12 +281,25 @@ impl FrameTracker {
         self.error
     }
 
-    fn scan(&mut self, mut input: &[u8]) -> Result<usize, FrameError> {
+    fn scan<F: FnMut(PayloadPiece<'_>)>(
+        &mut self,
+        mut input: &[u8],
+        on_data: &mut F,
+    ) -> Result<usize, FrameError> {
         let mut completed = 0;
         while !input.is_empty() {
             if let Some(mut p) = self.payload {
                 let take = usize::try_from(p.remaining).map_or(input.len(), |r| r.min(input.len()));
                 let (chunk, rest) = input.split_at_checked(take).unwrap_or((input, &[]));
+                if let Kind::Data { ends_message } = p.kind {
+                    on_data(PayloadPiece {
+                        raw: chunk,
+                        mask: p.mask,
+                        offset: p.offset,
+                        opcode: self.message_opcode,
+                        message_end: ends_message && p.remaining == chunk.len() as u64,
+                    });
+                }
                 p.capture_close_code(chunk);
                 p.offset = p.offset.saturating_add(chunk.len() as u64);
                 p.remaining = p.remaining.saturating_sub(chunk.len() as u64);
@@ -258,6 +320,15 @@ impl FrameTracker {
                 input = input.get(used..).unwrap_or(&[]);
                 if frame_done {
                     completed += 1;
+                }
+                if let Some(ends_message) = self.empty_data.take() {
+                    on_data(PayloadPiece {
+                        raw: &[],
+                        mask: [0; 4],
+                        offset: 0,
+                        opcode: self.message_opcode,
+                        message_end: ends_message,
+                    });
                 }
             }
         }
@@ -331,10 +402,11 @@ impl FrameTracker {
                     ends_message: header.is_final,
                 }
             }
-            OpCode::Data(_) => {
+            OpCode::Data(d) => {
                 if self.fragmented {
                     return Err(FrameError::ExpectedContinuation);
                 }
+                self.message_opcode = if d == Data::Text { 1 } else { 2 };
                 Kind::Data {
                     ends_message: header.is_final,
                 }
@@ -358,6 +430,9 @@ impl FrameTracker {
             code: [0; 2],
         };
         if len == 0 {
+            if let Kind::Data { ends_message } = p.kind {
+                self.empty_data = Some(ends_message);
+            }
             self.complete(&p);
             Ok(true)
         } else {
@@ -667,6 +742,33 @@ mod tests {
             t.frames(),
             "every frame end was hit exactly"
         );
+    }
+
+    #[test]
+    fn feed_inspect_reassembles_masked_messages_across_splits() {
+        let mut stream = bytes(masked(text("hel", false), [1, 2, 3, 4]));
+        stream.extend(bytes(masked(Frame::ping(vec![9]), [5, 6, 7, 8])));
+        stream.extend(bytes(masked(cont("lo world", true), [9, 8, 7, 6])));
+        stream.extend(bytes(masked(binary(0, true), [1, 1, 1, 1])));
+        for cut in 0..stream.len() {
+            let mut t = FrameTracker::new(Direction::ClientToServer, u64::MAX);
+            let mut msg = Vec::new();
+            let mut done = Vec::new();
+            for part in [&stream[..cut], &stream[cut..]] {
+                t.feed_inspect(part, |p| {
+                    p.unmask_into(&mut msg);
+                    if p.message_end {
+                        done.push((p.opcode, std::mem::take(&mut msg)));
+                    }
+                })
+                .unwrap();
+            }
+            assert_eq!(
+                done,
+                [(1, b"hello world".to_vec()), (2, vec![])],
+                "cut {cut}"
+            );
+        }
     }
 
     #[test]
