@@ -80,6 +80,8 @@ pub struct Config {
     pub ws_ping: Option<Duration>,
     /// `--events FILE|-`: JSON lines of connection and backend events.
     pub events: Option<String>,
+    /// Request bodies must arrive at least this fast (bytes/s over 10 s windows); 0 = off.
+    pub min_body_rate: u64,
     /// Reassemble client WebSocket messages for hooks and events (`client_message`).
     pub inspect: bool,
     /// Sticky sessions mode (`None` = off).
@@ -133,6 +135,7 @@ impl Default for Config {
             ws_ping: None,
             events: None,
             inspect: false,
+            min_body_rate: 256,
             sticky: None,
             sticky_secret: None,
             sticky_max_age: Duration::from_secs(24 * 3600),
@@ -275,6 +278,12 @@ fn options() -> getopts::Options {
         "",
         "throttle",
         "bytes per second relayed per connection and direction, e.g. 64KiB [default: unlimited]",
+        "SIZE",
+    );
+    o.optopt(
+        "",
+        "min-body-rate",
+        "request bodies slower than this over 10 s get 408, e.g. 1KiB; 0 = off [default: 256]",
         "SIZE",
     );
     o.optflag(
@@ -541,6 +550,14 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
     }
     cfg.events = m.opt_str("events");
     cfg.inspect = m.opt_present("inspect");
+    if let Some(v) = m.opt_str("min-body-rate") {
+        cfg.min_body_rate = if v == "0" {
+            0
+        } else {
+            parse_size(v.strip_suffix("/s").unwrap_or(&v))
+                .map_err(|why| bad("--min-body-rate", &v, why))?
+        };
+    }
     if let Some(v) = m.opt_str("sticky") {
         cfg.sticky = Some(crate::sticky::parse_mode(&v).map_err(|why| bad("--sticky", &v, why))?);
     }

@@ -149,7 +149,14 @@ struct Exchange {
     request_line: Option<String>,
     /// Sticky: the backend a valid cookie named, or a key to hash (ip / header modes).
     sticky: Sticky,
+    /// `Expect: 100-continue`: the client waits for an answer before sending its body.
+    expect_continue: bool,
+    /// Start of the current `--min-body-rate` window and body bytes received in it.
+    body_window: (Instant, u64),
 }
+
+/// Period over which `--min-body-rate` is measured.
+const BODY_RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// What sticky sessions ask of the selection for one request.
 #[derive(Debug)]
@@ -528,14 +535,18 @@ impl Conn {
                 Some(t) => t + cfg.header_timeout,
                 None => self.last_activity + cfg.idle_timeout,
             }),
-            Phase::Exchange(_) => {
+            Phase::Exchange(ex) => {
                 let connect = self
                     .leg
                     .as_ref()
                     .and_then(|l| l.connecting_since)
                     .map(|t| t + cfg.connect_timeout);
                 let idle = self.last_activity + cfg.idle_timeout;
-                Some(connect.map_or(idle, |c| c.min(idle)))
+                let mut at = connect.map_or(idle, |c| c.min(idle));
+                if cfg.min_body_rate > 0 && !ex.req_body.is_done() {
+                    at = at.min(ex.body_window.0 + BODY_RATE_WINDOW);
+                }
+                Some(at)
             }
             Phase::Tunnel(t)
                 if t.pending_close.is_some()
@@ -578,11 +589,32 @@ impl Conn {
                 log::debug("request head timeout", &[("client", &self.id)]);
                 self.fail(ctx, 408);
             }
-            Phase::Exchange(_) => {
+            Phase::Exchange(ex) => {
                 let connecting = self
                     .leg
                     .as_ref()
                     .is_some_and(|l| l.connecting_since.is_some());
+                let window_over = ctx.cfg.min_body_rate > 0
+                    && !ex.req_body.is_done()
+                    && ex.body_window.0 + BODY_RATE_WINDOW <= ctx.now;
+                if window_over && self.last_activity + ctx.cfg.idle_timeout > ctx.now {
+                    // Only the client's own slowness counts: not while the backend is
+                    // connecting, not reading (full outbox), or owes a 100 Continue.
+                    let blocked = connecting
+                        || self
+                            .leg
+                            .as_ref()
+                            .is_some_and(|l| l.to_backend.buf.is_full())
+                        || (ex.expect_continue && !ex.answered);
+                    let needed = ctx.cfg.min_body_rate * BODY_RATE_WINDOW.as_secs();
+                    if blocked || ex.body_window.1 >= needed {
+                        ex.body_window = (ctx.now, 0);
+                        return self.drive(ctx);
+                    }
+                    log::debug("request body too slow", &[("client", &self.id)]);
+                    self.fail(ctx, 408);
+                    return self.drive(ctx);
+                }
                 if connecting {
                     self.backend_failed(ctx, "connect timeout");
                 } else {
@@ -1075,6 +1107,8 @@ impl Conn {
             status: 0,
             request_line,
             sticky: sticky_of(&req, self.peer, ctx),
+            expect_continue: req.expect_continue,
+            body_window: (ctx.now, 0),
         };
         let head_len = req.head_len;
         let req_keep_alive = req.keep_alive && !ctx.draining;
@@ -1308,6 +1342,7 @@ impl Conn {
                     let part = chunk.get(..p.consumed).unwrap_or_default();
                     leg.to_backend.buf.push(part);
                     self.from_client.consume(p.consumed);
+                    ex.body_window.1 += p.consumed as u64;
                     progress = true;
                 }
                 Ok(_) => {}

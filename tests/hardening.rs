@@ -1599,3 +1599,53 @@ fn slowloris_is_cut_off_and_normal_clients_are_served() {
         "a normal GET took {worst:?}"
     );
 }
+
+#[test]
+fn request_body_slower_than_min_body_rate_gets_408() {
+    let b = Backend::start("a");
+    let lb = Balancer::start(&["--min-body-rate", "1KiB"], &[&b]);
+    let mut s = connect(lb.addr());
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let mut writing = true;
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(20), "never answered");
+        // 100 bytes every 200 ms = 500 B/s, half the required rate.
+        if writing && s.write_all(&[b'x'; 100]).is_err() {
+            writing = false;
+        }
+        match s.read(&mut tmp) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&tmp[..n]);
+                writing = false;
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(status_of(&raw), Some(408), "{:?}", lossy(&raw));
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    // A body at a normal pace is untouched.
+    let mut c = HttpClient::connect(lb.addr());
+    let body = vec![b'y'; 300_000];
+    let mut req = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    c.send(&req);
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), body.len());
+}
