@@ -80,6 +80,8 @@ pub struct Config {
     pub ws_ping: Option<Duration>,
     /// `--events FILE|-`: JSON lines of connection and backend events.
     pub events: Option<String>,
+    /// Listen backlog of every listener.
+    pub backlog: i32,
     /// Request bodies must arrive at least this fast (bytes/s over 10 s windows); 0 = off.
     pub min_body_rate: u64,
     /// Reassemble client WebSocket messages for hooks and events (`client_message`).
@@ -136,6 +138,7 @@ impl Default for Config {
             events: None,
             inspect: false,
             min_body_rate: 256,
+            backlog: 1024,
             sticky: None,
             sticky_secret: None,
             sticky_max_age: Duration::from_secs(24 * 3600),
@@ -279,6 +282,12 @@ fn options() -> getopts::Options {
         "throttle",
         "bytes per second relayed per connection and direction, e.g. 64KiB [default: unlimited]",
         "SIZE",
+    );
+    o.optopt(
+        "",
+        "backlog",
+        "listen backlog: connections the kernel queues before accept [default: 1024]",
+        "N",
     );
     o.optopt(
         "",
@@ -550,6 +559,13 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
     }
     cfg.events = m.opt_str("events");
     cfg.inspect = m.opt_present("inspect");
+    if let Some(v) = m.opt_str("backlog") {
+        cfg.backlog = v
+            .parse::<i32>()
+            .ok()
+            .filter(|n| (1..=65535).contains(n))
+            .ok_or_else(|| bad("--backlog", &v, "expected an integer from 1 to 65535"))?;
+    }
     if let Some(v) = m.opt_str("min-body-rate") {
         cfg.min_body_rate = if v == "0" {
             0

@@ -215,6 +215,18 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     Server::bind(cfg)?.run().map_err(Error::Io)
 }
 
+/// A non-blocking listener with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT) and the
+/// configured backlog.
+fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 fn is_fd_exhaustion(e: &io::Error) -> bool {
     // EMFILE, ENFILE, ENOBUFS, ENOMEM: retrying at once would spin.
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
@@ -255,7 +267,7 @@ impl Server {
             .map(|a| (a, false))
             .chain(cfg.tls_listen.iter().map(|a| (a, true)));
         for (i, (addr, tls)) in all.enumerate() {
-            let mut l = TcpListener::bind(*addr)
+            let mut l = listen(*addr, cfg.backlog)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             poll.registry()
                 .register(&mut l, Token(FIRST_LISTENER + i), Interest::READABLE)?;
@@ -274,7 +286,7 @@ impl Server {
         let mut control_listener = None;
         let mut control_addr = None;
         if let Some(addr) = cfg.control {
-            let mut l = TcpListener::bind(addr).map_err(|e| {
+            let mut l = listen(addr, cfg.backlog).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot listen on {addr} (--control): {e}"),
