@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// CA certificates (PEM) for `wss://` balancers; `None` = the platform's roots.
+    pub balancer_ca: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -92,6 +94,7 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            balancer_ca: None,
         }
     }
 }
@@ -145,6 +148,8 @@ pub enum AgentError {
     Tags,
     /// The token cannot be sent in an HTTP header (visible ASCII only).
     Token,
+    /// The TLS setup for `wss://` balancers failed (unreadable CA file...).
+    Tls(String),
     /// A zero heartbeat or back-off, or `backoff_min > backoff_max`.
     Timing(&'static str),
     /// The balancer would refuse this registration (the codec's own check).
@@ -157,6 +162,7 @@ impl fmt::Display for AgentError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AgentError::NoBalancer => f.write_str("at least one balancer URL is needed"),
+            AgentError::Tls(e) => write!(f, "balancer TLS: {e}"),
             AgentError::Balancer { url, why } => write!(f, "balancer {url:?}: {why}"),
             AgentError::BindingCount => {
                 write!(f, "between 1 and {MAX_BINDINGS} bindings are needed")
@@ -183,6 +189,8 @@ struct Target {
     /// that moves to a new address is found again).
     host: String,
     port: u16,
+    /// `wss://`: TLS to the balancer's control listener.
+    tls: bool,
 }
 
 fn parse_balancer(url: &str) -> Result<Target, AgentError> {
@@ -195,14 +203,15 @@ fn parse_balancer(url: &str) -> Result<Target, AgentError> {
         .map_err(|_| bad("expected ws://HOST:PORT/register"))?;
     match uri.scheme_str() {
         Some("ws") => {}
-        Some("wss") => return Err(bad("wss:// (TLS) balancers are not supported yet")),
-        _ => return Err(bad("expected a ws:// URL")),
+        Some("wss") => {}
+        _ => return Err(bad("expected a ws:// or wss:// URL")),
     }
     let host = uri
         .host()
         .filter(|h| !h.is_empty())
         .ok_or_else(|| bad("missing host"))?;
-    let port = uri.port_u16().unwrap_or(80);
+    let tls = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     if port == 0 {
         return Err(bad("port must be 1-65535"));
     }
@@ -218,7 +227,8 @@ fn parse_balancer(url: &str) -> Result<Target, AgentError> {
         Some(p) => p,
     };
     Ok(Target {
-        url: format!("ws://{authority}{path}"),
+        url: format!("{}://{authority}{path}", if tls { "wss" } else { "ws" }),
+        tls,
         host: host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -236,6 +246,8 @@ fn valid_guid(g: &str) -> bool {
 /// Everything a link thread needs, prepared once.
 struct Prepared {
     targets: Vec<Target>,
+    /// Client TLS configuration, when a balancer is `wss://`.
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// The encoded `register` message, identical on every link and every attempt.
     register: String,
     auth: Option<HeaderValue>,
@@ -322,8 +334,16 @@ fn prepare(cfg: &AgentConfig) -> Result<Prepared, AgentError> {
             ))
         }
     }
+    let tls = if targets.iter().any(|t| t.tls) {
+        let cfg = crate::tls::client_config(cfg.balancer_ca.as_deref(), false)
+            .map_err(|e| AgentError::Tls(e.to_string()))?;
+        Some(cfg)
+    } else {
+        None
+    };
     Ok(Prepared {
         targets,
+        tls,
         register,
         auth,
     })
@@ -391,6 +411,7 @@ pub fn spawn(cfg: AgentConfig) -> Result<Agent, AgentError> {
             register: prepared.register.clone(),
             auth: prepared.auth.clone(),
             guid: cfg.guid.clone(),
+            tls: prepared.tls.clone(),
             heartbeat: cfg.heartbeat,
             backoff_min: cfg.backoff_min,
             backoff_max: cfg.backoff_max,
@@ -580,6 +601,7 @@ struct Link {
     register: String,
     auth: Option<HeaderValue>,
     guid: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
     heartbeat: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
@@ -601,7 +623,47 @@ impl Drop for Running {
     }
 }
 
-type Ws = WebSocket<TcpStream>;
+type Ws = WebSocket<LinkStream>;
+
+/// The control connection: plain TCP or TLS (rustls, blocking with timeouts).
+enum LinkStream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl LinkStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            LinkStream::Plain(s) => s,
+            LinkStream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl io::Read for LinkStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            LinkStream::Plain(s) => s.read(buf),
+            LinkStream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl io::Write for LinkStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            LinkStream::Plain(s) => s.write(buf),
+            LinkStream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            LinkStream::Plain(s) => s.flush(),
+            LinkStream::Tls(t) => t.flush(),
+        }
+    }
+}
 
 impl Link {
     fn run(self) {
@@ -690,6 +752,17 @@ impl Link {
             s.set_write_timeout(Some(WRITE_TIMEOUT))
         };
         setup(&stream).map_err(|e| format!("socket setup: {e}"))?;
+        let stream = match (&self.tls, t.tls) {
+            (Some(cfg), true) => {
+                let name = rustls::pki_types::ServerName::try_from(t.host.clone())
+                    .map_err(|e| format!("bad TLS name {}: {e}", t.host))?;
+                let conn = rustls::ClientConnection::new(cfg.clone(), name)
+                    .map_err(|e| format!("tls setup: {e}"))?;
+                LinkStream::Tls(Box::new(rustls::StreamOwned::new(conn, stream)))
+            }
+            (None, true) => return Err("no TLS configuration for a wss:// balancer".into()),
+            (_, false) => LinkStream::Plain(stream),
+        };
         let mut req = t
             .url
             .as_str()
@@ -719,6 +792,7 @@ impl Link {
         };
         let tick = (self.heartbeat / 2).min(MAX_TICK);
         ws.get_ref()
+            .tcp()
             .set_read_timeout(Some(tick))
             .map_err(|e| format!("socket setup: {e}"))?;
         Ok(ws)
@@ -897,8 +971,12 @@ mod tests {
         let t = parse_balancer("ws://[::1]:9/x").unwrap();
         assert_eq!((t.host.as_str(), t.url.as_str()), ("::1", "ws://[::1]:9/x"));
         assert_eq!(parse_balancer("ws://h/register").unwrap().port, 80);
+        let t = parse_balancer("wss://h/register").unwrap();
+        assert!(
+            t.tls && t.port == 443 && t.url == "wss://h:443/register"
+                || t.url == "wss://h/register"
+        );
         for bad in [
-            "wss://h:1/register",
             "http://h:1/",
             "h:1",
             "ws://:1/",

@@ -43,8 +43,14 @@ fn options() -> getopts::Options {
     o.optmulti(
         "b",
         "balancer",
-        "control URL ws://HOST:PORT/register (repeatable, one link each)",
+        "control URL ws://HOST:PORT/register or wss:// (repeatable, one link each)",
         "URL",
+    );
+    o.optopt(
+        "",
+        "balancer-ca",
+        "CA certificates (PEM) to verify wss:// balancers [default: platform roots]",
+        "FILE",
     );
     o.optmulti(
         "",
@@ -102,6 +108,7 @@ fn flag_error(e: AgentError) -> ConfigError {
         AgentError::Timing(why) => ConfigError::Usage(format!("--heartbeat: {why}")),
         AgentError::Registration(why) => ConfigError::Usage(format!("registration refused: {why}")),
         AgentError::Spawn(e) => ConfigError::Usage(e),
+        AgentError::Tls(e) => ConfigError::Usage(format!("--balancer-ca: {e}")),
     }
 }
 
@@ -133,6 +140,7 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
     let mut cfg = AgentConfig::new("", "");
     cfg.balancers = balancers;
     cfg.bindings = bindings;
+    cfg.balancer_ca = m.opt_str("balancer-ca").map(Into::into);
     if let Some(g) = m.opt_str("guid") {
         cfg.guid = g;
     }
@@ -356,7 +364,7 @@ mod tests {
             (&["--binding", "ws://127.0.0.1:1"], "--balancer"),
             (&["--balancer", "ws://127.0.0.1:1/register"], "--binding"),
             (
-                &["--balancer", "wss://h:1/", "--binding", "ws://127.0.0.1:1"],
+                &["--balancer", "ftp://h:1/", "--binding", "ws://127.0.0.1:1"],
                 "--balancer",
             ),
             (
