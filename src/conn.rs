@@ -771,8 +771,7 @@ impl Conn {
                 Phase::Closing { .. } => {
                     // Read and discard so our close does not turn into a reset that destroys
                     // the answer still in flight to the client.
-                    let mut sink = [0u8; 4096];
-                    match read_some(&mut self.client, &mut self.c_ready, &mut sink) {
+                    match discard(&mut self.client, &mut self.c_ready) {
                         Io::Progress(_) => progress = true,
                         Io::WouldBlock => {}
                         Io::Eof | Io::Failed => return Step::Done,
@@ -1009,6 +1008,9 @@ impl Conn {
         self.enter_closing(ctx.now);
     }
 
+    // Kept out of line: its 100-field parse storage would otherwise enlarge the stack frame
+    // of every `drive`, tunnels included.
+    #[inline(never)]
     fn process_head(&mut self, ctx: &mut Ctx<'_>) -> Step {
         if !self.to_client.can_queue_head() {
             // A pipelined request waits until the previous response has left the relay
@@ -1323,6 +1325,7 @@ impl Conn {
         self.fail(ctx, 502);
     }
 
+    #[inline(never)]
     fn process_exchange(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let Phase::Exchange(ex) = &mut self.phase else {
             return Step::Idle;
@@ -1772,6 +1775,14 @@ fn read_tracked(
         buf.release();
     }
     Ok(io)
+}
+
+/// Reads and drops input. Out of line so its scratch space does not enlarge the stack frame
+/// of every `drive` (a frame over a page is probed on each call).
+#[inline(never)]
+fn discard(stream: &mut Transport, ready: &mut Ready) -> Io {
+    let mut sink = [0u8; 4096];
+    read_some(stream, ready, &mut sink)
 }
 
 /// `--inspect`: client messages reassembled (unmasked) for the hooks and events.
