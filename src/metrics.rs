@@ -57,6 +57,14 @@ pub struct BackendSample<'a> {
     pub selected: u64,
 }
 
+/// A per-backend series: name, type, help, and how to read the value.
+type PerBackend = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&BackendSample<'_>) -> u64,
+);
+
 fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -176,33 +184,30 @@ pub fn render(
         "WebSocket tunnels open.",
     );
     let _ = writeln!(o, "wslb_websocket_active {active_tunnels}");
-    metric(
-        &mut o,
-        "wslb_backend_active_connections",
-        "gauge",
-        "Active connections per backend.",
-    );
-    for b in backends {
-        let _ = writeln!(
-            o,
-            "wslb_backend_active_connections{{backend=\"{}\"}} {}",
-            escape_label(b.name),
-            b.active
-        );
-    }
-    metric(
-        &mut o,
-        "wslb_backend_selected_total",
-        "counter",
-        "Times each backend was chosen.",
-    );
-    for b in backends {
-        let _ = writeln!(
-            o,
-            "wslb_backend_selected_total{{backend=\"{}\"}} {}",
-            escape_label(b.name),
-            b.selected
-        );
+    let per_backend: [PerBackend; 2] = [
+        (
+            "wslb_backend_active_connections",
+            "gauge",
+            "Active connections per backend.",
+            |b| u64::from(b.active),
+        ),
+        (
+            "wslb_backend_selected_total",
+            "counter",
+            "Times each backend was chosen.",
+            |b| b.selected,
+        ),
+    ];
+    for (name, kind, help, value) in per_backend {
+        metric(&mut o, name, kind, help);
+        for b in backends {
+            let _ = writeln!(
+                o,
+                "{name}{{backend=\"{}\"}} {}",
+                escape_label(b.name),
+                value(b)
+            );
+        }
     }
     metric(
         &mut o,
