@@ -458,6 +458,14 @@ impl Conn {
         matches!(self.phase, Phase::Tunnel(_))
     }
 
+    /// Counts and logs a client that goes away while its TLS handshake is unfinished.
+    fn count_handshake_failure(&self, ctx: &mut Ctx<'_>, what: &str) {
+        if self.client.handshaking() {
+            ctx.stats.tls_handshake_failures += 1;
+            log::debug(what, &[("client", &self.id), ("peer", &self.peer)]);
+        }
+    }
+
     /// Moves to `Closing`, keeping the WebSocket close code (either direction's, or the
     /// one the balancer sends) for the disconnect event.
     fn enter_closing(&mut self, now: Instant) {
@@ -576,13 +584,7 @@ impl Conn {
         match &mut self.phase {
             Phase::Head => {
                 if self.from_client.is_empty() {
-                    if self.client.handshaking() {
-                        ctx.stats.tls_handshake_failures += 1;
-                        log::debug(
-                            "tls handshake timed out",
-                            &[("client", &self.id), ("peer", &self.peer)],
-                        );
-                    }
+                    self.count_handshake_failure(ctx, "tls handshake timed out");
                     // An idle keep-alive connection (or one that never spoke) just closes.
                     return Drive::Done;
                 }
@@ -799,13 +801,7 @@ impl Conn {
                                 progress = true;
                             }
                             Io::Failed => {
-                                if self.client.handshaking() {
-                                    ctx.stats.tls_handshake_failures += 1;
-                                    log::debug(
-                                        "tls handshake failed",
-                                        &[("client", &self.id), ("peer", &self.peer)],
-                                    );
-                                }
+                                self.count_handshake_failure(ctx, "tls handshake failed");
                                 return Step::Done;
                             }
                         }
