@@ -271,10 +271,7 @@ fn static_and_registered_backends_share_selection() {
 #[test]
 fn unreachable_binding_is_reported_and_backed_off() {
     let live = Backend::start("live");
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let lb = Balancer::start(&["--control", "127.0.0.1:0"], &[&live]);
     let mut ws = control(lb.control_addr(), None).unwrap();
     register(&mut ws, "ghost", &format!("ws://{dead}"));
@@ -311,44 +308,12 @@ fn on_backend_lost_close_closes_its_clients() {
 fn agent_reregisters_after_balancer_restart() {
     let lb = Balancer::start(&["--control", "127.0.0.1:0", "--heartbeat", "300ms"], &[]);
     let control = lb.control_addr();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let agent = std::process::Command::new(wslb_bin().unwrap())
-        .args([
-            "agent",
-            "--balancer",
-            &format!("ws://{control}/register"),
-            "--binding",
-            &format!("ws://127.0.0.1:{port}"),
-            "--guid",
-            "agent-e2e",
-            "--heartbeat",
-            "300ms",
-            "--",
-        ])
-        .arg(echo_backend_bin())
-        .args([
-            "--name",
-            "supervised",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .arg(self.0.id().to_string())
-                .status();
-            let _ = self.0.wait();
-        }
-    }
-    let _agent = Kill(agent);
+    let balancer = format!("ws://{control}/register");
+    let _agent = Agent::start(
+        &["--balancer", &balancer, "--heartbeat", "300ms"],
+        "agent-e2e",
+        "supervised",
+    );
     assert!(
         wait_until(TIMEOUT, || who_answers(&lb).1.contains("supervised")),
         "agent registered its backend"

@@ -462,39 +462,19 @@ fn agent_registers_over_wss() {
     args.extend(["--control", "127.0.0.1:0", "--control-tls"]);
     let lb = Balancer::start(&args, &[]);
     let control_port = lb.control_addr().port();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut agent = Command::new(wslb_bin().unwrap())
-        .args([
-            "agent",
+    let balancer = format!("wss://localhost:{control_port}/register");
+    let agent = Agent::start(
+        &[
             "--balancer",
-            &format!("wss://localhost:{control_port}/register"),
-        ])
-        .arg("--balancer-ca")
-        .arg(&pki.ca)
-        .args([
-            "--binding",
-            &format!("ws://127.0.0.1:{port}"),
-            "--guid",
-            "wss-agent",
-            "--",
-        ])
-        .arg(echo_backend_bin())
-        .args([
-            "--name",
-            "over-wss",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+            &balancer,
+            "--balancer-ca",
+            pki.ca.to_str().unwrap(),
+        ],
+        "wss-agent",
+        "over-wss",
+    );
     let registered = wait_until(TIMEOUT, || get(lb.addr(), "/").text().contains("over-wss"));
-    let _ = Command::new("kill").arg(agent.id().to_string()).status();
-    let _ = agent.wait();
+    drop(agent);
     assert!(
         registered,
         "the agent registered over wss:// and its backend answers"

@@ -543,3 +543,45 @@ pub fn ws_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     out
 }
+
+/// A loopback port nothing listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// `wslb agent ARGS --binding ws://127.0.0.1:P --guid GUID -- echo_backend --name NAME`, the
+/// backend on a free port and supervised by the agent.
+pub struct Agent(Child);
+
+impl Agent {
+    pub fn start(args: &[&str], guid: &str, name: &str) -> Agent {
+        let port = free_port();
+        let child = Command::new(wslb_bin().expect("CARGO_BIN_EXE_wslb is not set"))
+            .arg("agent")
+            .args(args)
+            .args([
+                "--binding",
+                &format!("ws://127.0.0.1:{port}"),
+                "--guid",
+                guid,
+                "--",
+            ])
+            .arg(echo_backend_bin())
+            .args(["--name", name, "--listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn wslb agent");
+        Agent(child)
+    }
+}
+
+impl Drop for Agent {
+    /// SIGTERM, not SIGKILL: the agent then stops its child too.
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
