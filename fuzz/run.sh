@@ -83,6 +83,8 @@ for t in $targets; do
     )
     if [[ "$dict_targets" == *" $t "* ]]; then
         flags+=("-dict=http.dict")
+    elif [ "$t" = control_message ]; then
+        flags+=("-dict=json.dict")
     fi
     log="$work/$t.log"
     touch "$work/$t.start"

@@ -2,8 +2,9 @@
 //! corpus replay (`tests/fuzz_corpus.rs`). Each function takes the raw fuzzer input, calls the
 //! same `pub` functions the event loop calls, and panics when a property does not hold.
 //!
-//! Only `wslb`, `tungstenite` and `httparse` (a `wslb` dependency, the request/response
-//! reference) are used, so the file compiles in both crates.
+//! Only `wslb`, `tungstenite`, `httparse` (a `wslb` dependency, the request/response
+//! reference) and `serde_json` (a `wslb` dependency, the control-message reference) are
+//! used, so the file compiles in both crates.
 #![allow(dead_code)]
 // `is_multiple_of` needs Rust 1.87; wslb's rust-version is 1.85 and this file is part of its tests.
 #![allow(unknown_lints, clippy::manual_is_multiple_of)]
@@ -36,6 +37,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("ws_frames", ws_frames),
     ("config_values", config_values),
     ("sticky_cookie", sticky_cookie),
+    ("control_message", control_message),
 ];
 
 /// A cheap deterministic hash, to derive choices (cut offsets, flags) from inputs that are
@@ -1521,4 +1523,87 @@ pub fn sticky_cookie(data: &[u8]) {
         let original = pick.and_then(|p| rest.map(|(i, _)| i).nth(p));
         assert_eq!(original, Some(best));
     }
+}
+
+// ---- control_message ----
+
+use serde_json::Value;
+use wslb::control::protocol::{
+    binding_addr, decode as control_decode, encode as control_encode, error as control_error,
+    registered, unreachable, BackendMsg, ControlError, Registration, MAX_BINDINGS, MAX_MESSAGE,
+    MAX_TAGS,
+};
+
+/// What `decode` must answer, read independently from serde_json's value of the same text.
+fn reference_control(text: &str) -> Result<&'static str, &'static str> {
+    if text.len() > MAX_MESSAGE {
+        return Err("too_large");
+    }
+    let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) else {
+        return Err("bad_json");
+    };
+    match obj.get("type").and_then(Value::as_str) {
+        Some("drain") => Ok("drain"),
+        Some("deregister") => Ok("deregister"),
+        Some("register") if obj.get("version").and_then(Value::as_u64) != Some(1) => {
+            Err("bad_version")
+        }
+        // Field checks are the decoder's own rules; the invariants below hold them to it.
+        Some("register") => Ok("register"),
+        _ => Err("unknown_type"),
+    }
+}
+
+fn check_registration(r: &Registration, text: &str) {
+    assert!((1..=128).contains(&r.guid.len()), "{text}");
+    assert!(r
+        .guid
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)));
+    assert!((1..=MAX_BINDINGS).contains(&r.bindings.len()));
+    assert_eq!(r.bindings.len(), r.addrs.len());
+    for (url, addr) in r.bindings.iter().zip(&r.addrs) {
+        assert_eq!(binding_addr(url), Ok(*addr));
+    }
+    assert!((1..=1000).contains(&r.weight));
+    assert!(r.tags.len() <= MAX_TAGS);
+    // What the agent would send for this registration decodes to the same registration.
+    let msg = BackendMsg::Register(r.clone());
+    assert_eq!(control_decode(&control_encode(&msg)), Ok(msg));
+}
+
+/// The balancer's answers are JSON that carry any text (an input's bytes as a guid, binding
+/// or reason) through unchanged.
+fn check_answers(text: &str) {
+    let parse = |s: String| serde_json::from_str::<Value>(&s).expect("answer is JSON");
+    let v = parse(unreachable(text, text));
+    assert_eq!(
+        (v["binding"].as_str(), v["reason"].as_str()),
+        (Some(text), Some(text))
+    );
+    let v = parse(registered(text, 5000));
+    assert_eq!(v["guid"].as_str(), Some(text));
+    assert_eq!(v["type"], "registered");
+}
+
+pub fn control_message(data: &[u8]) {
+    // Control frames are text: the session refuses non-UTF-8 before decoding (1007).
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let got = control_decode(text);
+    let want = reference_control(text);
+    match (&got, want) {
+        (Ok(BackendMsg::Drain), Ok("drain")) | (Ok(BackendMsg::Deregister), Ok("deregister")) => {}
+        (Ok(BackendMsg::Register(r)), Ok("register")) => check_registration(r, text),
+        (Err(ControlError::BadField(why)), Ok("register")) => assert!(!why.is_empty()),
+        (Err(e), Err(code)) => assert_eq!(e.code(), code, "{text}"),
+        _ => panic!("decode {text:?} = {got:?}, reference says {want:?}"),
+    }
+    if let Err(e) = &got {
+        // Every refusal closes with a code a client library accepts, after valid JSON.
+        assert!(serde_json::from_str::<Value>(&control_error(e)).is_ok());
+        assert!([1000, 1003, 1008, 1009].contains(&e.close_code()));
+    }
+    check_answers(&text[..text.len().min(256)]);
 }

@@ -1,0 +1,13 @@
+//! Fuzz target `control_message`: `wslb::control::protocol::decode` (every text frame a
+//! backend sends on the control WebSocket) agrees with serde_json's reading of the same text
+//! on its verdict, accepted registrations hold every documented limit and round-trip through
+//! the agent's encoder, and the balancer's answers stay valid JSON for any text they carry.
+//! The checks live in `fuzz/props`, shared with `tests/fuzz_corpus.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../props/mod.rs"]
+mod props;
+
+fuzz_target!(|data: &[u8]| props::control_message(data));
