@@ -860,18 +860,16 @@ impl Conn {
                     Phase::Tunnel(t) if t.pending_close.is_none() => {
                         let messages = t.down.messages();
                         // Frames of our own wait for a message boundary: stop exactly there.
-                        let injecting = !t.inject.is_empty();
-                        let r = if self.to_client.buf.is_full()
-                            || (injecting && t.down.at_message_boundary())
-                        {
-                            Ok(Io::WouldBlock)
+                        let limit = if t.inject.is_empty() {
+                            Some(down_max)
                         } else {
-                            let max = if injecting {
-                                let to_end = t.down.bytes_to_frame_end();
-                                down_max.min(usize::try_from(to_end).unwrap_or(usize::MAX))
-                            } else {
-                                down_max
-                            };
+                            t.down
+                                .read_limit_for_injection()
+                                .map(|n| down_max.min(usize::try_from(n).unwrap_or(usize::MAX)))
+                        };
+                        let r = if self.to_client.buf.is_full() {
+                            Ok(Io::WouldBlock)
+                        } else if let Some(max) = limit {
                             read_tracked(
                                 &mut leg.stream,
                                 &mut leg.ready,
@@ -880,6 +878,8 @@ impl Conn {
                                 max,
                                 None,
                             )
+                        } else {
+                            Ok(Io::WouldBlock)
                         };
                         ctx.stats.ws_messages_down += t.down.messages() - messages;
                         r

@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("config_values", config_values),
     ("sticky_cookie", sticky_cookie),
     ("control_message", control_message),
+    ("ws_inject", ws_inject),
 ];
 
 /// A cheap deterministic hash, to derive choices (cut offsets, flags) from inputs that are
@@ -1606,4 +1607,138 @@ pub fn control_message(data: &[u8]) {
         assert!([1000, 1003, 1008, 1009].contains(&e.close_code()));
     }
     check_answers(&text[..text.len().min(256)]);
+}
+
+// ---- ws_inject ----
+
+/// One frame as tungstenite reads it: where it starts, its header and its whole length.
+struct ParsedFrame {
+    start: usize,
+    fin: bool,
+    opcode: OpCode,
+    len: usize,
+}
+
+/// The complete frames at the start of a server-to-client stream, by tungstenite's parser
+/// (it stops at the first incomplete one).
+fn tungstenite_frames(stream: &[u8]) -> Vec<ParsedFrame> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < stream.len() {
+        let mut cursor = Cursor::new(&stream[at..]);
+        let Ok(Some((header, payload))) = FrameHeader::parse(&mut cursor) else {
+            break;
+        };
+        let Some(len) = usize::try_from(cursor.position().saturating_add(payload))
+            .ok()
+            .filter(|&len| len <= stream.len() - at)
+        else {
+            break;
+        };
+        frames.push(ParsedFrame {
+            start: at,
+            fin: header.is_final,
+            opcode: header.opcode,
+            len,
+        });
+        at += len;
+    }
+    frames
+}
+
+/// Frame-injector target: the relay loop of `conn.rs` over one backend-to-client stream,
+/// with the balancer's own text frames (Broadcast / WriteData) queued at input-chosen moments
+/// and read sizes chosen by the input. Whatever the stream, the client must receive the
+/// backend's bytes unchanged and in order, with each injected frame whole, between two
+/// messages (never inside a frame, never between the fragments of a message), and nothing
+/// after a close frame.
+///
+/// Input: last byte = length of the plan (×4, up to 60); the plan's bytes, one per round
+/// (bit 7: queue a frame, bits 0-6: bytes to read, and the queued body's length); the
+/// rest is the backend's stream.
+pub fn ws_inject(data: &[u8]) {
+    let Some((&last, steps)) = data.split_last() else {
+        return;
+    };
+    let (plan, input) = steps.split_at(steps.len().min(usize::from(last) % 16 * 4));
+    let mut t = FrameTracker::new(Direction::ServerToClient, 1 << 20);
+    let mut out = Vec::with_capacity(input.len() + 64);
+    let mut injected_at = Vec::new();
+    let mut pending: Vec<Vec<u8>> = Vec::new();
+    let mut rest = input;
+    let mut round = 0usize;
+    while !rest.is_empty() && t.error().is_none() {
+        let choice = plan.get(round % plan.len().max(1)).copied().unwrap_or(7);
+        round += 1;
+        assert!(round <= input.len(), "every round reads at least one byte");
+        if choice & 0x80 != 0 && pending.len() < 4 {
+            // The admin API queues a message (its bytes come from the input too).
+            let body = &input[..input.len().min(usize::from(choice & 0x3f))];
+            let mut frame = [0u8; 14];
+            let n = encode_header(0x1, body.len() as u64, &mut frame);
+            let mut f = frame[..n].to_vec();
+            f.extend_from_slice(body);
+            pending.push(f);
+        }
+        if t.close_seen() {
+            // conn.rs drops its queue here: nothing may follow a close.
+            pending.clear();
+        }
+        let limit = if pending.is_empty() {
+            u64::MAX
+        } else if let Some(limit) = t.read_limit_for_injection() {
+            limit
+        } else {
+            // A message boundary: conn.rs splices the whole queue, then reads on.
+            assert!(t.at_message_boundary() && !t.close_seen());
+            for f in pending.drain(..) {
+                injected_at.push(out.len());
+                out.extend_from_slice(&f);
+            }
+            u64::MAX
+        };
+        assert!(limit > 0, "a read limit of 0 would stall the relay");
+        let n = usize::from(choice & 0x7f)
+            .max(1)
+            .min(rest.len())
+            .min(usize::try_from(limit).unwrap_or(usize::MAX));
+        let (chunk, tail) = rest.split_at(n);
+        // On a framing error the relay still passes what it read, then closes.
+        let _ = t.feed(chunk);
+        out.extend_from_slice(chunk);
+        rest = tail;
+    }
+
+    // The client's view, as far as frames are complete: injected frames exactly where they
+    // were put, whole, between messages; everything else the backend's bytes in order.
+    let frames = tungstenite_frames(&out);
+    let complete = frames.last().map_or(0, |f| f.start + f.len);
+    let mut backend_bytes = Vec::with_capacity(input.len());
+    let mut in_fragmented = false;
+    let mut injected = injected_at.iter().peekable();
+    for f in &frames {
+        if injected.peek() == Some(&&f.start) {
+            injected.next();
+            assert!(!in_fragmented, "injected frame inside a fragmented message");
+            assert!(f.fin && f.opcode == OpCode::Data(Data::Text));
+            continue;
+        }
+        if let OpCode::Data(_) = f.opcode {
+            in_fragmented = !f.fin;
+        }
+        backend_bytes.extend_from_slice(&out[f.start..f.start + f.len]);
+    }
+    assert_eq!(
+        injected.next(),
+        None,
+        "an injected frame does not start a frame (complete up to {complete})"
+    );
+    assert!(
+        input.starts_with(&backend_bytes),
+        "the backend's bytes reach the client unchanged"
+    );
+    assert_eq!(
+        out.len() - complete,
+        input.len() - backend_bytes.len() - rest.len()
+    );
 }

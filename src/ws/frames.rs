@@ -276,6 +276,18 @@ impl FrameTracker {
             .max(1)
     }
 
+    /// How far the relay may read when frames of its own wait to go into this stream:
+    /// `None` = not at all, this is a message boundary and the place to insert them;
+    /// `Some(n)` = at most `n` bytes, which never passes the end of the current frame, so
+    /// the next boundary is seen before any byte beyond it is read.
+    pub fn read_limit_for_injection(&self) -> Option<u64> {
+        if self.at_message_boundary() {
+            None
+        } else {
+            Some(self.bytes_to_frame_end())
+        }
+    }
+
     /// The error this tracker stopped on, if any.
     pub fn error(&self) -> Option<FrameError> {
         self.error
