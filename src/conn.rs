@@ -1181,11 +1181,15 @@ impl Conn {
             let pooled = if same_backend_fresh {
                 None
             } else {
-                ctx.backends.checkout(id, ctx.now)
+                ctx.backends.checkout(id, ctx.now, token)
             };
             let reused = pooled.is_some();
+            let mut registered_here = false;
             let stream = match pooled {
-                Some(s) => Ok(s),
+                Some((s, same_token)) => {
+                    registered_here = same_token;
+                    Ok(s)
+                }
                 None => open_backend(addr, dial.tls, ctx.backend_tls),
             };
             let mut stream = match stream {
@@ -1196,10 +1200,12 @@ impl Conn {
                     continue;
                 }
             };
-            // A pooled socket is still registered (under the token of its last owner): one
-            // MOD moves it here. A new one is added.
+            // A pooled socket is still registered under the token of its last owner: one
+            // MOD moves it here, unless that owner was this connection. A new one is added.
             let interest = Interest::READABLE | Interest::WRITABLE;
-            let registered = if reused {
+            let registered = if registered_here {
+                Ok(())
+            } else if reused {
                 ctx.poll
                     .reregister(stream.socket_mut(), token, interest)
                     .or_else(|_| ctx.poll.register(stream.socket_mut(), token, interest))
@@ -1268,7 +1274,9 @@ impl Conn {
         // Not deregistered: a pooled socket is moved by `reregister` at checkout, and closing
         // a socket removes it from epoll. Stray events for it are ignored like any other.
         if reusable {
-            ctx.backends.checkin(leg.backend, leg.stream, ctx.now);
+            let token = token_for(self.key, Side::Backend);
+            ctx.backends
+                .checkin(leg.backend, leg.stream, ctx.now, token);
         }
         Some(leg.to_backend)
     }

@@ -127,20 +127,13 @@ impl Outbox {
             if self.is_empty() {
                 break;
             }
-            let io = if self.head_pos < self.head.len() {
-                let src = self.head.get(self.head_pos..).unwrap_or_default();
-                let io = stream.write(ready, src);
-                if let Io::Progress(n) = io {
-                    self.head_pos += n;
-                }
-                io
-            } else {
-                let io = stream.write(ready, self.buf.data());
-                if let Io::Progress(n) = io {
-                    self.buf.consume(n);
-                }
-                io
-            };
+            let head = self.head.get(self.head_pos..).unwrap_or_default();
+            let io = stream.write_pair(ready, head, self.buf.data());
+            if let Io::Progress(n) = io {
+                let from_head = n.min(head.len());
+                self.head_pos += from_head;
+                self.buf.consume(n - from_head);
+            }
             match io {
                 Io::Progress(n) => total += n,
                 Io::WouldBlock => {

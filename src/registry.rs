@@ -1,7 +1,7 @@
 //! The backend pool: every backend the balancer may pick, its load, its health, and its idle
 //! keep-alive connections.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use crate::config::{authority_host, is_tls_url, parse_backend_url, BackendSpec};
 use crate::control::protocol::Registration;
 use crate::log;
 use crate::transport::Transport;
+use mio::Token;
 
 /// Idle keep-alive connections kept per backend.
 const POOL_PER_BACKEND: usize = 256;
@@ -26,6 +27,35 @@ const POOL_PEEK_AFTER: Duration = Duration::from_secs(1);
 const DOWN_BASE: Duration = Duration::from_millis(500);
 /// Longest back-off.
 const DOWN_MAX: Duration = Duration::from_secs(30);
+
+/// An idle keep-alive connection.
+#[derive(Debug)]
+struct Pooled {
+    stream: Transport,
+    since: Instant,
+    /// The poll token it is registered under (its last user's).
+    token: Token,
+}
+
+impl Pooled {
+    /// The connection, if it may carry another request.
+    fn usable(self, now: Instant) -> Option<Transport> {
+        let idle = now.duration_since(self.since);
+        if idle > POOL_MAX_AGE {
+            return None;
+        }
+        if idle < POOL_PEEK_AFTER {
+            return Some(self.stream);
+        }
+        let mut probe = [0u8; 1];
+        // WouldBlock = open and silent: the only state in which reuse is safe. EOF or
+        // unsolicited bytes mean the backend closed or misbehaved; drop it.
+        match self.stream.socket().peek(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(self.stream),
+            _ => None,
+        }
+    }
+}
 
 /// Where a backend is in its life (docs/PROTOCOL.md, "Backend states").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +128,7 @@ pub struct Backend {
     pub down_until: Option<Instant>,
     /// Times this backend was picked.
     pub selected: u64,
-    idle: Vec<(Transport, Instant)>,
+    idle: VecDeque<Pooled>,
 }
 
 /// Where to dial a backend: address and, for TLS bindings, the name to verify and send as SNI.
@@ -388,38 +418,44 @@ impl Registry {
         }
     }
 
-    /// Takes an idle keep-alive connection to `id` that still looks open.
-    pub fn checkout(&mut self, id: usize, now: Instant) -> Option<Transport> {
+    /// Takes an idle keep-alive connection to `id` that still looks open, preferring one
+    /// still registered with the poll under `token` (the caller's own, returned by it after
+    /// its last exchange): reusing that one needs no `epoll_ctl`. Returns the connection
+    /// and whether it is registered under `token` already.
+    pub fn checkout(&mut self, id: usize, now: Instant, token: Token) -> Option<(Transport, bool)> {
         let b = self.backends.get_mut(id)?;
-        while let Some((stream, since)) = b.idle.pop() {
-            if now.duration_since(since) > POOL_MAX_AGE {
-                continue;
+        if let Some(at) = b.idle.iter().rposition(|p| p.token == token) {
+            if let Some(stream) = b.idle.remove(at).and_then(|p| p.usable(now)) {
+                return Some((stream, true));
             }
-            if now.duration_since(since) < POOL_PEEK_AFTER {
-                return Some(stream);
-            }
-            let mut probe = [0u8; 1];
-            // WouldBlock = open and silent: the only state in which reuse is safe. EOF or
-            // unsolicited bytes mean the backend closed or misbehaved; drop it.
-            match stream.socket().peek(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(stream),
-                _ => continue,
+        }
+        // Otherwise the most recently returned one: the least likely to have been closed by
+        // the backend (taking the oldest instead measured more re-registrations, not fewer).
+        while let Some(pooled) = b.idle.pop_back() {
+            let same = pooled.token == token;
+            if let Some(stream) = pooled.usable(now) {
+                return Some((stream, same));
             }
         }
         None
     }
 
-    /// Returns a deregistered, quiet keep-alive connection to `id`'s pool.
-    pub fn checkin(&mut self, id: usize, stream: Transport, now: Instant) {
+    /// Returns a quiet keep-alive connection to `id`'s pool. It stays registered with the
+    /// poll under `token`, the token of the connection that used it last.
+    pub fn checkin(&mut self, id: usize, stream: Transport, now: Instant, token: Token) {
         if let Some(b) = self
             .backends
             .get_mut(id)
             .filter(|b| b.state != BackendState::Gone)
         {
             if b.idle.len() >= POOL_PER_BACKEND {
-                b.idle.remove(0);
+                b.idle.pop_front();
             }
-            b.idle.push((stream, now));
+            b.idle.push_back(Pooled {
+                stream,
+                since: now,
+                token,
+            });
         }
     }
 
@@ -427,7 +463,7 @@ impl Registry {
     pub fn sweep_idle(&mut self, now: Instant) {
         for (_, b) in &mut self.backends {
             b.idle
-                .retain(|(_, since)| now.duration_since(*since) <= POOL_MAX_AGE);
+                .retain(|p| now.duration_since(p.since) <= POOL_MAX_AGE);
         }
     }
 
@@ -464,7 +500,7 @@ impl Backend {
             failures: 0,
             down_until: None,
             selected: 0,
-            idle: Vec::new(),
+            idle: VecDeque::new(),
         }
     }
 
@@ -503,5 +539,44 @@ mod tests {
             .filter_map(|_| r.pick(Algorithm::Random, &[], later, &mut rng))
             .collect();
         assert!(picks.contains(&0));
+    }
+
+    /// A connected loopback socket, as a pooled backend connection, and its local port.
+    fn pooled_socket(listener: &std::net::TcpListener) -> (Transport, u16) {
+        let std = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        std.set_nonblocking(true).unwrap();
+        let port = std.local_addr().unwrap().port();
+        (Transport::Plain(mio::net::TcpStream::from_std(std)), port)
+    }
+
+    #[test]
+    fn checkout_prefers_the_callers_own_pooled_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let mut r = Registry::from_specs(&[parse_backend(&url).unwrap()]);
+        let now = Instant::now();
+        let (mine, mine_port) = pooled_socket(&listener);
+        let (other, other_port) = pooled_socket(&listener);
+        r.checkin(0, mine, now, Token(7));
+        r.checkin(0, other, now, Token(9));
+        // Token 7 gets its own back although token 9's is the most recent.
+        let (s, same) = r.checkout(0, now, Token(7)).unwrap();
+        assert_eq!(
+            (s.socket().local_addr().unwrap().port(), same),
+            (mine_port, true)
+        );
+        // Another caller takes what is left and must re-register it.
+        let (s, same) = r.checkout(0, now, Token(11)).unwrap();
+        assert_eq!(
+            (s.socket().local_addr().unwrap().port(), same),
+            (other_port, false)
+        );
+        assert!(r.checkout(0, now, Token(7)).is_none());
+        // Too old: never handed out, even to its own user.
+        let (old, _) = pooled_socket(&listener);
+        r.checkin(0, old, now, Token(7));
+        assert!(r
+            .checkout(0, now + POOL_MAX_AGE + Duration::from_millis(1), Token(7))
+            .is_none());
     }
 }
