@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mio::Token;
 use rand::Rng;
 use rustls_pki_types::ServerName;
 use slab::Slab;
@@ -14,7 +15,6 @@ use crate::config::{authority_host, is_tls_url, parse_backend_url, BackendSpec};
 use crate::control::protocol::Registration;
 use crate::log;
 use crate::transport::Transport;
-use mio::Token;
 
 /// Idle keep-alive connections kept per backend.
 const POOL_PER_BACKEND: usize = 256;
