@@ -91,6 +91,8 @@ pub struct Ctx<'a> {
     pub hooks: Option<&'a mut (dyn Hooks + 'static)>,
     /// Signs and checks sticky cookies (cookie mode only).
     pub signer: Option<&'a crate::sticky::CookieSigner>,
+    /// Reading pass of a poll turn: read and parse, leave writing to the flush pass.
+    pub defer_writes: bool,
 }
 
 /// Outcome of driving a connection.
@@ -318,6 +320,8 @@ pub struct Conn {
     pub armed: Option<Instant>,
     /// Finished and waiting to be reaped after this batch of events.
     pub done: bool,
+    /// On the server's list for this turn's flush pass.
+    pub flush_queued: bool,
     throttle: Option<Throttle>,
     /// Counted in the server's per-address tally (released at reap).
     pub counts_for_ip: bool,
@@ -366,6 +370,7 @@ impl Conn {
             head_started: Some(now),
             armed: None,
             done: false,
+            flush_queued: false,
             throttle: (throttle > 0).then(|| Throttle::new(throttle, now)),
             counts_for_ip: false,
             opened: now,
@@ -835,7 +840,7 @@ impl Conn {
                 }
             }
             if let Some(leg) = &mut self.leg {
-                if leg.connecting_since.is_none() {
+                if leg.connecting_since.is_none() && !ctx.defer_writes {
                     match leg.to_backend.flush(&mut leg.stream, &mut leg.ready) {
                         Io::Progress(_) => progress = true,
                         Io::Failed if matches!(self.phase, Phase::Tunnel(_)) => {
@@ -935,10 +940,12 @@ impl Conn {
         }
 
         // Balancer → client.
-        match self.to_client.flush(&mut self.client, &mut self.c_ready) {
-            Io::Progress(_) => progress = true,
-            Io::Failed => return Step::Done,
-            _ => {}
+        if !ctx.defer_writes {
+            match self.to_client.flush(&mut self.client, &mut self.c_ready) {
+                Io::Progress(_) => progress = true,
+                Io::Failed => return Step::Done,
+                _ => {}
+            }
         }
         if self.to_client.is_empty()
             && !self.c_fin_sent

@@ -63,6 +63,7 @@ macro_rules! ctx {
             events: &mut $s.events,
             hooks: $s.hooks.as_deref_mut(),
             signer: $s.signer.as_ref(),
+            defer_writes: $s.reading_pass,
         }
     };
 }
@@ -181,6 +182,10 @@ pub struct Server {
     draining: bool,
     finished: bool,
     yielded: Vec<(usize, u64)>,
+    /// Connections driven in this turn's reading pass, for its flush pass.
+    to_flush: Vec<usize>,
+    /// Inside the reading pass (see [`Server::flush_pass`]).
+    reading_pass: bool,
     to_reap: Vec<usize>,
 }
 
@@ -372,6 +377,8 @@ impl Server {
             draining: false,
             finished: false,
             yielded: Vec::new(),
+            to_flush: Vec::new(),
+            reading_pass: false,
             to_reap: Vec::new(),
         })
     }
@@ -427,6 +434,7 @@ impl Server {
             for ev in events.iter() {
                 self.dispatch(ev);
             }
+            self.flush_pass();
             self.fire_timers();
             self.run_yielded();
             self.send_unreachable_notices();
@@ -507,7 +515,13 @@ impl Server {
                     return;
                 }
                 conn.absorb(side, ev);
+                if !conn.flush_queued {
+                    conn.flush_queued = true;
+                    self.to_flush.push(key);
+                }
+                self.reading_pass = true;
                 self.with_conn(key, |c, ctx| c.drive(ctx));
+                self.reading_pass = false;
             }
         }
     }
@@ -721,6 +735,23 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// A poll turn drives connections in two passes, as HAProxy does: the reading pass (in
+    /// event order) reads and parses and only queues what is to be written; this pass then
+    /// writes for every connection touched. Each backend so gets a turn's requests as one
+    /// burst instead of being woken for each, which measured +15-20% HTTP req/s and a lower
+    /// p99 on a 2-core host where the backends share the CPUs (bench/README.md).
+    fn flush_pass(&mut self) {
+        let mut keys = std::mem::take(&mut self.to_flush);
+        for key in keys.drain(..) {
+            if let Some(c) = self.conns.get_mut(key) {
+                c.flush_queued = false;
+                self.with_conn(key, |c, ctx| c.drive(ctx));
+            }
+        }
+        // The vector is kept to reuse its allocation next turn.
+        self.to_flush = keys;
     }
 
     fn run_yielded(&mut self) {
