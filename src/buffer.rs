@@ -123,6 +123,14 @@ impl Buffer {
         if bytes.is_empty() {
             return 0;
         }
+        if self.start > 0 && self.data.len().saturating_sub(self.end) < bytes.len() {
+            // The room `has_room` counts includes the consumed front: callers size what they
+            // push by it (and have already parsed it), so make it usable rather than take
+            // less. A shorter tail only shortens a read; a shorter push would lose bytes.
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
         let space = self.space();
         let n = space.len().min(bytes.len());
         if let (Some(dst), Some(src)) = (space.get_mut(..n), bytes.get(..n)) {
@@ -170,6 +178,20 @@ mod tests {
         b.consume(BUF_SIZE);
         assert!(b.is_empty());
         assert_eq!(b.allocated(), 0, "drained buffers hold no memory");
+    }
+
+    #[test]
+    fn push_uses_the_consumed_front_even_when_the_tail_is_not_full() {
+        let mut b = Buffer::default();
+        b.push(&vec![1u8; 10_000]);
+        b.consume(4_000);
+        // 6,000 bytes held at 4,000..10,000: the tail has 6,384 bytes, the buffer 10,384.
+        let more = vec![2u8; BUF_SIZE - 6_000];
+        assert!(b.has_room(more.len()));
+        assert_eq!(b.push(&more), more.len());
+        assert_eq!(b.len(), BUF_SIZE);
+        assert!(b.data()[..6_000].iter().all(|&x| x == 1));
+        assert!(b.data()[6_000..].iter().all(|&x| x == 2));
     }
 
     #[test]

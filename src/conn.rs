@@ -1354,7 +1354,9 @@ impl Conn {
             match ex.req_body.feed(chunk) {
                 Ok(p) if p.consumed > 0 => {
                     let part = chunk.get(..p.consumed).unwrap_or_default();
-                    leg.to_backend.buf.push(part);
+                    let pushed = leg.to_backend.buf.push(part);
+                    // `room` was measured from this buffer: everything fits.
+                    debug_assert_eq!(pushed, part.len());
                     self.from_client.consume(p.consumed);
                     ex.body_window.1 += p.consumed as u64;
                     progress = true;
@@ -1496,7 +1498,9 @@ impl Conn {
                         match body.feed(chunk) {
                             Ok(p) if p.consumed > 0 => {
                                 let part = chunk.get(..p.consumed).unwrap_or_default();
-                                self.to_client.buf.push(part);
+                                let pushed = self.to_client.buf.push(part);
+                                // `room` was measured from this buffer: everything fits.
+                                debug_assert_eq!(pushed, part.len());
                                 leg.from_backend.consume(p.consumed);
                                 progress = true;
                             }
@@ -1612,14 +1616,14 @@ impl Conn {
         if let Err(code) = feed(&mut t.up, early_up, t.inspect.as_mut()) {
             t.pending_close = Some(code);
         } else {
-            leg.to_backend.buf.push(early_up);
+            push_whole(&mut leg.to_backend.buf, early_up);
         }
         self.from_client.release();
         let early_down = leg.from_backend.data();
         if let Err(e) = t.down.feed(early_down) {
             t.pending_close = Some(e.close_code());
         } else {
-            self.to_client.buf.push(early_down);
+            push_whole(&mut self.to_client.buf, early_down);
         }
         leg.from_backend.release();
         log::debug(
@@ -1883,6 +1887,16 @@ fn read_exact_frame(
     buf.push(&t.up_hold);
     t.up_hold.clear();
     Ok(io)
+}
+
+/// Appends all of `bytes` (at most a head buffer's worth, which may exceed a relay buffer
+/// after a large handshake head), growing `buf` for it.
+fn push_whole(buf: &mut Buffer, bytes: &[u8]) {
+    if !buf.has_room(bytes.len()) {
+        buf.grow(buf.len() + bytes.len());
+    }
+    let pushed = buf.push(bytes);
+    debug_assert_eq!(pushed, bytes.len());
 }
 
 /// The unmasked payload of one whole client control frame (at most 125 bytes).
