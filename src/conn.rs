@@ -1682,7 +1682,11 @@ impl Conn {
                 let n = encode_close(code, None, &mut frame);
                 self.to_client.buf.push(frame.get(..n).unwrap_or_default());
                 // Best effort: tell the backend too, masked as a client must.
-                if !leg.eof && t.up.at_frame_boundary() && !leg.fin_sent {
+                if !leg.eof
+                    && t.up.at_frame_boundary()
+                    && !leg.fin_sent
+                    && leg.to_backend.buf.has_room(8)
+                {
                     let n = encode_close(code, Some(ctx.rng.random::<[u8; 4]>()), &mut frame);
                     leg.to_backend.buf.push(frame.get(..n).unwrap_or_default());
                     let _ = leg.to_backend.flush(&mut leg.stream, &mut leg.ready);
