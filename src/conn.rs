@@ -91,8 +91,6 @@ pub struct Ctx<'a> {
     pub hooks: Option<&'a mut (dyn Hooks + 'static)>,
     /// Signs and checks sticky cookies (cookie mode only).
     pub signer: Option<&'a crate::sticky::CookieSigner>,
-    /// Reading pass of a poll turn: read and parse, leave writing to the flush pass.
-    pub defer_writes: bool,
 }
 
 /// Outcome of driving a connection.
@@ -320,7 +318,8 @@ pub struct Conn {
     pub armed: Option<Instant>,
     /// Finished and waiting to be reaped after this batch of events.
     pub done: bool,
-    /// On the server's list for this turn's flush pass.
+    /// On the server's list for this turn's flush pass: until then it reads and parses but
+    /// leaves writing to that pass.
     pub flush_queued: bool,
     throttle: Option<Throttle>,
     /// Counted in the server's per-address tally (released at reap).
@@ -840,7 +839,7 @@ impl Conn {
                 }
             }
             if let Some(leg) = &mut self.leg {
-                if leg.connecting_since.is_none() && !ctx.defer_writes {
+                if leg.connecting_since.is_none() && !self.flush_queued {
                     match leg.to_backend.flush(&mut leg.stream, &mut leg.ready) {
                         Io::Progress(_) => progress = true,
                         Io::Failed if matches!(self.phase, Phase::Tunnel(_)) => {
@@ -940,7 +939,7 @@ impl Conn {
         }
 
         // Balancer → client.
-        if !ctx.defer_writes {
+        if !self.flush_queued {
             match self.to_client.flush(&mut self.client, &mut self.c_ready) {
                 Io::Progress(_) => progress = true,
                 Io::Failed => return Step::Done,
@@ -1191,12 +1190,9 @@ impl Conn {
                 ctx.backends.checkout(id, ctx.now, token)
             };
             let reused = pooled.is_some();
-            let mut registered_here = false;
+            let registered_here = matches!(pooled, Some((_, true)));
             let stream = match pooled {
-                Some((s, same_token)) => {
-                    registered_here = same_token;
-                    Ok(s)
-                }
+                Some((s, _)) => Ok(s),
                 None => open_backend(addr, dial.tls, ctx.backend_tls),
             };
             let mut stream = match stream {

@@ -68,7 +68,6 @@ macro_rules! ctx {
             events: &mut $s.events,
             hooks: $s.hooks.as_deref_mut(),
             signer: $s.signer.as_ref(),
-            defer_writes: $s.reading_pass,
         }
     };
 }
@@ -189,8 +188,6 @@ pub struct Server {
     yielded: Vec<(usize, u64)>,
     /// Connections driven in this turn's reading pass, for its flush pass.
     to_flush: Vec<usize>,
-    /// Inside the reading pass (see [`Server::flush_pass`]).
-    reading_pass: bool,
     to_reap: Vec<usize>,
 }
 
@@ -383,7 +380,6 @@ impl Server {
             finished: false,
             yielded: Vec::new(),
             to_flush: Vec::new(),
-            reading_pass: false,
             to_reap: Vec::new(),
         })
     }
@@ -524,9 +520,7 @@ impl Server {
                     conn.flush_queued = true;
                     self.to_flush.push(key);
                 }
-                self.reading_pass = conn.flush_queued;
                 self.with_conn(key, |c, ctx| c.drive(ctx));
-                self.reading_pass = false;
             }
         }
     }
