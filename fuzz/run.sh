@@ -64,6 +64,24 @@ bin_dir="$here/target/$triple/release"
 work="$(mktemp -d "${TMPDIR:-/tmp}/wslb-fuzz.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
+# Everything the next person needs to fix a finding without rerunning the fuzzer: the
+# target, the reproducer's path and bytes (CI artifacts are often gone), and the commands
+# that replay it, with and without nightly-only tooling.
+report_reproducer() {
+    local target="$1" file="$2" size
+    size=$(wc -c <"$file")
+    echo "fuzz:   target:     $target"
+    echo "fuzz:   reproducer: $file ($size bytes)"
+    if [ "$size" -lt 4096 ]; then
+        echo "fuzz:   base64:     $(base64 -w0 "$file")"
+        echo "fuzz:   recreate:   echo '$(base64 -w0 "$file")' | base64 -d > crash.bin"
+    else
+        echo "fuzz:   (over 4 KiB: bytes not printed; the log is in fuzz/artifacts/$target/)"
+    fi
+    echo "fuzz:   replay:     (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a $target $file)"
+    echo "fuzz:   on stable:  cp $file fuzz/regressions/$target/crash-<hash>-<what>-regression && cargo test --test fuzz_corpus"
+}
+
 failed=()
 total_execs=0
 for t in $targets; do
@@ -100,8 +118,11 @@ for t in $targets; do
         grep -E '^(==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written)' "$log" | head -n 20 || true
         sed -n '/panicked at/,+6p' "$log" | head -n 20
         cp "$log" "artifacts/$t/last-failure.log"
+        if [ -z "$found" ]; then
+            echo "fuzz:   $t: no reproducer was written (see the log above)"
+        fi
         for f in $found; do
-            echo "fuzz:   reproducer $f  (replay: $bin_dir/$t $f; keep it as fuzz/regressions/$t/crash-<hash>-<what>-regression)"
+            report_reproducer "$t" "$here/$f"
         done
     else
         printf 'fuzz: %-14s ok  %12s execs  %8s execs/s  (%s s)\n' "$t" "${execs:-?}" "${rate:-?}" "$seconds"
