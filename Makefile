@@ -16,12 +16,17 @@ run: build
 
 test: test-deps fmt-check clippy test-unit bench-smoke fuzz-ci
 
-# Real external clients the tests drive: curl, Python websockets + prometheus_client, and
-# headless Chromium for the status page. Installed only when missing.
+# Real external peers the tests drive: curl, Node (its `http` server), headless Chromium,
+# and Python packages (websockets, prometheus_client, gunicorn, uvicorn) in the project's
+# own virtual environment .venv, never the system Python. Installed only when missing.
+VENV ?= .venv
+PY_TEST_DEPS = 'websockets>=14' prometheus_client gunicorn uvicorn
 test-deps:
 	@command -v curl >/dev/null || ($(APT) update -qq && $(APT) install -y -qq curl)
-	@python3 -c 'import websockets, prometheus_client' 2>/dev/null || \
-		python3 -m pip install -q 'websockets>=14' prometheus_client
+	@command -v node >/dev/null || ($(APT) update -qq && $(APT) install -y -qq nodejs)
+	@test -x $(VENV)/bin/python3 || python3 -m venv $(VENV)
+	@$(VENV)/bin/python3 -c 'import websockets, prometheus_client, gunicorn, uvicorn' 2>/dev/null || \
+		$(VENV)/bin/python3 -m pip install -q $(PY_TEST_DEPS)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 		($(APT) update -qq && $(APT) install -y -qq chromium)
 

@@ -153,7 +153,16 @@ struct Exchange {
     expect_continue: bool,
     /// Start of the current `--min-body-rate` window and body bytes received in it.
     body_window: (Instant, u64),
+    /// Every request body byte sent so far on a reused backend connection, so the request
+    /// can be sent again if that connection turns out to be closed (the backend may close
+    /// an idle connection just as we reuse it). `None` once more than [`REPLAY_MAX`] went
+    /// out: such a request is not retried.
+    replay: Option<Vec<u8>>,
 }
+
+/// Most request body bytes held for a retry on a new connection: one relay buffer, so a
+/// replay always fits in a fresh outbox.
+const REPLAY_MAX: usize = crate::buffer::BUF_SIZE;
 
 /// Period over which `--min-body-rate` is measured.
 const BODY_RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -253,6 +262,18 @@ struct Tunnel {
     next_ping: Option<Instant>,
     /// `--inspect` reassembly of client messages.
     inspect: Option<Inspect>,
+}
+
+/// Adds body bytes sent on a reused connection to the replay copy, or gives the replay up
+/// once it would exceed [`REPLAY_MAX`].
+fn hold_for_replay(replay: &mut Option<Vec<u8>>, part: &[u8]) {
+    if let Some(held) = replay {
+        if held.len() + part.len() <= REPLAY_MAX {
+            held.extend_from_slice(part);
+        } else {
+            *replay = None;
+        }
+    }
 }
 
 /// Payload prefix of the balancer's own pings, so their pongs can be told from others.
@@ -1113,6 +1134,7 @@ impl Conn {
             sticky: sticky_of(&req, self.peer, ctx),
             expect_continue: req.expect_continue,
             body_window: (ctx.now, 0),
+            replay: Some(Vec::new()),
         };
         let head_len = req.head_len;
         let req_keep_alive = req.keep_alive && !ctx.draining;
@@ -1301,24 +1323,36 @@ impl Conn {
     fn backend_lost(&mut self, ctx: &mut Ctx<'_>) {
         let Some(leg) = &self.leg else { return };
         let retry = match &self.phase {
-            // A pooled connection the backend had already closed: nothing was processed,
-            // so sending the same head again on a fresh connection is safe.
+            // A pooled connection the backend had closed (or closed as we reused it): it
+            // answered nothing, and we still hold every byte sent on it, so the request goes
+            // again on a fresh connection, whatever its method (as nginx and HAProxy's
+            // `retry-on conn-failure empty-response` do).
             Phase::Exchange(ex) => {
                 leg.reused
                     && !ex.answered
                     && leg.from_backend.is_empty()
-                    && ex.req_body.payload_bytes() == 0
                     && matches!(ex.resp, Resp::AwaitHead)
-                    && leg.to_backend.buf.is_empty()
+                    && ex.replay.is_some()
             }
             _ => false,
         };
         let id = leg.backend;
         if retry {
-            let to_backend = self.drop_leg(ctx, false).unwrap_or_default();
+            let mut to_backend = self.drop_leg(ctx, false).unwrap_or_default();
             if let Phase::Exchange(ex) = &mut self.phase {
                 ex.failed.push(id);
+                // What was queued but not yet written is part of the replay too.
+                to_backend.buf.release();
+                let held = ex.replay.take().unwrap_or_default();
+                let pushed = to_backend.buf.push(&held);
+                // REPLAY_MAX is one buffer: a replay always fits an empty one.
+                debug_assert_eq!(pushed, held.len());
             }
+            ctx.stats.pool_retries += 1;
+            log::debug(
+                "reused backend connection closed unanswered; retrying",
+                &[("client", &self.id), ("backend", &id)],
+            );
             self.connect_backend(ctx, to_backend, true);
             return;
         }
@@ -1353,6 +1387,9 @@ impl Conn {
                     let pushed = leg.to_backend.buf.push(part);
                     // `room` was measured from this buffer: everything fits.
                     debug_assert_eq!(pushed, part.len());
+                    if leg.reused {
+                        hold_for_replay(&mut ex.replay, part);
+                    }
                     self.from_client.consume(p.consumed);
                     ex.body_window.1 += p.consumed as u64;
                     progress = true;
@@ -1420,6 +1457,7 @@ impl Conn {
                         }
                     };
                     leg.to_backend.drop_head();
+                    ex.replay = None;
                     if resp.status == 101 {
                         let verdict = match &ex.ws_key {
                             Some(key) => handshake::validate_response(&resp, key),

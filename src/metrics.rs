@@ -32,6 +32,10 @@ pub struct Stats {
     pub server_ready: u64,
     /// Registered backends lost or deregistered.
     pub server_disconnected: u64,
+    /// Idle pooled backend connections dropped because their backend closed them.
+    pub pool_evicted: u64,
+    /// Requests sent again on a new connection after a reused one failed before answering.
+    pub pool_retries: u64,
 }
 
 impl Stats {
@@ -84,7 +88,17 @@ pub fn render(
     backends: &[BackendSample<'_>],
 ) -> String {
     let mut o = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 13] = [
+        (
+            "wslb_backend_pool_evicted_total",
+            "Idle keep-alive backend connections dropped because the backend closed them.",
+            s.pool_evicted,
+        ),
+        (
+            "wslb_backend_pool_retries_total",
+            "Requests retried on a new connection after a reused one failed unanswered.",
+            s.pool_retries,
+        ),
         (
             "wslb_connections_accepted_total",
             "Client connections accepted.",

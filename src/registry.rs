@@ -44,16 +44,19 @@ impl Pooled {
         if idle > POOL_MAX_AGE {
             return None;
         }
-        if idle < POOL_PEEK_AFTER {
+        if idle < POOL_PEEK_AFTER || self.is_quiet() {
             return Some(self.stream);
         }
+        None
+    }
+
+    /// Open and silent: the only state in which reuse is safe. EOF, an error or unsolicited
+    /// bytes (a backend's `408` before it hangs up, a TLS close_notify) mean the backend
+    /// closed or misbehaved.
+    fn is_quiet(&self) -> bool {
         let mut probe = [0u8; 1];
-        // WouldBlock = open and silent: the only state in which reuse is safe. EOF or
-        // unsolicited bytes mean the backend closed or misbehaved; drop it.
-        match self.stream.socket().peek(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(self.stream),
-            _ => None,
-        }
+        matches!(self.stream.socket().peek(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -459,6 +462,23 @@ impl Registry {
         }
     }
 
+    /// A poll event arrived for `token` while it may have been for idle pooled connections
+    /// registered under it (they keep their last owner's token). An idle connection only
+    /// gets an event when its backend closed it, reset it or sent something: each such one
+    /// leaves the pool now, so the next request is not sent into a dead socket. Returns how
+    /// many left.
+    pub fn evict_closed_pooled(&mut self, token: Token) -> usize {
+        let mut evicted = 0;
+        for (_, b) in &mut self.backends {
+            b.idle.retain(|p| {
+                let keep = p.token != token || p.is_quiet();
+                evicted += usize::from(!keep);
+                keep
+            });
+        }
+        evicted
+    }
+
     /// Drops pooled connections past their age.
     pub fn sweep_idle(&mut self, now: Instant) {
         for (_, b) in &mut self.backends {
@@ -578,5 +598,40 @@ mod tests {
         assert!(r
             .checkout(0, now + POOL_MAX_AGE + Duration::from_millis(1), Token(7))
             .is_none());
+    }
+
+    #[test]
+    fn a_pooled_connection_its_backend_closed_leaves_on_the_event() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let mut r = Registry::from_specs(&[parse_backend(&url).unwrap()]);
+        let now = Instant::now();
+        let (closed, _) = pooled_socket(&listener);
+        let (server_side, _) = listener.accept().unwrap();
+        let (talking, _) = pooled_socket(&listener);
+        let (mut server_talks, _) = listener.accept().unwrap();
+        let (quiet, quiet_port) = pooled_socket(&listener);
+        r.checkin(0, closed, now, Token(7));
+        r.checkin(0, talking, now, Token(7));
+        r.checkin(0, quiet, now, Token(7));
+        drop(server_side);
+        std::io::Write::write_all(&mut server_talks, b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .unwrap();
+        // The FIN and the bytes are in flight on loopback; wait until both are visible.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut evicted = 0;
+        while evicted < 2 && Instant::now() < deadline {
+            evicted += r.evict_closed_pooled(Token(9)); // another token: nothing to do
+            evicted += r.evict_closed_pooled(Token(7));
+            std::thread::yield_now();
+        }
+        assert_eq!(evicted, 2);
+        // The quiet one stays and is handed out even though it is young enough to skip a peek.
+        let (s, same) = r.checkout(0, now, Token(7)).unwrap();
+        assert_eq!(
+            (s.socket().local_addr().unwrap().port(), same),
+            (quiet_port, true)
+        );
+        assert!(r.checkout(0, now, Token(7)).is_none());
     }
 }

@@ -508,13 +508,22 @@ impl Server {
                 let Some((key, side)) = key_of(token) else {
                     return;
                 };
+                let conn = self.conns.get_mut(key).filter(|c| !c.done);
+                // Idle pooled backend connections stay registered under their last owner's
+                // token, so an event there may be a backend closing one of them: without a
+                // leg it cannot be anything else, and with one a hang-up may still be theirs.
+                if side == Side::Backend
+                    && (conn.as_ref().is_none_or(|c| c.backend_id().is_none())
+                        || ev.is_read_closed()
+                        || ev.is_error())
+                {
+                    let evicted = self.backends.evict_closed_pooled(token);
+                    self.stats.pool_evicted += evicted as u64;
+                }
                 // Sporadic events for connections that just went away are normal.
-                let Some(conn) = self.conns.get_mut(key) else {
+                let Some(conn) = self.conns.get_mut(key).filter(|c| !c.done) else {
                     return;
                 };
-                if conn.done {
-                    return;
-                }
                 conn.absorb(side, ev);
                 if !conn.flush_queued && self.to_flush.len() < MAX_DEFERRED {
                     conn.flush_queued = true;

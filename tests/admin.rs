@@ -195,7 +195,7 @@ fn run_with_deadline(mut cmd: Command, limit: Duration) -> (bool, String, String
 type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
 
 fn parse_metrics(text: &str) -> Samples {
-    let have = Command::new("python3")
+    let have = Command::new(common::python())
         .args(["-c", "import prometheus_client"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -215,7 +215,7 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
                     "labels": s.labels, "value": s.value})
 print(json.dumps(out))
 "#;
-    let mut child = Command::new("python3")
+    let mut child = Command::new(common::python())
         .args(["-c", SCRIPT])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

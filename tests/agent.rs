@@ -672,7 +672,7 @@ fn check_example_backend(fake: &Fake, rx: &mpsc::Receiver<String>, registered: &
 
 #[test]
 fn python_example_registers_and_reconnects() {
-    let usable = Command::new("python3")
+    let usable = Command::new(python())
         .args(["-c", "import websockets"])
         .stderr(Stdio::null())
         .status()
@@ -682,7 +682,7 @@ fn python_example_registers_and_reconnects() {
         return;
     }
     let fake = Fake::start(Mode::Normal, Some("py-token"));
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/examples/python_backend.py"
@@ -715,4 +715,14 @@ fn rust_example_registers_and_reconnects() {
         .env_remove("WSLB_TOKEN");
     let (_child, rx) = spawn_with_lines(cmd);
     check_example_backend(&fake, &rx, "");
+}
+
+/// The project's virtual environment (`make test-deps`), else `python3`.
+fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
 }

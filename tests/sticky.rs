@@ -178,7 +178,7 @@ for i in range(2, {last}):
         last = n + 2,
         port = addr.port()
     );
-    let out = Command::new("python3")
+    let out = Command::new(common::python())
         .args(["-c", &script])
         .output()
         .expect("python3");

@@ -215,7 +215,7 @@ asyncio.run(main())
 "#,
         ca = pki.ca.to_str().unwrap()
     );
-    let out = Command::new("python3")
+    let out = Command::new(common::python())
         .args(["-c", &script])
         .output()
         .expect("python3");

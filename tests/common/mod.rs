@@ -585,3 +585,26 @@ impl Drop for Agent {
         let _ = self.0.wait();
     }
 }
+
+/// The Python the tests drive third-party peers with: the project's virtual environment
+/// (`make test-deps` creates `.venv` and installs the peers there), else `python3`.
+pub fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// A program from the project's virtual environment (`gunicorn`, `uvicorn`), else from PATH.
+pub fn venv_tool(name: &str) -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/bin")
+        .join(name);
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from(name)
+    }
+}
