@@ -151,7 +151,7 @@ fn run_load(
         for c in 0..clients {
             let (tally, think) = (&tally, &think);
             s.spawn(move || {
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1) * 0x2545_f491);
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((c as u64 + 1) * 0x2545_f491));
                 let mut client: Option<HttpClient> = None;
                 let (mut ok, mut bad) = (0, Vec::new());
                 for i in 0..per_client {
