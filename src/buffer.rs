@@ -56,6 +56,11 @@ impl Buffer {
         self.data.get(self.start..self.end).unwrap_or_default()
     }
 
+    /// Readable bytes, to fix up in place (an HTTP version the parser would refuse).
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        self.data.get_mut(self.start..self.end).unwrap_or_default()
+    }
+
     /// Number of readable bytes.
     pub fn len(&self) -> usize {
         self.end - self.start

@@ -1063,6 +1063,16 @@ impl Conn {
                 }
                 return Step::Idle;
             }
+            Err(head::HeadError::Malformed(httparse::Error::Version)) => {
+                // HTTP/1.2..1.9 is answered as HTTP/1.1 (RFC 9110 §2.5): parse again.
+                if head::downgrade_minor_version(self.from_client.data_mut()) {
+                    return Step::Progress;
+                }
+                let e = head::HeadError::Malformed(httparse::Error::Version);
+                log::debug("bad request head", &[("client", &self.id), ("error", &e)]);
+                self.fail(ctx, e.status());
+                return Step::Progress;
+            }
             Err(e) => {
                 log::debug("bad request head", &[("client", &self.id), ("error", &e)]);
                 let status = e.status();
@@ -1525,20 +1535,26 @@ impl Conn {
                     progress = true;
                 }
                 Resp::Body(body) => {
+                    // The reader holds back an incomplete chunk-size line at the end of what
+                    // the backend sent: after its EOF that is a truncated response too.
+                    let mut held_back = false;
                     if !body.is_done() && !leg.from_backend.is_empty() {
                         let room = BUF_ROOM.saturating_sub(self.to_client.buf.len());
                         let avail = leg.from_backend.data();
+                        let whole = room >= avail.len();
                         let chunk = avail.get(..room.min(avail.len())).unwrap_or_default();
                         match body.feed(chunk) {
-                            Ok(p) if p.consumed > 0 => {
-                                let part = chunk.get(..p.consumed).unwrap_or_default();
-                                let pushed = self.to_client.buf.push(part);
-                                // `room` was measured from this buffer: everything fits.
-                                debug_assert_eq!(pushed, part.len());
-                                leg.from_backend.consume(p.consumed);
-                                progress = true;
+                            Ok(p) => {
+                                held_back = whole && !p.done && p.consumed < chunk.len();
+                                if p.consumed > 0 {
+                                    let part = chunk.get(..p.consumed).unwrap_or_default();
+                                    let pushed = self.to_client.buf.push(part);
+                                    // `room` was measured from this buffer: everything fits.
+                                    debug_assert_eq!(pushed, part.len());
+                                    leg.from_backend.consume(p.consumed);
+                                    progress = true;
+                                }
                             }
-                            Ok(_) => {}
                             Err(e) => {
                                 log::error(
                                     "bad response body",
@@ -1554,7 +1570,7 @@ impl Conn {
                     if ended && (ex.req_body.is_done() || ex.close_after) {
                         return self.finish_exchange(ctx);
                     }
-                    if leg.eof && leg.from_backend.is_empty() && !body.is_done() {
+                    if leg.eof && (leg.from_backend.is_empty() || held_back) && !body.is_done() {
                         // Truncated response: the client must not mistake it for complete.
                         self.fail(ctx, 502);
                         return Step::Progress;

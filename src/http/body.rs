@@ -20,13 +20,22 @@ pub const MAX_TRAILER_LEN: usize = 16 * 1024;
 /// before any extension stays bounded.
 const MAX_SIZE_DIGITS: u8 = 16;
 
+/// Largest chunk size accepted: 2^63 - 1. Backends that keep sizes in a signed 64-bit
+/// integer (or add to one) overflow on anything larger, so such a size is refused before
+/// any byte of its line is forwarded.
+const MAX_CHUNK_SIZE: u64 = i64::MAX as u64;
+
+/// Longest chunk-size line (digits, extension, CRLF): the most a reader holds back
+/// unconsumed while the line is incomplete.
+pub const MAX_SIZE_LINE: usize = MAX_SIZE_DIGITS as usize + MAX_EXTENSION_LEN + 2;
+
 /// Why a body was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyError {
     /// The chunk-size line is not `1*HEXDIG [ ";" ext ] CRLF` (sign, `0x`, whitespace, bad
     /// extension byte, no digits).
     ChunkSize,
-    /// The chunk size has more than 16 hex digits or does not fit a `u64`.
+    /// The chunk size has more than 16 hex digits or is 2^63 or more.
     ChunkSizeOverflow,
     /// A line ends in a bare LF, or a CR is not followed by LF.
     LineEnding,
@@ -87,7 +96,8 @@ pub enum BodyKind {
 /// Where the chunked decoder is; each phase knows exactly which bytes may come next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Hex digits of a chunk size (none seen yet when `digits == 0`).
+    /// Hex digits of a chunk size (none seen yet when `digits == 0`); the start of a
+    /// chunk-size line.
     Size,
     /// After `;` on a chunk-size line, until CR.
     Extension,
@@ -109,6 +119,13 @@ enum Phase {
     TrailerLf,
     /// CR of the final empty line seen, LF must follow.
     EndLf,
+}
+
+impl Phase {
+    /// Inside a chunk-size line (`size [; ext] CRLF`), which is forwarded only whole.
+    fn in_size_line(self) -> bool {
+        matches!(self, Phase::Size | Phase::Extension | Phase::SizeLf)
+    }
 }
 
 /// Counters for one chunked body; no bytes are kept.
@@ -161,6 +178,9 @@ impl BodyReader {
 
     /// Consumes a prefix of `input` that belongs to this body. `done` = the body ended exactly at
     /// `consumed` (bytes after it belong to the next message and are NOT consumed).
+    /// Chunked: an incomplete chunk-size line at the end of `input` (at most
+    /// [`MAX_SIZE_LINE`] bytes) is not consumed, so the caller forwards a size line only
+    /// once it is whole and valid; feed those bytes again with what follows them.
     /// `Empty`: done immediately with consumed 0. `Length(n)`: consumes up to the remaining count.
     /// `UntilClose`: consumes everything, never done (caller ends it at EOF).
     ///
@@ -232,6 +252,9 @@ impl Chunked {
     /// Returns `(consumed, done)`; stops right after the final CRLF.
     fn feed(&mut self, input: &[u8], payload: &mut u64) -> Result<(usize, bool), BodyError> {
         let mut pos = 0;
+        // Where the chunk-size line being read began in `input`: an incomplete line is given
+        // back (not consumed), so a size no backend could handle never leaves in part.
+        let mut line_start = self.phase.in_size_line().then_some(0);
         while let Some(rest) = input.get(pos..) {
             if self.phase == Phase::Data {
                 // Chunk data is skipped in bulk: it is the bulk of the traffic.
@@ -252,6 +275,18 @@ impl Chunked {
             if self.step(b)? {
                 return Ok((pos, true));
             }
+            if !self.phase.in_size_line() {
+                line_start = None;
+            } else if line_start.is_none() {
+                line_start = Some(pos);
+            }
+        }
+        if let Some(start) = line_start {
+            self.phase = Phase::Size;
+            self.digits = 0;
+            self.ext_len = 0;
+            self.remaining = 0;
+            return Ok((start, false));
         }
         Ok((pos, false))
     }
@@ -277,6 +312,7 @@ impl Chunked {
                         .remaining
                         .checked_mul(16)
                         .and_then(|v| v.checked_add(u64::from(digit)))
+                        .filter(|&v| v <= MAX_CHUNK_SIZE)
                         .ok_or(BodyError::ChunkSizeOverflow)?;
                 }
             },
@@ -425,16 +461,24 @@ mod tests {
     fn feed_parts(kind: BodyKind, parts: &[&[u8]]) -> Result<(usize, bool, u64), BodyError> {
         let mut r = BodyReader::new(kind);
         let mut total = 0;
+        // What the reader held back (an incomplete size line), fed again with the next part
+        // as the relay does.
+        let mut held: Vec<u8> = Vec::new();
         for part in parts {
             if r.is_done() {
                 break;
             }
-            let p = r.feed(part)?;
-            assert!(p.consumed <= part.len());
+            held.extend_from_slice(part);
+            let p = r.feed(&held)?;
+            assert!(p.consumed <= held.len());
             total += p.consumed;
             if !p.done {
-                assert_eq!(p.consumed, part.len(), "stopped early without being done");
+                assert!(
+                    held.len() - p.consumed <= MAX_SIZE_LINE,
+                    "held back more than a size line"
+                );
             }
+            held.drain(..p.consumed);
             assert_eq!(p.done, r.is_done());
         }
         Ok((total, r.is_done(), r.payload_bytes()))
@@ -531,25 +575,56 @@ mod tests {
     }
 
     #[test]
-    fn sixteen_f_digits_is_largest_size() {
+    fn largest_chunk_size_is_2_pow_63_minus_1() {
         let mut r = BodyReader::new(BodyKind::Chunked);
         assert_eq!(
-            r.feed(b"ffffffffffffffff\r\nabc"),
+            r.feed(b"7fffffffffffffff\r\nabc"),
             Ok(BodyProgress {
                 consumed: 21,
                 done: false
             })
         );
         assert_eq!(r.payload_bytes(), 3);
+        for size in [
+            &b"8000000000000000"[..],
+            b"ffffffffffffffff",
+            b"FFFFFFFFFFFFFFFF",
+        ] {
+            let mut r = BodyReader::new(BodyKind::Chunked);
+            // Refused as soon as the digits say so, before the line ends.
+            assert_eq!(r.feed(size), Err(BodyError::ChunkSizeOverflow));
+        }
+    }
+
+    #[test]
+    fn incomplete_size_line_is_held_back() {
+        // A whole chunk, then the start of the next size line: only the chunk is consumed.
+        let mut r = BodyReader::new(BodyKind::Chunked);
+        let p = r.feed(b"5\r\nhello\r\n1f;ext=1").unwrap();
+        assert_eq!((p.consumed, p.done), (10, false));
+        // Fed again with the rest of the line, the whole line is consumed at once.
+        let p = r.feed(b"1f;ext=1\r\n").unwrap();
+        assert_eq!((p.consumed, p.done), (10, false));
+        // A size line alone, incomplete: nothing is consumed.
+        let mut r = BodyReader::new(BodyKind::Chunked);
+        assert_eq!(r.feed(b"ffffff").unwrap().consumed, 0);
+        assert_eq!(r.feed(b"ffffff\r").unwrap().consumed, 0);
+        assert_eq!(r.feed(b"ffffff\r\n").unwrap().consumed, 8);
     }
 
     #[test]
     fn partial_until_final_crlf() {
         let input = b"5\r\nhello\r\n0\r\n\r\n";
         for end in 0..input.len() {
+            // Size lines are consumed only whole: "5\r\n" (0..3) and "0\r\n" (10..13).
+            let consumed = match end {
+                0..=2 => 0,
+                11..=12 => 10,
+                _ => end,
+            };
             assert_eq!(
                 feed_parts(BodyKind::Chunked, &[&input[..end]]),
-                Ok((end, false, (end.saturating_sub(3)).min(5) as u64)),
+                Ok((consumed, false, (end.saturating_sub(3)).min(5) as u64)),
                 "prefix {end}",
             );
         }

@@ -34,8 +34,12 @@ pub enum HeadError {
     BadTransferEncoding,
     /// Both Content-Length and Transfer-Encoding.
     ConflictingFraming,
-    /// HTTP/1.1 request without exactly one Host.
+    /// HTTP/1.1 request without exactly one Host, or a Host that is not an authority
+    /// (RFC 3986 §3.2: `host [":" port]`).
     BadHost,
+    /// A request target that is neither origin-form (`/path`), `*`, nor an absolute `http`
+    /// or `https` URI with a valid authority and no userinfo (RFC 9112 §3.2).
+    BadTarget,
     /// A method the proxy does not relay (CONNECT).
     MethodNotAllowed,
 }
@@ -62,7 +66,8 @@ impl fmt::Display for HeadError {
             HeadError::ConflictingFraming => {
                 f.write_str("both Content-Length and Transfer-Encoding")
             }
-            HeadError::BadHost => f.write_str("missing or repeated Host"),
+            HeadError::BadHost => f.write_str("missing, repeated or invalid Host"),
+            HeadError::BadTarget => f.write_str("invalid request target"),
             HeadError::MethodNotAllowed => f.write_str("method not relayed"),
         }
     }
@@ -77,6 +82,13 @@ pub struct Request<'h, 'b> {
     pub method: &'b str,
     /// Request target as sent.
     pub path: &'b str,
+    /// The target to forward: `path` itself, or for an absolute-form target
+    /// (`http://a.test/x?q`) its path and query (`/x?q`; empty when it has neither, which
+    /// is forwarded as `/`).
+    pub origin: &'b str,
+    /// The authority of an absolute-form target: it wins over the Host field (RFC 9112
+    /// §3.2.2) and is forwarded as Host.
+    pub authority: Option<&'b str>,
     /// Minor version: 0 or 1.
     pub version: u8,
     /// The header fields in order.
@@ -184,6 +196,7 @@ struct Framing {
     upgrade_websocket: bool,
     expect_continue: bool,
     hosts: usize,
+    hosts_valid: bool,
 }
 
 fn scan(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
@@ -197,6 +210,7 @@ fn scan(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
         upgrade_websocket: false,
         expect_continue: false,
         hosts: 0,
+        hosts_valid: true,
     };
     for h in headers {
         let name = h.name;
@@ -228,9 +242,110 @@ fn scan(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
             f.expect_continue |= h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("host") {
             f.hosts += 1;
+            f.hosts_valid &= is_authority(h.value.trim_ascii());
         }
     }
     Ok(f)
+}
+
+/// RFC 3986 §3.2 `authority` without userinfo: `host [":" port]`, where host is an IP
+/// literal in brackets or a reg-name (unreserved, sub-delims, pct-encoded; may be empty,
+/// as an HTTP/1.1 Host for a target without authority is).
+pub fn is_authority(v: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = v.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let (literal, after) = rest.split_at(end);
+        let literal_ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !literal_ok {
+            return false;
+        }
+        match after.get(1..) {
+            Some([]) | None => return true,
+            Some([b':', port @ ..]) => (&[][..], port),
+            Some(_) => return false,
+        }
+    } else {
+        match v.iter().rposition(|&b| b == b':') {
+            Some(i) => (
+                v.get(..i).unwrap_or_default(),
+                v.get(i + 1..).unwrap_or_default(),
+            ),
+            None => (v, &[][..]),
+        }
+    };
+    let mut i = 0;
+    while let Some(&b) = host.get(i) {
+        let ok = match b {
+            b'%' => {
+                let hex = host.get(i + 1..i + 3).unwrap_or_default();
+                i += 2;
+                hex.len() == 2 && hex.iter().all(u8::is_ascii_hexdigit)
+            }
+            b'-' | b'.' | b'_' | b'~' => true,
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => true,
+            _ => b.is_ascii_alphanumeric(),
+        };
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    port.iter().all(u8::is_ascii_digit)
+}
+
+/// Splits a request target into the authority of an absolute-form target and the target to
+/// forward (RFC 9112 §3.2): origin-form and `*` pass unchanged; `http://` and `https://`
+/// URIs (scheme in any case) give their authority, which must be a non-empty host without
+/// userinfo, and their path and query. Anything else is refused.
+fn split_target(path: &str) -> Result<(Option<&str>, &str), HeadError> {
+    if path.starts_with('/') || path == "*" {
+        return Ok((None, path));
+    }
+    let rest = ["http://", "https://"]
+        .iter()
+        .find_map(|scheme| {
+            let head = path.get(..scheme.len())?;
+            head.eq_ignore_ascii_case(scheme)
+                .then(|| path.get(scheme.len()..))
+                .flatten()
+        })
+        .ok_or(HeadError::BadTarget)?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, origin) = rest.split_at(end);
+    if origin.starts_with('#') {
+        return Err(HeadError::BadTarget);
+    }
+    let host_present = !authority.is_empty() && !authority.starts_with(':');
+    if !host_present || !is_authority(authority.as_bytes()) {
+        return Err(HeadError::BadTarget);
+    }
+    Ok((Some(authority), origin))
+}
+
+/// RFC 9110 §2.5: a request with a higher HTTP/1.x minor version than we implement is
+/// handled as HTTP/1.1. httparse refuses any version but 1.0 and 1.1, so this rewrites the
+/// request line's `HTTP/1.D` (D = 2..9) to `HTTP/1.1` in place, before parsing. Returns
+/// whether it changed anything (the caller then parses again). Only the first line is
+/// looked at; nothing else is touched.
+pub fn downgrade_minor_version(buf: &mut [u8]) -> bool {
+    let Some(line_end) = buf.iter().position(|&b| b == b'\r') else {
+        return false;
+    };
+    let Some(line) = buf.get_mut(..line_end) else {
+        return false;
+    };
+    match line {
+        [.., b' ', b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor @ b'2'..=b'9'] => {
+            *minor = b'1';
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Parses a request head. `Ok(None)` = incomplete (and still under the size limit).
@@ -250,9 +365,10 @@ pub fn parse_request<'h, 'b>(
     if method.eq_ignore_ascii_case("CONNECT") {
         return Err(HeadError::MethodNotAllowed);
     }
-    if version == 1 && f.hosts != 1 || f.hosts > 1 {
+    if version == 1 && f.hosts != 1 || f.hosts > 1 || !f.hosts_valid {
         return Err(HeadError::BadHost);
     }
+    let (authority, origin) = split_target(path)?;
     let body = match (f.transfer_encoding, f.content_length) {
         (true, Some(_)) => return Err(HeadError::ConflictingFraming),
         (true, None) if version == 0 || !f.chunked_last || f.chunked_twice_or_inner => {
@@ -270,6 +386,8 @@ pub fn parse_request<'h, 'b>(
     Ok(Some(Request {
         method,
         path,
+        origin,
+        authority,
         version,
         headers,
         head_len,
@@ -559,5 +677,119 @@ mod tests {
     fn tokens() {
         assert!(has_token(b"keep-alive, Upgrade", "upgrade"));
         assert!(!has_token(b"upgraded", "upgrade"));
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "a.test",
+            "a.test:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "[2001:db8::1]",
+            "",
+            "xn--bcher-kva.example",
+            "a%20b",
+            "a_b~c",
+            "h:",
+        ] {
+            assert!(is_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "a test",
+            "a.test:80x",
+            "user@a.test",
+            "a/b",
+            "[::1",
+            "[::1]x",
+            "[]",
+            "[g::1]",
+            "a%2",
+            "a%zz",
+            "a.test:80:80x",
+            "\"a\"",
+            "a\\b",
+            "a{b}",
+        ] {
+            assert!(!is_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    fn parse_target(target: &str, host: &str) -> Result<(String, Option<String>), HeadError> {
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let mut st = header_storage();
+        let req = parse_request(raw.as_bytes(), &mut st)?.expect("complete");
+        Ok((req.origin.to_string(), req.authority.map(str::to_string)))
+    }
+
+    #[test]
+    fn absolute_form_targets_give_their_authority() {
+        let ok = |t: &str, origin: &str, auth: Option<&str>| {
+            assert_eq!(
+                parse_target(t, "b.test"),
+                Ok((origin.to_string(), auth.map(str::to_string))),
+                "{t}"
+            );
+        };
+        ok("/x?y", "/x?y", None);
+        ok("*", "*", None);
+        ok("http://a.test/abs", "/abs", Some("a.test"));
+        ok("HTTPS://a.test:8443/p?q=1", "/p?q=1", Some("a.test:8443"));
+        ok("http://a.test", "", Some("a.test"));
+        ok("http://a.test?q", "?q", Some("a.test"));
+        ok("http://[::1]:80/", "/", Some("[::1]:80"));
+        for bad in [
+            "ftp://a.test/",
+            "http://",
+            "http:///x",
+            "http://u@a.test/",
+            "http://a\"b/",
+            "http://:80/",
+            "x",
+            "a.test:80",
+            "http://a.test#frag",
+        ] {
+            assert_eq!(
+                parse_target(bad, "b.test"),
+                Err(HeadError::BadTarget),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_host_values_are_refused() {
+        for bad in ["a b", "a.test:x", "u@a.test", "a/b", "[::1"] {
+            assert_eq!(parse_target("/", bad), Err(HeadError::BadHost), "{bad}");
+        }
+        assert!(parse_target("/", "a.test:8080").is_ok());
+    }
+
+    #[test]
+    fn higher_minor_versions_become_1_1() {
+        let mut raw = b"GET / HTTP/1.2\r\nHost: a\r\n\r\n".to_vec();
+        let mut st = header_storage();
+        assert_eq!(
+            parse_request(&raw, &mut st).err(),
+            Some(HeadError::Malformed(httparse::Error::Version))
+        );
+        assert!(downgrade_minor_version(&mut raw));
+        assert_eq!(&raw[..16], b"GET / HTTP/1.1\r\n");
+        let mut st = header_storage();
+        assert_eq!(parse_request(&raw, &mut st).unwrap().unwrap().version, 1);
+        assert!(!downgrade_minor_version(&mut raw));
+        for unchanged in [
+            &b"GET / HTTP/2.0\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\n",
+            b"GET / HTTP/1.2",
+            b"GET /HTTP/1.2\r\n",
+            b"GET / HTTP/1.22\r\n",
+        ] {
+            let mut copy = unchanged.to_vec();
+            assert!(!downgrade_minor_version(&mut copy));
+            assert_eq!(copy, unchanged);
+        }
     }
 }

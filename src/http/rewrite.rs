@@ -124,7 +124,11 @@ pub fn write_request(
     out.reserve(req.head_len + 192);
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(req.path.as_bytes());
+    // Absolute-form goes on in origin-form: the authority travels as Host (below).
+    if req.authority.is_some() && !req.origin.starts_with('/') {
+        out.push(b'/');
+    }
+    out.extend_from_slice(req.origin.as_bytes());
     out.extend_from_slice(if req.version == 0 {
         b" HTTP/1.0\r\n"
     } else {
@@ -140,7 +144,11 @@ pub fn write_request(
             continue;
         }
         if h.name.eq_ignore_ascii_case("host") {
-            host = Some(h.value);
+            // The target's authority wins over the Host field (RFC 9112 §3.2.2).
+            let value = req.authority.map_or(h.value, str::as_bytes);
+            host = Some(value);
+            put_header(out, h.name, value);
+            continue;
         }
         if h.name.eq_ignore_ascii_case("x-forwarded-for") && !xff_done {
             // Append to the first list; later duplicates are forwarded unchanged after it.
@@ -153,6 +161,11 @@ pub fn write_request(
             continue;
         }
         put_header(out, h.name, h.value);
+    }
+    if let (None, Some(authority)) = (host, req.authority) {
+        // HTTP/1.0 may omit Host; the backend still learns which host was asked for.
+        put_header(out, "Host", authority.as_bytes());
+        host = Some(authority.as_bytes());
     }
     if !xff_done {
         out.extend_from_slice(b"X-Forwarded-For: ");
