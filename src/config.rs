@@ -64,7 +64,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Grace period for WebSocket clients after SIGTERM.
     pub drain_timeout: Duration,
-    /// Largest number of client connections held at once.
+    /// Largest number of client connections held at once; 0 = as many as the descriptor
+    /// limit allows (the server works it out at start, and lowers a larger value to it).
     pub max_connections: usize,
     /// Largest WebSocket frame payload relayed (close 1009 beyond).
     pub max_frame_size: u64,
@@ -128,7 +129,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
+            max_connections: 0,
             max_frame_size: 16 << 20,
             max_connections_per_ip: 0,
             allowed_origins: Vec::new(),
@@ -250,7 +251,7 @@ fn options() -> getopts::Options {
     o.optopt(
         "",
         "max-connections",
-        "client connections held at once [default: 10000]",
+        "client connections held at once [default: as many as the descriptor limit allows]",
         "N",
     );
     o.optopt(
@@ -532,9 +533,11 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         if fits < 1 {
             return Err(bad("--max-memory", &v, "too small for even one connection"));
         }
-        cfg.max_connections = cfg
-            .max_connections
-            .min(usize::try_from(fits).unwrap_or(usize::MAX));
+        let fits = usize::try_from(fits).unwrap_or(usize::MAX);
+        cfg.max_connections = match cfg.max_connections {
+            0 => fits,
+            n => n.min(fits),
+        };
     }
     for v in m.opt_strs("allowed-origin") {
         let ok = (v.starts_with("http://") || v.starts_with("https://") || v == "null")

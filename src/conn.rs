@@ -91,6 +91,27 @@ pub struct Ctx<'a> {
     pub hooks: Option<&'a mut (dyn Hooks + 'static)>,
     /// Signs and checks sticky cookies (cookie mode only).
     pub signer: Option<&'a crate::sticky::CookieSigner>,
+    /// Conditions logged once per interval with a count.
+    pub logs: &'a mut RepeatedLogs,
+}
+
+/// The per-connection conditions that can repeat thousands of times a second.
+#[derive(Debug)]
+pub struct RepeatedLogs {
+    /// Every backend failed or none was eligible (502).
+    pub no_backend: log::Repeated,
+    /// A backend connect failed for want of a descriptor (503).
+    pub connect_no_fd: log::Repeated,
+}
+
+impl RepeatedLogs {
+    /// Each condition at most once per `interval`.
+    pub fn every(interval: Duration) -> RepeatedLogs {
+        RepeatedLogs {
+            no_backend: log::Repeated::every(interval),
+            connect_no_fd: log::Repeated::every(interval),
+        }
+    }
 }
 
 /// Outcome of driving a connection.
@@ -1185,6 +1206,8 @@ impl Conn {
             return;
         };
         let token = token_for(self.key, Side::Backend);
+        // Our own descriptors ran out: not the backend's fault, and a retry later may work.
+        let mut out_of_fds = false;
         let opened = loop {
             let picked = if same_backend_fresh && ex.failed.len() == 1 {
                 ex.failed.last().copied()
@@ -1229,6 +1252,10 @@ impl Conn {
             };
             let mut stream = match stream {
                 Ok(s) => s,
+                Err(e) if crate::fdlimit::is_exhaustion(&e) => {
+                    out_of_fds = true;
+                    break None;
+                }
                 Err(e) => {
                     ctx.backends.connect_failed(id, Some(addr), ctx.now, &e);
                     ex.failed.push(id);
@@ -1254,8 +1281,24 @@ impl Conn {
             break Some((id, addr, stream, reused));
         };
         let Some((id, addr, stream, reused)) = opened else {
-            log::error("no backend could be reached", &[("client", &self.id)]);
-            self.fail(ctx, 502);
+            let (status, what, repeated) = if out_of_fds {
+                ctx.stats.fd_exhausted += 1;
+                (
+                    503,
+                    "backend connect: out of file descriptors, answered 503",
+                    &mut ctx.logs.connect_no_fd,
+                )
+            } else {
+                (502, "no backend could be reached", &mut ctx.logs.no_backend)
+            };
+            if let Some(times) = repeated.hit(ctx.now) {
+                let secs = repeated.interval_secs();
+                log::error(
+                    &format!("{what} ({times} times in the last {secs} s)"),
+                    &[("client", &self.id)],
+                );
+            }
+            self.fail(ctx, status);
             return;
         };
         ctx.backends.acquire(id);

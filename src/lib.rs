@@ -23,6 +23,7 @@ mod conn;
 pub mod control;
 mod endpoint;
 mod events;
+mod fdlimit;
 pub mod hooks;
 pub mod http;
 mod log;

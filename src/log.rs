@@ -12,6 +12,8 @@ use crate::config::LogFormat;
 pub enum Level {
     /// Always shown.
     Error = 0,
+    /// Always shown: something is exposed or risky, though nothing failed.
+    Warn = 3,
     /// Shown by default.
     Info = 1,
     /// Shown with `-v`.
@@ -29,7 +31,12 @@ pub fn init(verbosity: u8, format: LogFormat) {
 
 /// Would a line at `level` be written? Lets hot paths skip formatting.
 pub fn enabled(level: Level) -> bool {
-    level as u8 <= VERBOSITY.load(Ordering::Relaxed)
+    let threshold = match level {
+        Level::Error | Level::Warn => 0,
+        Level::Info => 1,
+        Level::Debug => 2,
+    };
+    threshold <= VERBOSITY.load(Ordering::Relaxed)
 }
 
 fn json_escape(out: &mut String, s: &str) {
@@ -55,6 +62,7 @@ pub fn log(level: Level, msg: &str, fields: &[(&str, &dyn Display)]) {
     }
     let lvl = match level {
         Level::Error => "error",
+        Level::Warn => "warn",
         Level::Info => "info",
         Level::Debug => "debug",
     };
@@ -91,6 +99,11 @@ pub fn error(msg: &str, fields: &[(&str, &dyn Display)]) {
     log(Level::Error, msg, fields);
 }
 
+/// Logs at [`Level::Warn`].
+pub fn warn(msg: &str, fields: &[(&str, &dyn Display)]) {
+    log(Level::Warn, msg, fields);
+}
+
 /// Logs at [`Level::Info`].
 pub fn info(msg: &str, fields: &[(&str, &dyn Display)]) {
     log(Level::Info, msg, fields);
@@ -101,9 +114,61 @@ pub fn debug(msg: &str, fields: &[(&str, &dyn Display)]) {
     log(Level::Debug, msg, fields);
 }
 
+/// A condition that can repeat thousands of times a second (accept paused, a backend
+/// unreachable, TLS handshakes failing): logged at most once per interval, the line
+/// carrying how often it happened since the last one.
+#[derive(Debug)]
+pub struct Repeated {
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl Repeated {
+    /// At most one line per `interval`.
+    pub const fn every(interval: std::time::Duration) -> Repeated {
+        Repeated {
+            interval,
+            last: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Counts one occurrence; `Some(n)` when a line is due, `n` occurrences since the last.
+    pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.unlogged += 1;
+        let due = self
+            .last
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.interval);
+        if !due {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+
+    /// Seconds in the interval, for the line ("37 times in the last 10 s").
+    pub fn interval_secs(&self) -> u64 {
+        self.interval.as_secs()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_conditions_log_once_per_interval_with_a_count() {
+        let mut r = Repeated::every(std::time::Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        assert_eq!(r.hit(t0), Some(1));
+        let seen: Vec<_> = (1..=36)
+            .map(|i| r.hit(t0 + std::time::Duration::from_millis(i * 100)))
+            .collect();
+        assert!(seen.iter().all(Option::is_none));
+        assert_eq!(r.hit(t0 + std::time::Duration::from_secs(10)), Some(37));
+        assert_eq!(r.hit(t0 + std::time::Duration::from_secs(11)), None);
+    }
 
     #[test]
     fn escapes_json() {

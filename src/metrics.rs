@@ -36,6 +36,8 @@ pub struct Stats {
     pub pool_evicted: u64,
     /// Requests sent again on a new connection after a reused one failed before answering.
     pub pool_retries: u64,
+    /// Accepts and backend connects that failed for want of a file descriptor.
+    pub fd_exhausted: u64,
 }
 
 impl Stats {
@@ -77,6 +79,29 @@ fn escape_label(v: &str) -> String {
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Appends the descriptor series: the limit, how many are open (where known) and how
+/// often an accept or backend connect found none left.
+pub fn render_fds(out: &mut String, limit: u64, open: Option<u64>, exhausted: u64) {
+    metric(
+        out,
+        "wslb_fd_limit",
+        "gauge",
+        "File descriptors the process may hold (soft RLIMIT_NOFILE).",
+    );
+    let _ = writeln!(out, "wslb_fd_limit {limit}");
+    if let Some(open) = open {
+        metric(out, "wslb_fd_open", "gauge", "File descriptors open now.");
+        let _ = writeln!(out, "wslb_fd_open {open}");
+    }
+    metric(
+        out,
+        "wslb_fd_exhausted_total",
+        "counter",
+        "Accepts and backend connects that failed for want of a file descriptor.",
+    );
+    let _ = writeln!(out, "wslb_fd_exhausted_total {exhausted}");
 }
 
 /// Renders the text exposition format (version 0.0.4).

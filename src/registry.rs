@@ -101,6 +101,9 @@ pub struct Unreachable {
 pub struct Backend {
     /// Stable name: the URL for static backends, the guid for registered ones.
     pub name: String,
+    /// "backend connect failed", at most once per interval per backend: many connects in
+    /// flight can fail at the same moment.
+    connect_failed_log: log::Repeated,
     /// Registered (not `-B`) backends have a guid.
     pub guid: Option<String>,
     /// Id used by sticky sessions: the guid, or a hash of the `-B` URL (same on every
@@ -160,12 +163,18 @@ pub struct Registry {
     scratch: Vec<Candidate>,
     /// Connect failures of registered backends, for the server to pass on.
     pub unreachable: Vec<Unreachable>,
+    /// Most idle pooled connections over all backends (their descriptors are budgeted).
+    pool_max: usize,
 }
 
 impl Registry {
     /// A registry holding the static `-B` backends.
     pub fn from_specs(specs: &[BackendSpec]) -> Self {
-        let mut r = Registry::default();
+        let mut r = Registry {
+            // Until the server sizes it from the descriptor limit.
+            pool_max: POOL_PER_BACKEND,
+            ..Registry::default()
+        };
         for s in specs {
             r.backends.insert(Backend::new(
                 s.url.clone(),
@@ -176,6 +185,11 @@ impl Registry {
             ));
         }
         r
+    }
+
+    /// Caps the idle pooled connections over all backends.
+    pub fn set_pool_max(&mut self, max: usize) {
+        self.pool_max = max;
     }
 
     /// Number of backends known, in any state.
@@ -399,14 +413,17 @@ impl Registry {
                 .min(DOWN_MAX);
             b.down_until = Some(now + backoff);
             b.idle.clear();
-            log::error(
-                "backend connect failed",
-                &[
-                    ("backend", &b.name),
-                    ("error", why),
-                    ("retry_in_ms", &backoff.as_millis()),
-                ],
-            );
+            if let Some(times) = b.connect_failed_log.hit(now) {
+                let secs = b.connect_failed_log.interval_secs();
+                log::error(
+                    &format!("backend connect failed ({times} times in the last {secs} s)"),
+                    &[
+                        ("backend", &b.name),
+                        ("error", why),
+                        ("retry_in_ms", &backoff.as_millis()),
+                    ],
+                );
+            }
         }
     }
 
@@ -446,6 +463,12 @@ impl Registry {
     /// Returns a quiet keep-alive connection to `id`'s pool. It stays registered with the
     /// poll under `token`, the token of the connection that used it last.
     pub fn checkin(&mut self, id: usize, stream: Transport, now: Instant, token: Token) {
+        // The descriptor budget counts idle pooled connections: over it, this one closes.
+        // (O(backends) per check-in; a handful in practice.)
+        let pooled: usize = self.backends.iter().map(|(_, b)| b.idle.len()).sum();
+        if pooled >= self.pool_max {
+            return;
+        }
         if let Some(b) = self
             .backends
             .get_mut(id)
@@ -521,6 +544,7 @@ impl Backend {
             down_until: None,
             selected: 0,
             idle: VecDeque::new(),
+            connect_failed_log: log::Repeated::every(Duration::from_secs(10)),
         }
     }
 

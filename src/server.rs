@@ -18,11 +18,14 @@ use slab::Slab;
 
 use crate::admin::{self, BackendRow};
 use crate::config::{Config, OnBackendLost};
-use crate::conn::{key_of, token_for, Conn, Ctx, Drive, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS};
+use crate::conn::{
+    key_of, token_for, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS,
+};
 use crate::control::protocol::{self as control_protocol, ControlError};
 use crate::control::session::AdminRequest;
 use crate::control::session::{ControlAuth, ControlConn, ControlDrive, ControlEvent};
 use crate::events::EventSink;
+use crate::fdlimit;
 use crate::hooks::Hooks;
 use crate::log;
 use crate::metrics::{self, BackendSample, Stats};
@@ -44,6 +47,10 @@ const EVENTS_CAPACITY: usize = 1024;
 /// this many extra buffers (measured: uncapped, 64 busy connections left the heap ~1 MB
 /// larger after the load; at 8 the HTTP gain was gone).
 const MAX_DEFERRED: usize = 64;
+/// At most this many client connections when the descriptor limit is unlimited.
+const MAX_AUTO_CONNECTIONS: usize = 1 << 20;
+/// Conditions that repeat per connection are logged at most once per this interval.
+const REPEATED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause after EMFILE/ENFILE before accepting again: long enough not to spin, short enough
 /// that clients barely notice.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -68,6 +75,7 @@ macro_rules! ctx {
             events: &mut $s.events,
             hooks: $s.hooks.as_deref_mut(),
             signer: $s.signer.as_ref(),
+            logs: &mut $s.repeated_logs,
         }
     };
 }
@@ -183,6 +191,16 @@ pub struct Server {
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
     accept_blocked: bool,
+    /// The descriptor limit in force (soft `RLIMIT_NOFILE`).
+    fd_limit: u64,
+    /// Most control connections at once; beyond, they wait in the backlog.
+    control_max: usize,
+    /// The control listener has connections waiting for a free control slot.
+    control_accept_blocked: bool,
+    /// "accept paused: out of file descriptors", counted and logged once per interval.
+    accept_paused: log::Repeated,
+    /// Per-connection conditions, logged once per interval.
+    repeated_logs: RepeatedLogs,
     draining: bool,
     finished: bool,
     yielded: Vec<(usize, u64)>,
@@ -234,14 +252,47 @@ fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// Raises the descriptor limit to the hard one and caps `--max-connections` at what it
+/// allows (0 = that many), saying so once.
+fn size_connections(cfg: &mut Config) -> fdlimit::Budget {
+    let limit = fdlimit::raise_nofile().unwrap_or_else(|e| {
+        log::warn("cannot read the descriptor limit", &[("error", &e)]);
+        u64::MAX
+    });
+    let open = fdlimit::open_fds().unwrap_or(16);
+    let fds = fdlimit::budget(limit, open, cfg.control.is_some());
+    let fits = fds.clients.clamp(1, MAX_AUTO_CONNECTIONS);
+    match cfg.max_connections {
+        0 => {
+            cfg.max_connections = fits;
+            log::info(
+                "client connections limited by the descriptor limit",
+                &[("max_connections", &fits), ("fd_limit", &limit)],
+            );
+        }
+        asked if asked > fits => {
+            cfg.max_connections = fits;
+            log::warn(
+                &format!(
+                    "--max-connections {asked} lowered to {fits}: the descriptor limit is {limit} \
+                     and each client connection needs 2 (its own and its backend's); raise it with \
+                     `ulimit -n` or systemd LimitNOFILE="
+                ),
+                &[],
+            );
+        }
+        _ => {}
+    }
+    fds
+}
+
 fn is_fd_exhaustion(e: &io::Error) -> bool {
-    // EMFILE, ENFILE, ENOBUFS, ENOMEM: retrying at once would spin.
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+    fdlimit::is_exhaustion(e)
 }
 
 impl Server {
     /// Binds every listener and prepares the loop; nothing is accepted until [`Server::run`].
-    pub fn bind(cfg: Config) -> Result<Server, Error> {
+    pub fn bind(mut cfg: Config) -> Result<Server, Error> {
         crate::log::init(cfg.verbosity, cfg.log_format);
         let server_tls = if cfg.certs.is_empty() {
             None
@@ -337,13 +388,16 @@ impl Server {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let backends = Registry::from_specs(&cfg.backends);
+        let mut backends = Registry::from_specs(&cfg.backends);
         if backends.len() == 0 {
             log::info(
                 "no backend configured: requests get 503 until one is added",
                 &[],
             );
         }
+        // Every descriptor of the process's own is open by now: what is left is for clients.
+        let fds = size_connections(&mut cfg);
+        backends.set_pool_max(fds.pool);
         Ok(Server {
             poll,
             stats: Stats::default(),
@@ -376,6 +430,11 @@ impl Server {
             waker,
             stop: Arc::new(AtomicBool::new(false)),
             accept_blocked: false,
+            fd_limit: fds.limit,
+            control_max: fds.control,
+            control_accept_blocked: false,
+            accept_paused: log::Repeated::every(REPEATED_LOG_INTERVAL),
+            repeated_logs: RepeatedLogs::every(REPEATED_LOG_INTERVAL),
             draining: false,
             finished: false,
             yielded: Vec::new(),
@@ -593,8 +652,15 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fd_exhaustion(&e) => {
-                    if !self.accept_blocked {
-                        log::error("accept paused: out of file descriptors", &[("error", &e)]);
+                    self.stats.fd_exhausted += 1;
+                    if let Some(times) = self.accept_paused.hit(Instant::now()) {
+                        let secs = self.accept_paused.interval_secs();
+                        log::error(
+                            &format!(
+                                "accept paused: out of file descriptors ({times} times in the last {secs} s)"
+                            ),
+                            &[("error", &e), ("limit", &self.fd_limit)],
+                        );
                     }
                     self.accept_blocked = true;
                     self.timers.add(
@@ -885,6 +951,12 @@ impl Server {
 
     fn accept_controls(&mut self) {
         loop {
+            if self.controls.len() >= self.control_max {
+                // Their descriptors are budgeted: the rest wait in the backlog until one goes.
+                self.control_accept_blocked = true;
+                return;
+            }
+            self.control_accept_blocked = false;
             let Some(listener) = &self.control_listener else {
                 return;
             };
@@ -1145,6 +1217,9 @@ impl Server {
                 let _ = self.poll.registry().deregister(s);
             }
         }
+        if self.control_accept_blocked && self.controls.len() < self.control_max {
+            self.accept_controls();
+        }
     }
 
     /// Queues `msg` for the WebSocket clients `to` selects; returns how many took it.
@@ -1273,6 +1348,7 @@ impl Server {
                     tunnels,
                     uptime,
                     env!("CARGO_PKG_VERSION"),
+                    (fdlimit::open_fds(), self.fd_limit),
                 );
                 (200, "text/html; charset=utf-8", html.into_bytes())
             }
@@ -1287,8 +1363,14 @@ impl Server {
                         selected: r.selected,
                     })
                     .collect();
-                let text =
+                let mut text =
                     metrics::render(&self.stats, self.conns.len(), tunnels, uptime, &samples);
+                metrics::render_fds(
+                    &mut text,
+                    self.fd_limit,
+                    fdlimit::open_fds(),
+                    self.stats.fd_exhausted,
+                );
                 (200, "text/plain; version=0.0.4", text.into_bytes())
             }
             ("GET", ["api", "backends"]) => (

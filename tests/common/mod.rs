@@ -149,6 +149,16 @@ pub struct Balancer {
 impl Balancer {
     /// `wslb -l 127.0.0.1:0 -B <url>... <extra>...`, waiting for its "listening on" line.
     pub fn start(extra: &[&str], backends: &[&Backend]) -> Balancer {
+        Balancer::start_limited(extra, backends, None)
+    }
+
+    /// Like [`Balancer::start`], with the process's descriptor limit (soft and hard) set to
+    /// `nofile` before it starts.
+    pub fn start_limited(
+        extra: &[&str],
+        backends: &[&Backend],
+        nofile: Option<libc::rlim_t>,
+    ) -> Balancer {
         if direct_mode() {
             let b = backends.first().expect("direct mode needs a backend");
             let lines = Arc::default();
@@ -168,6 +178,23 @@ impl Balancer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only reads `lim`, copied in.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("spawn wslb");
         let stderr = child.stderr.take().expect("stderr");
         let mut child = ChildGuard(child);
