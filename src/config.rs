@@ -251,7 +251,7 @@ fn options() -> getopts::Options {
     o.optopt(
         "",
         "max-connections",
-        "client connections held at once [default: as many as the descriptor limit allows]",
+        "client connections held at once; 0 = as many as the descriptor limit allows [default: 0]",
         "N",
     );
     o.optopt(
@@ -507,10 +507,14 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         }
     }
     if let Some(v) = m.opt_str("max-connections") {
-        cfg.max_connections = match v.parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => return Err(bad("--max-connections", &v, "expected a positive integer")),
-        };
+        // 0 = as many as the descriptor limit allows (the default).
+        cfg.max_connections = v.parse::<usize>().map_err(|_| {
+            bad(
+                "--max-connections",
+                &v,
+                "expected a number (0 = from the descriptor limit)",
+            )
+        })?;
     }
     if let Some(v) = m.opt_str("max-frame-size") {
         cfg.max_frame_size = parse_size(&v).map_err(|why| bad("--max-frame-size", &v, why))?;

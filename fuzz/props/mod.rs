@@ -1067,9 +1067,18 @@ pub fn ws_handshake(data: &[u8]) {
             .split(|&b| b == b',' || b == b' ')
             .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
             == list_has(req.headers, "connection", "upgrade");
+        // tungstenite takes keys that are not base64 of 16 bytes (`=` inside, non-zero pad
+        // bits); RFC 6455 §4.2.1 does not, and neither do we: compare only where the key is
+        // canonical or tungstenite refuses too.
+        let canonical = named(req.headers, "sec-websocket-key")
+            .next()
+            .map(trim)
+            .is_some_and(canonical_key);
         if untrimmed && same_connection {
             if let Some(theirs) = tungstenite_accepts(&req) {
-                assert_eq!(verdict.is_ok(), theirs, "{verdict:?}: {}", ctx());
+                if canonical || !theirs {
+                    assert_eq!(verdict.is_ok(), theirs, "{verdict:?}: {}", ctx());
+                }
             }
         }
     }
@@ -1463,7 +1472,8 @@ pub fn config_values(data: &[u8]) {
     ] {
         assert!(!d.is_zero());
     }
-    assert!(cfg.max_connections > 0 && cfg.max_frame_size > 0);
+    // max_connections 0 = sized from the descriptor limit at start.
+    assert!(cfg.max_frame_size > 0);
     assert!(cfg.backends.is_empty());
     let alg = format!("{:?}", cfg.algorithm);
     let alg = match alg.as_str() {
