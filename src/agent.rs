@@ -1076,10 +1076,10 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_balancer_msg(&protocol::unreachable("ws://127.0.0.1:1", "refused")),
+            parse_balancer_msg(&protocol::unreachable("ws://127.0.0.1:1")),
             Some(BalancerMsg::Unreachable {
                 binding: "ws://127.0.0.1:1".into(),
-                reason: "refused".into()
+                reason: "unreachable".into()
             })
         );
         assert_eq!(

@@ -12,6 +12,8 @@ use crate::config::LogFormat;
 pub enum Level {
     /// Always shown.
     Error = 0,
+    /// Always shown: something is exposed or risky, though nothing failed.
+    Warn = 3,
     /// Shown by default.
     Info = 1,
     /// Shown with `-v`.
@@ -29,7 +31,12 @@ pub fn init(verbosity: u8, format: LogFormat) {
 
 /// Would a line at `level` be written? Lets hot paths skip formatting.
 pub fn enabled(level: Level) -> bool {
-    level as u8 <= VERBOSITY.load(Ordering::Relaxed)
+    let threshold = match level {
+        Level::Error | Level::Warn => 0,
+        Level::Info => 1,
+        Level::Debug => 2,
+    };
+    threshold <= VERBOSITY.load(Ordering::Relaxed)
 }
 
 fn json_escape(out: &mut String, s: &str) {
@@ -55,6 +62,7 @@ pub fn log(level: Level, msg: &str, fields: &[(&str, &dyn Display)]) {
     }
     let lvl = match level {
         Level::Error => "error",
+        Level::Warn => "warn",
         Level::Info => "info",
         Level::Debug => "debug",
     };
@@ -89,6 +97,11 @@ pub fn log(level: Level, msg: &str, fields: &[(&str, &dyn Display)]) {
 /// Logs at [`Level::Error`].
 pub fn error(msg: &str, fields: &[(&str, &dyn Display)]) {
     log(Level::Error, msg, fields);
+}
+
+/// Logs at [`Level::Warn`].
+pub fn warn(msg: &str, fields: &[(&str, &dyn Display)]) {
+    log(Level::Warn, msg, fields);
 }
 
 /// Logs at [`Level::Info`].

@@ -89,8 +89,6 @@ pub struct Unreachable {
     pub owner: Owner,
     /// The binding that failed.
     pub binding: String,
-    /// Why.
-    pub reason: String,
 }
 
 /// One backend.
@@ -157,6 +155,8 @@ pub struct Registry {
     scratch: Vec<Candidate>,
     /// Connect failures of registered backends, for the server to pass on.
     pub unreachable: Vec<Unreachable>,
+    /// Connections this process opened, so its listeners can recognise them.
+    pub self_dial: crate::netpolicy::SelfDial,
 }
 
 impl Registry {
@@ -173,6 +173,14 @@ impl Registry {
             ));
         }
         r
+    }
+
+    /// Remembers a backend connection just opened (its source port is now bound), so that
+    /// if it lands on one of wslb's own listeners the accept refuses it.
+    pub fn note_dialled(&mut self, stream: &Transport, dest: SocketAddr, now: Instant) {
+        if let Ok(src) = stream.socket().local_addr() {
+            self.self_dial.note(src, dest, now);
+        }
     }
 
     /// Number of backends known, in any state.
@@ -384,11 +392,7 @@ impl Registry {
                     .and_then(|i| b.bindings.get(i))
                     .cloned()
                     .unwrap_or_default();
-                self.unreachable.push(Unreachable {
-                    owner,
-                    binding,
-                    reason: why.to_string(),
-                });
+                self.unreachable.push(Unreachable { owner, binding });
             }
             b.failures = b.failures.saturating_add(1);
             let backoff = DOWN_BASE
