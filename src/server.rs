@@ -241,6 +241,23 @@ fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// Static `-B` backends may point anywhere the operator likes, except back at wslb: one
+/// request to such a backend would dial again, and again.
+fn static_backends_avoid(cfg: &Config, own: &[SocketAddr]) -> Result<(), Error> {
+    let own: Vec<SocketAddr> = own.iter().copied().filter(|a| a.port() != 0).collect();
+    match cfg
+        .backends
+        .iter()
+        .find(|b| crate::netpolicy::hits_own_listener(b.addr, &own, &crate::netpolicy::is_local_ip))
+    {
+        Some(b) => Err(Error::Config(format!(
+            "invalid value {:?} for --backend: that is wslb's own listener; requests would loop",
+            b.url
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Reads and parses `--token-file`; the error is the one line printed.
 fn load_token_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
     let text = std::fs::read_to_string(path)
@@ -258,6 +275,12 @@ impl Server {
     /// Binds every listener and prepares the loop; nothing is accepted until [`Server::run`].
     pub fn bind(cfg: Config) -> Result<Server, Error> {
         crate::log::init(cfg.verbosity, cfg.log_format);
+        let configured: Vec<SocketAddr> = (cfg.listen.iter())
+            .chain(&cfg.tls_listen)
+            .chain(&cfg.control)
+            .copied()
+            .collect();
+        static_backends_avoid(&cfg, &configured)?;
         let server_tls = if cfg.certs.is_empty() {
             None
         } else {
@@ -335,14 +358,8 @@ impl Server {
             control_listener = Some(l);
         }
         let own_addrs: Vec<SocketAddr> = local_addrs.iter().copied().chain(control_addr).collect();
-        if let Some(b) = cfg.backends.iter().find(|b| {
-            crate::netpolicy::hits_own_listener(b.addr, &own_addrs, &crate::netpolicy::is_local_ip)
-        }) {
-            return Err(Error::Config(format!(
-                "--backend {}: that is wslb's own listener; requests would loop",
-                b.url
-            )));
-        }
+        // Again with the bound addresses: a port-0 listener may have drawn a -B port.
+        static_backends_avoid(&cfg, &own_addrs)?;
         let token_file = match &cfg.token_file {
             Some(path) => Some(load_token_file(path).map_err(Error::Config)?),
             None => None,
