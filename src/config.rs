@@ -120,6 +120,9 @@ pub struct Config {
     pub forwarded: bool,
     /// `--token-file`: per-backend tokens, lines `guid token`, re-read on SIGHUP.
     pub token_file: Option<std::path::PathBuf>,
+    /// `--control-client-ca`: client certificates on `--control-tls` verified against this
+    /// CA; the first DNS name on one is the only guid its holder may register.
+    pub control_client_ca: Option<std::path::PathBuf>,
     /// Log line shape.
     pub log_format: LogFormat,
     /// 0 = errors only, 1 = normal, 2 = verbose.
@@ -165,6 +168,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             forwarded: false,
             token_file: None,
+            control_client_ca: None,
             log_format: LogFormat::Text,
             verbosity: 1,
         }
@@ -647,6 +651,12 @@ fn security_options(o: &mut getopts::Options) {
         "per-backend tokens, one `guid token` per line; a token registers only its guid; re-read on SIGHUP",
         "FILE",
     );
+    o.optopt(
+        "",
+        "control-client-ca",
+        "with --control-tls: verify client certificates against this CA (PEM); a certificate's first DNS name is the only guid it may register",
+        "FILE",
+    );
 }
 
 fn security_flags(m: &getopts::Matches, cfg: &mut Config) -> Result<(), ConfigError> {
@@ -660,6 +670,12 @@ fn security_flags(m: &getopts::Matches, cfg: &mut Config) -> Result<(), ConfigEr
     }
     cfg.forwarded = m.opt_present("forwarded");
     cfg.token_file = m.opt_str("token-file").map(Into::into);
+    cfg.control_client_ca = m.opt_str("control-client-ca").map(Into::into);
+    if cfg.control_client_ca.is_some() && !cfg.control_tls {
+        return Err(ConfigError::Usage(
+            "--control-client-ca needs --control-tls".into(),
+        ));
+    }
     Ok(())
 }
 

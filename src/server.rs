@@ -163,6 +163,8 @@ pub struct Server {
     /// Proxy listeners; `true` = TLS.
     listeners: Vec<(TcpListener, bool)>,
     server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The control listener's TLS: `server_tls` plus optional client certificates.
+    control_tls: Option<Arc<rustls::ServerConfig>>,
     backend_tls: Option<Arc<rustls::ClientConfig>>,
     local_addrs: Vec<SocketAddr>,
     /// Every address wslb listens on (proxy, TLS, control): never a backend.
@@ -286,6 +288,14 @@ impl Server {
         } else {
             Some(crate::tls::server_config(&cfg.certs).map_err(Error::Tls)?)
         };
+        let control_tls = if cfg.control_tls {
+            Some(
+                crate::tls::control_server_config(&cfg.certs, cfg.control_client_ca.as_deref())
+                    .map_err(Error::Tls)?,
+            )
+        } else {
+            None
+        };
         let tls_backends =
             cfg.backends.iter().any(|b| b.tls) || cfg.control.is_some() || cfg.backend_ca.is_some();
         let backend_tls = if tls_backends {
@@ -408,6 +418,7 @@ impl Server {
             commands: mpsc::channel(),
             listeners,
             server_tls,
+            control_tls,
             backend_tls,
             local_addrs,
             own_addrs,
@@ -909,7 +920,18 @@ impl Server {
         if !tls {
             return Some(Transport::Plain(sock));
         }
-        let cfg = self.server_tls.as_ref()?;
+        Self::wrap_with(sock, self.server_tls.as_ref()?)
+    }
+
+    /// Wraps an accepted control socket (TLS with `--control-tls`).
+    fn wrap_control(&self, sock: mio::net::TcpStream) -> Option<Transport> {
+        match &self.control_tls {
+            None => Some(Transport::Plain(sock)),
+            Some(cfg) => Self::wrap_with(sock, cfg),
+        }
+    }
+
+    fn wrap_with(sock: mio::net::TcpStream, cfg: &Arc<rustls::ServerConfig>) -> Option<Transport> {
         match crate::tls::accept(cfg) {
             Ok(conn) => Some(Transport::Tls(Box::new(TlsStream::new(sock, conn)))),
             Err(e) => {
@@ -926,9 +948,18 @@ impl Server {
             log::info("SIGHUP: no certificates to reload", &[]);
             return;
         }
-        match crate::tls::server_config(&self.cfg.certs) {
-            Ok(cfg) => {
+        let control = match self.control_tls {
+            Some(_) => crate::tls::control_server_config(
+                &self.cfg.certs,
+                self.cfg.control_client_ca.as_deref(),
+            )
+            .map(Some),
+            None => Ok(None),
+        };
+        match crate::tls::server_config(&self.cfg.certs).and_then(|c| Ok((c, control?))) {
+            Ok((cfg, control)) => {
                 self.server_tls = Some(cfg);
+                self.control_tls = control;
                 log::info(
                     "SIGHUP: certificates reloaded",
                     &[("pairs", &self.cfg.certs.len())],
@@ -989,7 +1020,7 @@ impl Server {
             if via_proxy {
                 self.stats.self_connections_refused += 1;
             }
-            let Some(mut stream) = self.wrap(stream, self.cfg.control_tls) else {
+            let Some(mut stream) = self.wrap_control(stream) else {
                 continue;
             };
             self.next_gen += 1;

@@ -135,7 +135,8 @@ impl ControlAuth {
         self.required
     }
 
-    /// The identity `authorization` proves for a connection from `peer`, or the status to
+    /// The identity a connection from `peer` proves with `authorization` and, on TLS with
+    /// `--control-client-ca`, the name on its verified client certificate; or the status to
     /// refuse with. `via_proxy`: the connection was opened by wslb's own proxy, so its
     /// loopback address says nothing about who is behind it.
     pub fn check(
@@ -143,20 +144,31 @@ impl ControlAuth {
         peer: SocketAddr,
         via_proxy: bool,
         authorization: Option<&[u8]>,
+        cert_name: Option<&str>,
     ) -> Result<Identity, u16> {
         if via_proxy {
             return Err(403);
         }
-        if !self.required {
-            return if peer.ip().to_canonical().is_loopback() {
-                Ok(Identity::Local)
-            } else {
-                Err(403)
-            };
+        if self.required {
+            if let Some(given) = authorization.and_then(bearer) {
+                // A wrong token is refused even beside a good certificate: a client that
+                // sends credentials means them.
+                return self.token_identity(given).ok_or(401);
+            }
         }
-        let Some(given) = authorization.and_then(bearer) else {
-            return Err(401);
-        };
+        if let Some(name) = cert_name.filter(|n| crate::control::protocol::valid_guid(n)) {
+            return Ok(Identity::Guid(name.to_string()));
+        }
+        if self.required {
+            Err(401)
+        } else if peer.ip().to_canonical().is_loopback() {
+            Ok(Identity::Local)
+        } else {
+            Err(403)
+        }
+    }
+
+    fn token_identity(&self, given: &[u8]) -> Option<Identity> {
         // Every tag is checked, so timing does not tell which entry (if any) matched.
         let shared = self
             .shared
@@ -169,9 +181,9 @@ impl ControlAuth {
             }
         }
         match (shared, guid) {
-            (true, _) => Ok(Identity::Shared),
-            (false, Some(g)) => Ok(Identity::Guid(g.clone())),
-            (false, None) => Err(401),
+            (true, _) => Some(Identity::Shared),
+            (false, Some(g)) => Some(Identity::Guid(g.clone())),
+            (false, None) => None,
         }
     }
 }
@@ -189,17 +201,20 @@ mod tests {
         let open = ControlAuth::new(None, None).unwrap();
         assert!(!open.required());
         assert_eq!(
-            open.check(sa("127.0.0.1:5"), false, None),
+            open.check(sa("127.0.0.1:5"), false, None, None),
             Ok(Identity::Local)
         );
-        assert_eq!(open.check(sa("[::1]:5"), false, None), Ok(Identity::Local));
         assert_eq!(
-            open.check(sa("[::ffff:127.0.0.1]:5"), false, None),
+            open.check(sa("[::1]:5"), false, None, None),
             Ok(Identity::Local)
         );
-        assert_eq!(open.check(sa("10.1.2.3:5"), false, None), Err(403));
         assert_eq!(
-            open.check(sa("127.0.0.1:5"), true, None),
+            open.check(sa("[::ffff:127.0.0.1]:5"), false, None, None),
+            Ok(Identity::Local)
+        );
+        assert_eq!(open.check(sa("10.1.2.3:5"), false, None, None), Err(403));
+        assert_eq!(
+            open.check(sa("127.0.0.1:5"), true, None, None),
             Err(403),
             "proxied"
         );
@@ -210,15 +225,15 @@ mod tests {
         let a = ControlAuth::new(Some("s3cret"), None).unwrap();
         let lo = sa("127.0.0.1:5");
         assert_eq!(
-            a.check(sa("10.1.2.3:5"), false, Some(b"Bearer s3cret")),
+            a.check(sa("10.1.2.3:5"), false, Some(b"Bearer s3cret"), None),
             Ok(Identity::Shared)
         );
         assert_eq!(
-            a.check(lo, false, Some(b"bearer s3cret")),
+            a.check(lo, false, Some(b"bearer s3cret"), None),
             Ok(Identity::Shared)
         );
         assert_eq!(
-            a.check(lo, false, Some(b"BEARER  s3cret ")),
+            a.check(lo, false, Some(b"BEARER  s3cret "), None),
             Ok(Identity::Shared)
         );
         for bad in [
@@ -230,10 +245,14 @@ mod tests {
             b"Bearer ",
             b"",
         ] {
-            assert_eq!(a.check(lo, false, Some(bad)), Err(401), "{bad:?}");
+            assert_eq!(a.check(lo, false, Some(bad), None), Err(401), "{bad:?}");
         }
-        assert_eq!(a.check(lo, false, None), Err(401), "loopback is not enough");
-        assert_eq!(a.check(lo, true, Some(b"Bearer s3cret")), Err(403));
+        assert_eq!(
+            a.check(lo, false, None, None),
+            Err(401),
+            "loopback is not enough"
+        );
+        assert_eq!(a.check(lo, true, Some(b"Bearer s3cret"), None), Err(403));
     }
 
     #[test]
@@ -243,22 +262,22 @@ mod tests {
         assert!(a.required());
         let lo = sa("127.0.0.1:5");
         assert_eq!(
-            a.check(lo, false, Some(b"Bearer t-one")),
+            a.check(lo, false, Some(b"Bearer t-one"), None),
             Ok(Identity::Guid("api-1".into()))
         );
-        assert_eq!(a.check(lo, false, None), Err(401));
-        let id = a.check(lo, false, Some(b"Bearer t-two")).unwrap();
+        assert_eq!(a.check(lo, false, None, None), Err(401));
+        let id = a.check(lo, false, Some(b"Bearer t-two"), None).unwrap();
         assert!(id.may_register("api-2") && !id.may_register("api-1") && !id.is_admin());
         assert!(Identity::Shared.may_register("x") && Identity::Shared.is_admin());
         a.set_per_guid(&[("api-3".into(), "t-three".into())]);
         assert_eq!(
-            a.check(lo, false, Some(b"Bearer t-one")),
+            a.check(lo, false, Some(b"Bearer t-one"), None),
             Err(401),
             "reloaded"
         );
         a.set_per_guid(&[]);
         assert_eq!(
-            a.check(lo, false, None),
+            a.check(lo, false, None, None),
             Err(401),
             "an emptied file stays closed"
         );

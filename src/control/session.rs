@@ -486,7 +486,13 @@ impl ControlConn {
             .map(|t| format!("Bearer {t}"));
         let authorization =
             header(req.headers, "authorization").or(query_token.as_deref().map(str::as_bytes));
-        let identity = match auth.check(self.peer, self.via_proxy, authorization) {
+        let cert_name = self.stream.as_ref().and_then(Transport::client_cert_name);
+        let identity = match auth.check(
+            self.peer,
+            self.via_proxy,
+            authorization,
+            cert_name.as_deref(),
+        ) {
             Ok(id) => id,
             Err(status) => {
                 crate::log::error(
