@@ -95,7 +95,7 @@ pub fn parse_token_file(text: &str) -> Result<Vec<(String, String)>, TokenFileEr
 pub fn bearer(authorization: &[u8]) -> Option<&[u8]> {
     let scheme = authorization.get(..6)?;
     let rest = authorization.get(6..)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer") || !rest.first().is_some_and(|&b| b == b' ') {
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
         return None;
     }
     let token = rest.trim_ascii();
