@@ -568,8 +568,8 @@ struct Lost {
     registered: bool,
     /// Reached `registered` and stayed up a full heartbeat: the back-off starts over.
     stable: bool,
-    /// Refused with `replaced` or `guid_in_use`: another process holds this guid; retry slowly rather than
-    /// evicting it every 100 ms.
+    /// Refused with `replaced` or `guid_in_use`: another process holds this guid; retry
+    /// slowly rather than evicting it every 100 ms.
     slow: bool,
 }
 
