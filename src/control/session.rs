@@ -179,7 +179,10 @@ impl ControlConn {
             State::Open(_) => self
                 .next_ping
                 .min(self.last_heard + heartbeat * MISSED_HEARTBEATS),
-            State::Lingering { since } | State::Refusing { since, .. } => since + LINGER,
+            State::Lingering { since } => since + LINGER,
+            // An answer gets the rest of the request's time to go out, and at least LINGER
+            // (the 408 for a stalled body is written when that time is already up).
+            State::Refusing { since, .. } => (since + LINGER).max(self.opened + header_timeout),
             _ => self.opened + header_timeout,
         }
     }
@@ -193,8 +196,9 @@ impl ControlConn {
     ) -> ControlDrive {
         match &mut self.state {
             State::Open(_) if self.closing && now >= self.last_heard + LINGER => ControlDrive::Done,
-            State::Lingering { since } | State::Refusing { since, .. }
-                if now >= *since + LINGER =>
+            State::Lingering { since } if now >= *since + LINGER => ControlDrive::Done,
+            State::Refusing { since, .. }
+                if now >= (*since + LINGER).max(self.opened + header_timeout) =>
             {
                 ControlDrive::Done
             }
