@@ -959,6 +959,10 @@ mod tests {
             c.token_file.as_deref(),
             Some(std::path::Path::new("/tmp/t"))
         );
+        assert!(matches!(
+            run(&["--control-client-ca", "/tmp/ca.pem"]),
+            Err(ConfigError::Usage(_))
+        ));
         let d = run(&[]).unwrap();
         assert!(d.backend_allow.is_empty() && d.trusted_proxies.is_empty() && !d.forwarded);
         for flag in ["--backend-allow", "--trusted-proxy"] {

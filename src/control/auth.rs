@@ -284,6 +284,35 @@ mod tests {
     }
 
     #[test]
+    fn client_certificate_names_the_guid() {
+        let remote = sa("10.1.2.3:5");
+        let open = ControlAuth::new(None, None).unwrap();
+        assert_eq!(
+            open.check(remote, false, None, Some("api-1")),
+            Ok(Identity::Guid("api-1".into()))
+        );
+        assert_eq!(
+            open.check(remote, false, None, Some("not a guid!")),
+            Err(403)
+        );
+        assert_eq!(open.check(remote, true, None, Some("api-1")), Err(403));
+        let locked = ControlAuth::new(Some("s3cret"), None).unwrap();
+        assert_eq!(
+            locked.check(remote, false, None, Some("api-1")),
+            Ok(Identity::Guid("api-1".into()))
+        );
+        assert_eq!(
+            locked.check(remote, false, Some(b"Bearer wrong"), Some("api-1")),
+            Err(401),
+            "a wrong token is not rescued by a certificate"
+        );
+        assert_eq!(
+            locked.check(remote, false, Some(b"Bearer s3cret"), Some("api-1")),
+            Ok(Identity::Shared)
+        );
+    }
+
+    #[test]
     fn token_file_errors_name_the_line() {
         for (text, line) in [
             ("api-1\n", 1),
