@@ -403,5 +403,29 @@ mod tests {
         assert_eq!(v["type"], "registered");
         let v: Value = serde_json::from_str(&error(&ControlError::UnknownType)).unwrap();
         assert_eq!(v["code"], "unknown_type");
+        assert!(v.get("rule").is_none());
+        let refused = ControlError::BindingRefused {
+            binding: "ws://127.0.0.1:8080".into(),
+            rule: crate::netpolicy::BindingRule::OwnListener,
+        };
+        let v: Value = serde_json::from_str(&error(&refused)).unwrap();
+        assert_eq!(
+            (&v["code"], &v["rule"], &v["binding"]),
+            (
+                &json!("binding_refused"),
+                &json!("own_listener"),
+                &json!("ws://127.0.0.1:8080")
+            )
+        );
+        assert!(v["message"].as_str().unwrap().contains("own listeners"));
+        assert_eq!(refused.close_code(), 1008);
+        for (e, code) in [
+            (ControlError::GuidInUse, "guid_in_use"),
+            (ControlError::GuidNotAllowed, "guid_not_allowed"),
+        ] {
+            assert_eq!((e.code(), e.close_code()), (code, 1008));
+        }
+        let v: Value = serde_json::from_str(&unreachable("ws://10.0.0.1:9")).unwrap();
+        assert_eq!(v["reason"], "unreachable");
     }
 }
