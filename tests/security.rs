@@ -705,4 +705,14 @@ fn remote_peer_is_held_to_its_own_address() {
         "{body}"
     );
     assert!(!body.to_ascii_lowercase().contains("x-real-ip"), "{body}");
+
+    // Without any token, a control listener on a network address refuses remote peers.
+    let open = Balancer::start(&["--control", "0.0.0.0:0"], &[]);
+    let ctl = format!(
+        "{}:{}",
+        RemoteNet::HOST,
+        listening_on(&open, "control listening on 0.0.0.0:")
+    );
+    let out = net.python(PY_REGISTER, &[&ctl, "anything", &own]);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
 }
