@@ -246,7 +246,7 @@ fn live_guid_cannot_be_taken_over_from_another_address() {
     owner.send(Message::Ping(Vec::new().into())).unwrap();
     owner
         .get_ref()
-        .set_read_timeout(Some(Duration::from_millis(300)))
+        .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     match owner.read() {
         Ok(Message::Pong(_) | Message::Ping(_)) => {}
