@@ -222,19 +222,34 @@ pub fn is_local_ip(ip: IpAddr) -> bool {
 /// destination) is wslb talking to itself. Entries live a bounded time: the accept that
 /// matters follows the connect within a poll turn or two, and a connect is abandoned after
 /// `--connect-timeout` anyway.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SelfDial {
     by_source: HashMap<SocketAddr, (SocketAddr, Instant)>,
+    /// Age beyond which entries may go (the last one [`SelfDial::prune`] was given).
+    max_age: Duration,
 }
 
-/// Most outgoing connections remembered; beyond it new ones are not (the binding rules
-/// still refuse wslb's own listeners).
-const SELF_DIAL_MAX: usize = 65_536;
+impl Default for SelfDial {
+    fn default() -> Self {
+        SelfDial {
+            by_source: HashMap::new(),
+            max_age: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Most outgoing connections remembered (about 100 bytes each, so ~1.5 MiB at most): under
+/// heavier connection churn than this per `max_age`, new ones go unrecorded and the binding
+/// rules alone keep wslb from dialling itself.
+const SELF_DIAL_MAX: usize = 16_384;
 
 impl SelfDial {
     /// Records an outgoing connection `source → dest`.
     pub fn note(&mut self, source: SocketAddr, dest: SocketAddr, now: Instant) {
-        if self.by_source.len() < SELF_DIAL_MAX || self.by_source.contains_key(&source) {
+        if self.by_source.len() >= SELF_DIAL_MAX {
+            self.prune(now, self.max_age);
+        }
+        if self.by_source.len() < SELF_DIAL_MAX {
             self.by_source
                 .insert(canonical(source), (canonical(dest), now));
         }
@@ -255,6 +270,7 @@ impl SelfDial {
 
     /// Forgets entries older than `max_age`.
     pub fn prune(&mut self, now: Instant, max_age: Duration) {
+        self.max_age = max_age;
         self.by_source
             .retain(|_, (_, at)| now.saturating_duration_since(*at) <= max_age);
     }
@@ -427,5 +443,25 @@ mod tests {
         assert_eq!(s.len(), 1);
         s.prune(t0 + Duration::from_secs(11), Duration::from_secs(10));
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn self_dial_is_bounded() {
+        let mut s = SelfDial::default();
+        let t0 = Instant::now();
+        let dest = sa("127.0.0.1:8080");
+        for i in 0..SELF_DIAL_MAX + 10 {
+            let port = u16::try_from(1024 + i % 60_000).unwrap();
+            let ip = IpAddr::V4(Ipv4Addr::from(
+                0x7f00_0000 + u32::try_from(i / 60_000 + 1).unwrap(),
+            ));
+            s.note(SocketAddr::new(ip, port), dest, t0);
+        }
+        assert_eq!(s.len(), SELF_DIAL_MAX, "full: new ones are not recorded");
+        // Once the old ones are past max_age, a new note makes room.
+        let later = t0 + Duration::from_secs(6);
+        s.note(sa("127.9.9.9:1"), dest, later);
+        assert_eq!(s.len(), 1);
+        assert!(s.is_own(sa("127.9.9.9:1"), dest));
     }
 }
