@@ -568,8 +568,8 @@ struct Lost {
     registered: bool,
     /// Reached `registered` and stayed up a full heartbeat: the back-off starts over.
     stable: bool,
-    /// Refused with `replaced`: another process holds this guid; retry slowly rather than
-    /// evicting it every 100 ms.
+    /// Refused with `replaced` or `guid_in_use`: another process holds this guid; retry
+    /// slowly rather than evicting it every 100 ms.
     slow: bool,
 }
 
@@ -901,7 +901,8 @@ impl Link {
                 Ok(())
             }
             Some(BalancerMsg::Error { code, message }) => Err(Lost {
-                slow: code == "replaced",
+                // Neither clears up at once: the other holder of the guid must go first.
+                slow: code == "replaced" || code == "guid_in_use",
                 ..Lost::new(format!("refused: {code}: {message}"))
             }),
             None => {
@@ -1076,10 +1077,10 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_balancer_msg(&protocol::unreachable("ws://127.0.0.1:1", "refused")),
+            parse_balancer_msg(&protocol::unreachable("ws://127.0.0.1:1")),
             Some(BalancerMsg::Unreachable {
                 binding: "ws://127.0.0.1:1".into(),
-                reason: "refused".into()
+                reason: "unreachable".into()
             })
         );
         assert_eq!(

@@ -111,6 +111,19 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Fate of client connections when their backend's control connection is lost.
     pub on_backend_lost: OnBackendLost,
+    /// Security (issue 15): who may be dialled and whose forwarding headers are believed.
+    /// `--backend-allow`: registered bindings may point into these blocks besides the
+    /// control connection's own address.
+    pub backend_allow: Vec<crate::netpolicy::Cidr>,
+    /// `--trusted-proxy`: peers whose X-Forwarded-For / Forwarded values are kept.
+    pub trusted_proxies: Vec<crate::netpolicy::Cidr>,
+    /// `--forwarded`: emit RFC 7239 `Forwarded` instead of `X-Forwarded-For`.
+    pub forwarded: bool,
+    /// `--token-file`: per-backend tokens, lines `guid token`, re-read on SIGHUP.
+    pub token_file: Option<std::path::PathBuf>,
+    /// `--control-client-ca`: client certificates on `--control-tls` verified against this
+    /// CA; the first DNS name on one is the only guid its holder may register.
+    pub control_client_ca: Option<std::path::PathBuf>,
     /// Log line shape.
     pub log_format: LogFormat,
     /// 0 = errors only, 1 = normal, 2 = verbose.
@@ -152,6 +165,11 @@ impl Default for Config {
             token: None,
             heartbeat: Duration::from_secs(5),
             on_backend_lost: OnBackendLost::Keep,
+            backend_allow: Vec::new(),
+            trusted_proxies: Vec::new(),
+            forwarded: false,
+            token_file: None,
+            control_client_ca: None,
             log_format: LogFormat::Text,
             verbosity: 1,
         }
@@ -395,6 +413,7 @@ fn options() -> getopts::Options {
         "keep | close: client connections of a backend whose control connection is lost [default: keep]",
         "WHAT",
     );
+    security_options(&mut o);
     o.optopt("", "log-format", "text | json [default: text]", "FMT");
     o.optflag("q", "quiet", "log errors only");
     o.optflag("v", "verbose", "log every connection");
@@ -597,6 +616,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         cfg.ws_idle_timeout =
             Some(parse_duration(&v).map_err(|why| bad("--ws-idle-timeout", &v, why))?);
     }
+    security_flags(&m, &mut cfg)?;
     if let Some(v) = m.opt_str("log-format") {
         cfg.log_format = match v.as_str() {
             "text" => LogFormat::Text,
@@ -611,6 +631,59 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         (false, false) => 1,
     };
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// Issue 15's flags, in one block: each relaxes a default, none tightens another flag.
+fn security_options(o: &mut getopts::Options) {
+    o.optmulti(
+        "",
+        "backend-allow",
+        "registered bindings may also point into this block, e.g. 10.0.0.0/8 (repeatable) [default: only the registering peer's own address]",
+        "CIDR",
+    );
+    o.optmulti(
+        "",
+        "trusted-proxy",
+        "keep X-Forwarded-For/Forwarded from peers in this block, e.g. 10.0.0.0/8 (repeatable) [default: none, they are replaced]",
+        "CIDR",
+    );
+    o.optflag(
+        "",
+        "forwarded",
+        "send RFC 7239 Forwarded: for=... instead of X-Forwarded-For",
+    );
+    o.optopt(
+        "",
+        "token-file",
+        "per-backend tokens, one `guid token` per line; a token registers only its guid; re-read on SIGHUP",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "control-client-ca",
+        "with --control-tls: verify client certificates against this CA (PEM); a certificate's first DNS name is the only guid it may register",
+        "FILE",
+    );
+}
+
+fn security_flags(m: &getopts::Matches, cfg: &mut Config) -> Result<(), ConfigError> {
+    for v in m.opt_strs("backend-allow") {
+        cfg.backend_allow
+            .push(crate::netpolicy::parse_cidr(&v).map_err(|why| bad("--backend-allow", &v, why))?);
+    }
+    for v in m.opt_strs("trusted-proxy") {
+        cfg.trusted_proxies
+            .push(crate::netpolicy::parse_cidr(&v).map_err(|why| bad("--trusted-proxy", &v, why))?);
+    }
+    cfg.forwarded = m.opt_present("forwarded");
+    cfg.token_file = m.opt_str("token-file").map(Into::into);
+    cfg.control_client_ca = m.opt_str("control-client-ca").map(Into::into);
+    if cfg.control_client_ca.is_some() && !cfg.control_tls {
+        return Err(ConfigError::Usage(
+            "--control-client-ca needs --control-tls".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn bad(flag: &'static str, value: &str, why: &'static str) -> ConfigError {
@@ -870,5 +943,38 @@ mod tests {
         assert!(c.websocket && !c.http);
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
         assert_eq!(c.verbosity, 0);
+    }
+
+    #[test]
+    fn security_flags_parse() {
+        let c = run(&[
+            "--backend-allow",
+            "10.0.0.0/8",
+            "--backend-allow",
+            "fd00::/8",
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--forwarded",
+            "--token-file",
+            "/tmp/t",
+        ])
+        .unwrap();
+        assert_eq!(c.backend_allow.len(), 2);
+        assert_eq!(c.trusted_proxies.len(), 1);
+        assert!(c.forwarded);
+        assert_eq!(
+            c.token_file.as_deref(),
+            Some(std::path::Path::new("/tmp/t"))
+        );
+        assert!(matches!(
+            run(&["--control-client-ca", "/tmp/ca.pem"]),
+            Err(ConfigError::Usage(_))
+        ));
+        let d = run(&[]).unwrap();
+        assert!(d.backend_allow.is_empty() && d.trusted_proxies.is_empty() && !d.forwarded);
+        for flag in ["--backend-allow", "--trusted-proxy"] {
+            let e = run(&[flag, "10.0.0.1/8"]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
     }
 }

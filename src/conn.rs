@@ -1140,6 +1140,8 @@ impl Conn {
         let client = ClientInfo {
             peer: self.peer.ip(),
             tls: self.client.is_tls(),
+            trusted: crate::netpolicy::any_contains(&ctx.cfg.trusted_proxies, self.peer.ip()),
+            rfc7239: ctx.cfg.forwarded,
         };
         let mut to_backend = Outbox::default();
         rewrite::write_request(&req, client, ws_key.is_some(), to_backend.head_vec());
@@ -1248,7 +1250,8 @@ impl Conn {
             let registered_here = matches!(pooled, Some((_, true)));
             let stream = match pooled {
                 Some((s, _)) => Ok(s),
-                None => open_backend(addr, dial.tls, ctx.backend_tls),
+                None => open_backend(addr, dial.tls, ctx.backend_tls)
+                    .inspect(|s| ctx.backends.note_dialled(s, addr, ctx.now)),
             };
             let mut stream = match stream {
                 Ok(s) => s,

@@ -28,6 +28,7 @@ pub mod hooks;
 pub mod http;
 mod log;
 mod metrics;
+pub mod netpolicy;
 mod registry;
 mod server;
 pub mod sticky;

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
 fn run(cfg: wslb::Config) -> ExitCode {
     match wslb::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ wslb::Error::Tls(_)) => {
+        Err(e @ (wslb::Error::Tls(_) | wslb::Error::Config(_))) => {
             eprintln!("wslb: {e}");
             ExitCode::from(2)
         }

@@ -38,6 +38,11 @@ pub struct Stats {
     pub pool_retries: u64,
     /// Accepts and backend connects that failed for want of a file descriptor.
     pub fd_exhausted: u64,
+    /// Registrations refused by a security rule, by rule name (`own_listener`,
+    /// `not_peer_address`, `guid_in_use`, ...).
+    pub registrations_refused: std::collections::BTreeMap<&'static str, u64>,
+    /// Accepted connections that wslb itself had opened (a self-loop), refused.
+    pub self_connections_refused: u64,
 }
 
 impl Stats {
@@ -211,6 +216,26 @@ pub fn render(
     }
     metric(
         &mut o,
+        "wslb_registrations_refused_total",
+        "counter",
+        "Backend registrations refused by a security rule.",
+    );
+    for (rule, n) in &s.registrations_refused {
+        let _ = writeln!(o, "wslb_registrations_refused_total{{rule=\"{rule}\"}} {n}");
+    }
+    metric(
+        &mut o,
+        "wslb_self_connections_refused_total",
+        "counter",
+        "Connections wslb opened to its own listeners, refused.",
+    );
+    let _ = writeln!(
+        o,
+        "wslb_self_connections_refused_total {}",
+        s.self_connections_refused
+    );
+    metric(
+        &mut o,
         "wslb_connections_active",
         "gauge",
         "Client connections open.",
@@ -278,6 +303,7 @@ mod tests {
         s.response(502);
         s.response(99);
         s.accepted = 3;
+        s.registrations_refused.insert("own_listener", 2);
         let b = [BackendSample {
             name: "ws://a\"b",
             state: "ready",
@@ -286,6 +312,7 @@ mod tests {
         }];
         let text = render(&s, 1, 0, 5, &b);
         assert!(text.contains("wslb_connections_accepted_total 3\n"));
+        assert!(text.contains("wslb_registrations_refused_total{rule=\"own_listener\"} 2\n"));
         assert!(text.contains("wslb_http_responses_total{class=\"2xx\"} 1\n"));
         assert!(text.contains("wslb_http_responses_total{class=\"5xx\"} 1\n"));
         assert!(text.contains("wslb_http_responses_total{class=\"1xx\"} 1\n"));

@@ -92,8 +92,6 @@ pub struct Unreachable {
     pub owner: Owner,
     /// The binding that failed.
     pub binding: String,
-    /// Why.
-    pub reason: String,
 }
 
 /// One backend.
@@ -165,6 +163,8 @@ pub struct Registry {
     pub unreachable: Vec<Unreachable>,
     /// Most idle pooled connections over all backends (their descriptors are budgeted).
     pool_max: usize,
+    /// Connections this process opened, so its listeners can recognise them.
+    pub self_dial: crate::netpolicy::SelfDial,
 }
 
 impl Registry {
@@ -190,6 +190,14 @@ impl Registry {
     /// Caps the idle pooled connections over all backends.
     pub fn set_pool_max(&mut self, max: usize) {
         self.pool_max = max;
+    }
+
+    /// Remembers a backend connection just opened (its source port is now bound), so that
+    /// if it lands on one of wslb's own listeners the accept refuses it.
+    pub fn note_dialled(&mut self, stream: &Transport, dest: SocketAddr, now: Instant) {
+        if let Ok(src) = stream.socket().local_addr() {
+            self.self_dial.note(src, dest, now);
+        }
     }
 
     /// Number of backends known, in any state.
@@ -401,11 +409,7 @@ impl Registry {
                     .and_then(|i| b.bindings.get(i))
                     .cloned()
                     .unwrap_or_default();
-                self.unreachable.push(Unreachable {
-                    owner,
-                    binding,
-                    reason: why.to_string(),
-                });
+                self.unreachable.push(Unreachable { owner, binding });
             }
             b.failures = b.failures.saturating_add(1);
             let backoff = DOWN_BASE

@@ -21,9 +21,10 @@ use crate::config::{Config, OnBackendLost};
 use crate::conn::{
     key_of, token_for, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS,
 };
+use crate::control::auth::{ControlAuth, Identity};
 use crate::control::protocol::{self as control_protocol, ControlError};
 use crate::control::session::AdminRequest;
-use crate::control::session::{ControlAuth, ControlConn, ControlDrive, ControlEvent};
+use crate::control::session::{ControlConn, ControlDrive, ControlEvent};
 use crate::events::EventSink;
 use crate::fdlimit;
 use crate::hooks::Hooks;
@@ -170,8 +171,12 @@ pub struct Server {
     /// Proxy listeners; `true` = TLS.
     listeners: Vec<(TcpListener, bool)>,
     server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The control listener's TLS: `server_tls` plus optional client certificates.
+    control_tls: Option<Arc<rustls::ServerConfig>>,
     backend_tls: Option<Arc<rustls::ClientConfig>>,
     local_addrs: Vec<SocketAddr>,
+    /// Every address wslb listens on (proxy, TLS, control): never a backend.
+    own_addrs: Vec<SocketAddr>,
     conns: Slab<Conn>,
     /// Open client connections per address, for `--max-connections-per-ip`.
     per_ip: HashMap<IpAddr, u32>,
@@ -216,6 +221,9 @@ pub enum Error {
     Tls(crate::tls::TlsError),
     /// Binding, polling or another system call failed (exit 1).
     Io(io::Error),
+    /// The flags are consistent one by one but not together, or a file they name is
+    /// unusable (exit 2), e.g. a `-B` backend that is wslb's own listener.
+    Config(String),
 }
 
 impl std::fmt::Display for Error {
@@ -223,6 +231,7 @@ impl std::fmt::Display for Error {
         match self {
             Error::Tls(e) => e.fmt(f),
             Error::Io(e) => e.fmt(f),
+            Error::Config(e) => f.write_str(e),
         }
     }
 }
@@ -286,6 +295,31 @@ fn size_connections(cfg: &mut Config) -> fdlimit::Budget {
     fds
 }
 
+/// Static `-B` backends may point anywhere the operator likes, except back at wslb: one
+/// request to such a backend would dial again, and again.
+fn static_backends_avoid(cfg: &Config, own: &[SocketAddr]) -> Result<(), Error> {
+    let own: Vec<SocketAddr> = own.iter().copied().filter(|a| a.port() != 0).collect();
+    match cfg
+        .backends
+        .iter()
+        .find(|b| crate::netpolicy::hits_own_listener(b.addr, &own, &crate::netpolicy::is_local_ip))
+    {
+        Some(b) => Err(Error::Config(format!(
+            "invalid value {:?} for --backend: that is wslb's own listener; requests would loop",
+            b.url
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Reads and parses `--token-file`; the error is the one line printed.
+fn load_token_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;
+    crate::control::auth::parse_token_file(&text)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))
+}
+
 fn is_fd_exhaustion(e: &io::Error) -> bool {
     fdlimit::is_exhaustion(e)
 }
@@ -294,10 +328,24 @@ impl Server {
     /// Binds every listener and prepares the loop; nothing is accepted until [`Server::run`].
     pub fn bind(mut cfg: Config) -> Result<Server, Error> {
         crate::log::init(cfg.verbosity, cfg.log_format);
+        let configured: Vec<SocketAddr> = (cfg.listen.iter())
+            .chain(&cfg.tls_listen)
+            .chain(&cfg.control)
+            .copied()
+            .collect();
+        static_backends_avoid(&cfg, &configured)?;
         let server_tls = if cfg.certs.is_empty() {
             None
         } else {
             Some(crate::tls::server_config(&cfg.certs).map_err(Error::Tls)?)
+        };
+        let control_tls = if cfg.control_tls {
+            Some(
+                crate::tls::control_server_config(&cfg.certs, cfg.control_client_ca.as_deref())
+                    .map_err(Error::Tls)?,
+            )
+        } else {
+            None
         };
         let tls_backends =
             cfg.backends.iter().any(|b| b.tls) || cfg.control.is_some() || cfg.backend_ca.is_some();
@@ -354,15 +402,31 @@ impl Server {
                 .register(&mut l, CONTROL_LISTENER, Interest::READABLE)?;
             let local = l.local_addr()?;
             log::info(&format!("control listening on {local}"), &[]);
-            if cfg.token.is_none() {
-                log::info(
-                    "no --token: control connections accepted from loopback addresses only",
-                    &[],
-                );
+            if cfg.token.is_none() && cfg.token_file.is_none() {
+                if local.ip().is_loopback() {
+                    log::info(
+                        "no --token: control connections accepted from loopback addresses only",
+                        &[],
+                    );
+                } else {
+                    log::warn(
+                        &format!("no --token on control listener {local}: it is reachable from the network and refuses remote peers, but every local process can register backends and use the admin API (client list, metrics, broadcast, drain); set --token or --token-file"),
+                        &[],
+                    );
+                }
             }
             control_addr = Some(local);
             control_listener = Some(l);
         }
+        let own_addrs: Vec<SocketAddr> = local_addrs.iter().copied().chain(control_addr).collect();
+        // Again with the bound addresses: a port-0 listener may have drawn a -B port.
+        static_backends_avoid(&cfg, &own_addrs)?;
+        let token_file = match &cfg.token_file {
+            Some(path) => Some(load_token_file(path).map_err(Error::Config)?),
+            None => None,
+        };
+        let control_auth = ControlAuth::new(cfg.token.as_deref(), token_file.as_deref())
+            .map_err(|_| io::Error::other("no system randomness for the token MAC key"))?;
         let events = EventSink::open(cfg.events.as_deref()).map_err(|e| {
             Error::Tls(crate::tls::TlsError::File {
                 path: cfg.events.clone().unwrap_or_default().into(),
@@ -408,16 +472,16 @@ impl Server {
             commands: mpsc::channel(),
             listeners,
             server_tls,
+            control_tls,
             backend_tls,
             local_addrs,
+            own_addrs,
             conns: Slab::with_capacity(1024),
             per_ip: HashMap::new(),
             control_listener,
             control_addr,
             controls: Slab::new(),
-            control_auth: ControlAuth {
-                token: cfg.token.clone(),
-            },
+            control_auth,
             control_events: Vec::new(),
             controls_to_reap: Vec::new(),
             timers: Timers::default(),
@@ -539,6 +603,7 @@ impl Server {
                 }
                 if reload {
                     self.reload_tls();
+                    self.reload_token_file();
                 }
                 if stop {
                     if self.draining {
@@ -679,6 +744,16 @@ impl Server {
                     continue;
                 }
             };
+            if self.is_self_dial(&stream, peer) {
+                // One of our own backend connections came back to us: serving it would
+                // dial again, and again (a single request once became 5,465 connections).
+                log::error(
+                    "refused a connection wslb opened to its own listener (self-loop)",
+                    &[("peer", &peer)],
+                );
+                self.stats.self_connections_refused += 1;
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let Some(mut stream) = self.wrap(stream, tls) else {
                 continue;
@@ -805,6 +880,9 @@ impl Server {
                 }
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
+                    self.backends
+                        .self_dial
+                        .prune(now, self.cfg.connect_timeout + SWEEP_EVERY);
                     self.timers.add(now + SWEEP_EVERY, t);
                 }
             }
@@ -917,7 +995,18 @@ impl Server {
         if !tls {
             return Some(Transport::Plain(sock));
         }
-        let cfg = self.server_tls.as_ref()?;
+        Self::wrap_with(sock, self.server_tls.as_ref()?)
+    }
+
+    /// Wraps an accepted control socket (TLS with `--control-tls`).
+    fn wrap_control(&self, sock: mio::net::TcpStream) -> Option<Transport> {
+        match &self.control_tls {
+            None => Some(Transport::Plain(sock)),
+            Some(cfg) => Self::wrap_with(sock, cfg),
+        }
+    }
+
+    fn wrap_with(sock: mio::net::TcpStream, cfg: &Arc<rustls::ServerConfig>) -> Option<Transport> {
         match crate::tls::accept(cfg) {
             Ok(conn) => Some(Transport::Tls(Box::new(TlsStream::new(sock, conn)))),
             Err(e) => {
@@ -934,9 +1023,18 @@ impl Server {
             log::info("SIGHUP: no certificates to reload", &[]);
             return;
         }
-        match crate::tls::server_config(&self.cfg.certs) {
-            Ok(cfg) => {
+        let control = match self.control_tls {
+            Some(_) => crate::tls::control_server_config(
+                &self.cfg.certs,
+                self.cfg.control_client_ca.as_deref(),
+            )
+            .map(Some),
+            None => Ok(None),
+        };
+        match crate::tls::server_config(&self.cfg.certs).and_then(|c| Ok((c, control?))) {
+            Ok((cfg, control)) => {
                 self.server_tls = Some(cfg);
+                self.control_tls = control;
                 log::info(
                     "SIGHUP: certificates reloaded",
                     &[("pairs", &self.cfg.certs.len())],
@@ -944,6 +1042,34 @@ impl Server {
             }
             Err(e) => log::error(
                 "SIGHUP: reload failed, keeping the old certificates",
+                &[("error", &e)],
+            ),
+        }
+    }
+
+    /// Was this accepted connection opened by wslb itself? The map lookup is free; the
+    /// `getsockname` runs only for a peer address we dialled from.
+    fn is_self_dial(&self, stream: &mio::net::TcpStream, peer: SocketAddr) -> bool {
+        let dial = &self.backends.self_dial;
+        dial.maybe_own(peer)
+            && stream
+                .local_addr()
+                .is_ok_and(|local| dial.is_own(peer, local))
+    }
+
+    /// SIGHUP: re-reads `--token-file`. Connections already authenticated keep going; a
+    /// file that fails to load keeps the old tokens.
+    fn reload_token_file(&mut self) {
+        let Some(path) = &self.cfg.token_file else {
+            return;
+        };
+        match load_token_file(path) {
+            Ok(list) => {
+                self.control_auth.set_per_guid(&list);
+                log::info("SIGHUP: token file reloaded", &[("entries", &list.len())]);
+            }
+            Err(e) => log::error(
+                "SIGHUP: token file reload failed, keeping the old tokens",
                 &[("error", &e)],
             ),
         }
@@ -971,7 +1097,11 @@ impl Server {
                 }
                 Err(_) => continue,
             };
-            let Some(mut stream) = self.wrap(stream, self.cfg.control_tls) else {
+            let via_proxy = self.is_self_dial(&stream, peer);
+            if via_proxy {
+                self.stats.self_connections_refused += 1;
+            }
+            let Some(mut stream) = self.wrap_control(stream) else {
                 continue;
             };
             self.next_gen += 1;
@@ -987,6 +1117,7 @@ impl Server {
                 continue;
             }
             let c = entry.insert(ControlConn::new(self.next_gen, stream, peer, now));
+            c.via_proxy = via_proxy;
             let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
             c.armed = Some(at);
             self.timers.add(
@@ -1068,10 +1199,42 @@ impl Server {
             ControlEvent::Admin(req) => {
                 let (status, ctype, body) = self.handle_admin(&req);
                 if let Some(c) = self.controls.get_mut(key) {
-                    c.respond(status, ctype, &body);
+                    c.respond(Instant::now(), status, ctype, &body);
                 }
             }
             ControlEvent::Register(reg) => {
+                let identity = c.identity.clone();
+                if let Some(e) = self.registration_refusal(key, gen, &reg, peer, identity) {
+                    let rule = match &e {
+                        ControlError::BindingRefused { rule, .. } => rule.rule(),
+                        other => other.code(),
+                    };
+                    log::error(
+                        "registration refused",
+                        &[
+                            ("peer", &peer),
+                            ("guid", &reg.guid),
+                            ("rule", &rule),
+                            ("error", &e),
+                        ],
+                    );
+                    *self.stats.registrations_refused.entry(rule).or_insert(0) += 1;
+                    self.events.emit(
+                        "registration_refused",
+                        &[
+                            ("guid", json!(reg.guid)),
+                            ("peer", json!(peer.to_string())),
+                            ("rule", json!(rule)),
+                        ],
+                    );
+                    if let Some(c) = self.controls.get_mut(key) {
+                        c.refuse(&e);
+                    }
+                    return;
+                }
+                let Some(c) = self.controls.get_mut(key) else {
+                    return;
+                };
                 if c.guid.as_deref().is_some_and(|g| g != reg.guid) {
                     // Same connection, new identity: the old entry is gone.
                     if let Some(id) = owned {
@@ -1155,6 +1318,47 @@ impl Server {
         }
     }
 
+    /// Why `reg` from control connection `(key, gen)` at `peer` may not be applied, if so.
+    fn registration_refusal(
+        &self,
+        key: usize,
+        gen: u64,
+        reg: &control_protocol::Registration,
+        peer: SocketAddr,
+        identity: Option<Identity>,
+    ) -> Option<ControlError> {
+        if !identity.is_some_and(|id| id.may_register(&reg.guid)) {
+            return Some(ControlError::GuidNotAllowed);
+        }
+        // A live guid moves only to a connection from the same address: that is a
+        // restarted backend; anyone else holding the token would be a takeover.
+        let holder = self
+            .backends
+            .iter()
+            .find(|(_, b)| b.guid.as_deref() == Some(reg.guid.as_str()))
+            .and_then(|(_, b)| b.owner)
+            .filter(|&owner| owner != (key, gen))
+            .and_then(|(k, g)| self.controls.get(k).filter(|o| o.gen == g && !o.done));
+        if holder.is_some_and(|o| o.peer.ip().to_canonical() != peer.ip().to_canonical()) {
+            return Some(ControlError::GuidInUse);
+        }
+        for (binding, addr) in reg.bindings.iter().zip(&reg.addrs) {
+            if let Err(rule) = crate::netpolicy::check_binding(
+                *addr,
+                peer.ip(),
+                &self.cfg.backend_allow,
+                &self.own_addrs,
+                &crate::netpolicy::is_local_ip,
+            ) {
+                return Some(ControlError::BindingRefused {
+                    binding: binding.clone(),
+                    rule,
+                });
+            }
+        }
+        None
+    }
+
     /// A registered backend left: out of selection at once; its clients stay or go per flag.
     fn backend_lost(&mut self, id: usize) {
         let name = self
@@ -1193,7 +1397,7 @@ impl Server {
                 .get_mut(key)
                 .filter(|c| c.gen == gen && !c.done)
             {
-                c.send_text(control_protocol::unreachable(&n.binding, &n.reason));
+                c.send_text(control_protocol::unreachable(&n.binding));
             }
         }
     }

@@ -114,6 +114,36 @@ impl ResolvesServerCert for SniResolver {
 /// Server configuration for the TLS listeners: TLS 1.2 and 1.3, ALPN `http/1.1`, one
 /// certificate per SNI name.
 pub fn server_config(pairs: &[CertPair]) -> Result<Arc<ServerConfig>, TlsError> {
+    build_server_config(pairs, None)
+}
+
+/// The control listener's configuration: the same certificates and, with `client_ca`
+/// (`--control-client-ca`), client certificates verified against that CA. They stay
+/// optional at the TLS layer (the admin API and token holders need none); a verified one
+/// names the only guid its holder may register.
+pub fn control_server_config(
+    pairs: &[CertPair],
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let Some(path) = client_ca else {
+        return build_server_config(pairs, None);
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| file_error(path, e))?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| file_error(path, e))?;
+    build_server_config(pairs, Some(verifier))
+}
+
+fn build_server_config(
+    pairs: &[CertPair],
+    client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let keys = pairs
         .iter()
         .map(certified_key)
@@ -121,16 +151,27 @@ pub fn server_config(pairs: &[CertPair]) -> Result<Arc<ServerConfig>, TlsError> 
     if keys.is_empty() {
         return Err(TlsError::Config("no --cert/--key pair given".into()));
     }
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { keys }));
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(SniResolver { keys }));
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 
-/// Accepts any backend certificate (`--backend-insecure`, development only).
+/// The name a client certificate (already verified by rustls against
+/// `--control-client-ca`) carries: its first DNS subject alternative name. The subject CN is
+/// not read: webpki, which verified the chain, ignores CN for names, and so do we.
+pub fn client_cert_name(conn: &rustls::Connection) -> Option<String> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let ee = webpki::EndEntityCert::try_from(leaf).ok()?;
+    ee.valid_dns_names().next().map(str::to_string)
+}
+
 #[derive(Debug)]
 struct AcceptAnything(Arc<CryptoProvider>);
 

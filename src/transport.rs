@@ -68,6 +68,14 @@ impl Transport {
         }
     }
 
+    /// The name on the peer's verified client certificate, if it presented one.
+    pub fn client_cert_name(&self) -> Option<String> {
+        match self {
+            Transport::Plain(_) => None,
+            Transport::Tls(t) => crate::tls::client_cert_name(&t.conn),
+        }
+    }
+
     /// Is this a TLS stream?
     pub fn is_tls(&self) -> bool {
         matches!(self, Transport::Tls(_))

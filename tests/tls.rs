@@ -480,3 +480,73 @@ fn agent_registers_over_wss() {
         "the agent registered over wss:// and its backend answers"
     );
 }
+
+/// Issue 15: with `--control-client-ca`, a verified client certificate is a per-backend
+/// credential: its first DNS name is the one guid its holder may register, no token needed.
+#[test]
+fn control_client_certificate_names_the_only_guid_it_may_register() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("ctl", &["localhost"]);
+    let (client_cert, client_key) = pki.leaf("client", &["api-cert"]);
+    let a = Backend::start("cert-backend");
+    let mut args = tls_args(&cert, &key);
+    let ca = pki.ca.to_str().unwrap().to_string();
+    args.extend([
+        "--control",
+        "127.0.0.1:0",
+        "--control-tls",
+        "--control-client-ca",
+        &ca,
+        "--token",
+        "s3cret",
+    ]);
+    let lb = Balancer::start(&args, &[]);
+    let control = lb.control_addr();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&pki.ca).unwrap())
+        .unwrap();
+    let with_cert = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_file(&client_cert).unwrap()],
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&client_key).unwrap(),
+        )
+        .unwrap(),
+    );
+    let register = |cfg: &Arc<rustls::ClientConfig>, guid: &str| -> Result<String, String> {
+        let stream = tls_connect(cfg, control, "localhost").map_err(|e| e.to_string())?;
+        let (mut ws, _) = tungstenite::client::client(
+            format!("wss://localhost:{}/register", control.port()),
+            stream,
+        )
+        .map_err(|e| e.to_string())?;
+        ws.send(Message::text(format!(
+            r#"{{"type":"register","version":1,"guid":"{guid}","bindings":["{}"]}}"#,
+            a.url()
+        )))
+        .unwrap();
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => return Ok(t.to_string()),
+                Ok(_) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let other = register(&with_cert, "someone-else").unwrap();
+    assert!(other.contains(r#""code":"guid_not_allowed""#), "{other}");
+    let mine = register(&with_cert, "api-cert").unwrap();
+    assert!(mine.contains(r#""type":"registered""#), "{mine}");
+    // No certificate and no token: refused.
+    let refused = register(&pki.client_config(), "api-cert").unwrap_err();
+    assert!(refused.contains("401"), "{refused}");
+    // A certificate does not open the admin API.
+    let page = https_get(&with_cert, control, "localhost", "/api/backends").unwrap();
+    assert!(page.starts_with("HTTP/1.1 403"), "{page}");
+}

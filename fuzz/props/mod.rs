@@ -39,6 +39,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("sticky_cookie", sticky_cookie),
     ("control_message", control_message),
     ("ws_inject", ws_inject),
+    ("cidr", cidr),
 ];
 
 /// A cheap deterministic hash, to derive choices (cut offsets, flags) from inputs that are
@@ -488,6 +489,8 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
     let client = ClientInfo {
         peer,
         tls: h & 2 != 0,
+        trusted: h & 4 != 0,
+        rfc7239: h & 8 != 0,
     };
     let mut out = Vec::new();
     write_request(req, client, websocket, &mut out);
@@ -556,6 +559,8 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
     // balancer writes its own (X-Forwarded-*, framing, the upgrade pair).
     let own = [
         "x-forwarded-for",
+        "forwarded",
+        "x-real-ip",
         "x-forwarded-proto",
         "x-forwarded-host",
         "content-length",
@@ -595,13 +600,45 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
         let hosts: Vec<_> = named(again.headers, "host").collect();
         assert_eq!(hosts, [authority.as_bytes()], "{}", ctx());
     }
-    let xff: Vec<_> = named(again.headers, "x-forwarded-for").collect();
-    let peer = peer.to_string();
-    assert!(
-        xff.first().is_some_and(|v| v.ends_with(peer.as_bytes())),
-        "{}",
-        ctx()
-    );
+    check_forwarding_chain(req, &again, client, &ctx);
+}
+
+/// Exactly one forwarding field reaches the backend: the client's own chain only from a
+/// trusted peer (its elements in order), always ending in the peer's address.
+fn check_forwarding_chain(
+    req: &Request<'_, '_>,
+    again: &Request<'_, '_>,
+    client: ClientInfo,
+    ctx: &dyn Fn() -> String,
+) {
+    let (field, node) = match (client.rfc7239, client.peer) {
+        (false, ip) => ("x-forwarded-for", ip.to_string()),
+        (true, IpAddr::V4(ip)) => ("forwarded", format!("for={ip}")),
+        (true, IpAddr::V6(ip)) => ("forwarded", format!("for=\"[{ip}]\"")),
+    };
+    for other in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        let want = usize::from(other == field);
+        assert_eq!(
+            named(again.headers, other).count(),
+            want,
+            "{other}{}",
+            ctx()
+        );
+    }
+    let mut expected: Vec<Vec<u8>> = Vec::new();
+    if client.trusted {
+        expected = list_items(named(req.headers, field))
+            .into_iter()
+            .filter(|e| !e.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+    }
+    expected.push(node.into_bytes());
+    let sent: Vec<Vec<u8>> = list_items(named(again.headers, field))
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect();
+    assert_eq!(sent, expected, "{}", ctx());
 }
 
 /// Response-head target: httparse differential, reference framing, and the relayed head
@@ -1712,14 +1749,31 @@ fn check_registration(r: &Registration, text: &str) {
     assert_eq!(control_decode(&control_encode(&msg)), Ok(msg));
 }
 
-/// The balancer's answers are JSON that carry any text (an input's bytes as a guid, binding
-/// or reason) through unchanged.
+/// The balancer's answers are JSON that carry any text (an input's bytes as a guid or
+/// binding) through unchanged; an `unreachable` reason is only ever "unreachable".
 fn check_answers(text: &str) {
     let parse = |s: String| serde_json::from_str::<Value>(&s).expect("answer is JSON");
-    let v = parse(unreachable(text, text));
+    let v = parse(unreachable(text));
     assert_eq!(
         (v["binding"].as_str(), v["reason"].as_str()),
-        (Some(text), Some(text))
+        (Some(text), Some("unreachable"))
+    );
+    let refused = ControlError::BindingRefused {
+        binding: text.to_string(),
+        rule: wslb::netpolicy::BindingRule::NotPeer,
+    };
+    let v = parse(control_error(&refused));
+    assert_eq!(
+        (
+            v["binding"].as_str(),
+            v["rule"].as_str(),
+            v["code"].as_str()
+        ),
+        (
+            Some(text),
+            Some("not_peer_address"),
+            Some("binding_refused")
+        )
     );
     let v = parse(registered(text, 5000));
     assert_eq!(v["guid"].as_str(), Some(text));
@@ -1890,4 +1944,93 @@ pub fn ws_inject(data: &[u8]) {
         out.len() - complete,
         input.len() - backend_bytes.len() - rest.len()
     );
+}
+
+/// The bits of an address, most significant first (IPv4 as 32, IPv6 as 128).
+fn ip_bits(ip: IpAddr) -> Vec<bool> {
+    let octets = match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    octets
+        .iter()
+        .flat_map(|o| (0..8).rev().map(move |i| o >> i & 1 == 1))
+        .collect()
+}
+
+fn ip_from_bits(v4: bool, bits: &[bool]) -> IpAddr {
+    let octets: Vec<u8> = bits
+        .chunks(8)
+        .map(|c| c.iter().fold(0u8, |acc, &b| acc << 1 | u8::from(b)))
+        .collect();
+    if v4 {
+        IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
+    } else {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&octets);
+        IpAddr::V6(Ipv6Addr::from(a))
+    }
+}
+
+/// Reference membership, bit by bit, with IPv4-mapped IPv6 read as IPv4.
+fn ref_contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    if net.is_ipv4() != ip.is_ipv4() {
+        return false;
+    }
+    ip_bits(net)[..usize::from(prefix)] == ip_bits(ip)[..usize::from(prefix)]
+}
+
+/// CIDR target (`--backend-allow`, `--trusted-proxy`): the first line is a block, the
+/// others addresses. `parse_cidr` agrees with a reference reading (address by std, prefix
+/// of 1-3 digits within the family's width, no host bits); accepted blocks print back to
+/// themselves, hold their network address, and agree with a bit-by-bit membership test
+/// for every listed address and for the addresses just inside and just outside the prefix.
+pub fn cidr(data: &[u8]) {
+    use wslb::netpolicy::parse_cidr;
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    let block = lines.next().unwrap_or_default();
+    let (addr, prefix) = match block.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (block, None),
+    };
+    let reference = addr.parse::<IpAddr>().ok().and_then(|net| {
+        let width: u8 = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) if (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse::<u8>().ok().filter(|&n| n <= width)?
+            }
+            Some(_) => return None,
+        };
+        let host_bits_clear = ip_bits(net)[usize::from(prefix)..].iter().all(|b| !b);
+        host_bits_clear.then_some((net, prefix))
+    });
+    let got = parse_cidr(block);
+    match (&got, reference) {
+        (Ok(c), Some((net, prefix))) => {
+            assert_eq!((c.network(), c.prefix()), (net, prefix), "{block:?}");
+            assert_eq!(parse_cidr(&c.to_string()).as_ref(), Ok(c), "{block:?}");
+            assert!(c.contains(net));
+            let mut probes: Vec<IpAddr> = lines.filter_map(|l| l.trim().parse().ok()).collect();
+            let bits = ip_bits(net);
+            for flip in [usize::from(prefix), usize::from(prefix).wrapping_sub(1)] {
+                if let Some(b) = bits.get(flip) {
+                    let mut changed = bits.clone();
+                    changed[flip] = !*b;
+                    probes.push(ip_from_bits(net.is_ipv4(), &changed));
+                }
+            }
+            for ip in probes {
+                assert_eq!(
+                    c.contains(ip),
+                    ref_contains(net, prefix, ip),
+                    "{block:?} contains {ip}?"
+                );
+            }
+        }
+        (Err(why), None) => assert!(!why.is_empty()),
+        (got, want) => panic!("{block:?}: parse_cidr {got:?}, reference {want:?}"),
+    }
 }

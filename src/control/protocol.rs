@@ -65,6 +65,17 @@ pub enum ControlError {
     NotRegistered,
     /// The same guid registered on another control connection.
     Replaced,
+    /// A binding breaks a rule of [`crate::netpolicy::check_binding`].
+    BindingRefused {
+        /// The binding as announced.
+        binding: String,
+        /// The rule it breaks.
+        rule: crate::netpolicy::BindingRule,
+    },
+    /// The guid is live on a control connection from another address.
+    GuidInUse,
+    /// The connection's per-backend token is for another guid.
+    GuidNotAllowed,
 }
 
 impl ControlError {
@@ -79,6 +90,9 @@ impl ControlError {
             ControlError::Binary => "binary",
             ControlError::NotRegistered => "not_registered",
             ControlError::Replaced => "replaced",
+            ControlError::BindingRefused { .. } => "binding_refused",
+            ControlError::GuidInUse => "guid_in_use",
+            ControlError::GuidNotAllowed => "guid_not_allowed",
         }
     }
 
@@ -107,13 +121,23 @@ impl fmt::Display for ControlError {
             ControlError::Binary => f.write_str("binary messages are not part of the protocol"),
             ControlError::NotRegistered => f.write_str("register first"),
             ControlError::Replaced => f.write_str("the same guid registered on another connection"),
+            ControlError::BindingRefused { binding, rule } => {
+                write!(f, "{binding} refused: {rule} (rule {})", rule.rule())
+            }
+            ControlError::GuidInUse => {
+                f.write_str("guid is registered on a live control connection from another address")
+            }
+            ControlError::GuidNotAllowed => {
+                f.write_str("this connection's token does not cover that guid")
+            }
         }
     }
 }
 
 impl std::error::Error for ControlError {}
 
-fn valid_guid(g: &str) -> bool {
+/// 1-128 characters of `A-Z a-z 0-9 - _ . :`.
+pub fn valid_guid(g: &str) -> bool {
     (1..=128).contains(&g.len())
         && g.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
@@ -265,12 +289,19 @@ pub fn ack(what: &str) -> String {
 
 /// `error` answer (the connection is closed after it).
 pub fn error(e: &ControlError) -> String {
-    json!({"type": "error", "code": e.code(), "message": e.to_string()}).to_string()
+    let mut v = json!({"type": "error", "code": e.code(), "message": e.to_string()});
+    if let (ControlError::BindingRefused { binding, rule }, Some(o)) = (e, v.as_object_mut()) {
+        o.insert("rule".into(), json!(rule.rule()));
+        o.insert("binding".into(), json!(binding));
+    }
+    v.to_string()
 }
 
-/// Tells a backend that the balancer could not reach one of its bindings.
-pub fn unreachable(binding: &str, reason: &str) -> String {
-    json!({"type": "unreachable", "binding": binding, "reason": reason}).to_string()
+/// Tells a backend that the balancer could not reach one of its bindings. The reason is
+/// always the same word: the OS error (refused, timed out, no route) would let a registrant
+/// probe which ports the balancer's host can reach.
+pub fn unreachable(binding: &str) -> String {
+    json!({"type": "unreachable", "binding": binding, "reason": "unreachable"}).to_string()
 }
 
 #[cfg(test)]
@@ -372,5 +403,29 @@ mod tests {
         assert_eq!(v["type"], "registered");
         let v: Value = serde_json::from_str(&error(&ControlError::UnknownType)).unwrap();
         assert_eq!(v["code"], "unknown_type");
+        assert!(v.get("rule").is_none());
+        let refused = ControlError::BindingRefused {
+            binding: "ws://127.0.0.1:8080".into(),
+            rule: crate::netpolicy::BindingRule::OwnListener,
+        };
+        let v: Value = serde_json::from_str(&error(&refused)).unwrap();
+        assert_eq!(
+            (&v["code"], &v["rule"], &v["binding"]),
+            (
+                &json!("binding_refused"),
+                &json!("own_listener"),
+                &json!("ws://127.0.0.1:8080")
+            )
+        );
+        assert!(v["message"].as_str().unwrap().contains("own listeners"));
+        assert_eq!(refused.close_code(), 1008);
+        for (e, code) in [
+            (ControlError::GuidInUse, "guid_in_use"),
+            (ControlError::GuidNotAllowed, "guid_not_allowed"),
+        ] {
+            assert_eq!((e.code(), e.close_code()), (code, 1008));
+        }
+        let v: Value = serde_json::from_str(&unreachable("ws://10.0.0.1:9")).unwrap();
+        assert_eq!(v["reason"], "unreachable");
     }
 }

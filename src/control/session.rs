@@ -12,6 +12,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use super::auth::{ControlAuth, Identity};
 use super::protocol::{self, BackendMsg, ControlError, Registration, MAX_MESSAGE};
 use crate::buffer::Buffer;
 use crate::endpoint::{read_into, Io, Outbox, Ready};
@@ -56,43 +57,6 @@ pub struct AdminRequest {
     pub body: Vec<u8>,
 }
 
-/// Who may open control connections.
-#[derive(Debug, Clone)]
-pub struct ControlAuth {
-    /// Required bearer token; `None` = loopback peers only.
-    pub token: Option<String>,
-}
-
-/// Compares without an early exit, so response timing does not reveal how much of a
-/// guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl ControlAuth {
-    /// `Ok(())` or the status to refuse with.
-    fn check(&self, peer: SocketAddr, authorization: Option<&[u8]>) -> Result<(), u16> {
-        match &self.token {
-            None if peer.ip().is_loopback() => Ok(()),
-            None => Err(403),
-            Some(token) => {
-                let given = authorization
-                    .and_then(|v| v.strip_prefix(b"Bearer "))
-                    .map(<[u8]>::trim_ascii)
-                    .unwrap_or_default();
-                if constant_time_eq(given, token.as_bytes()) {
-                    Ok(())
-                } else {
-                    Err(401)
-                }
-            }
-        }
-    }
-}
-
 enum State {
     /// Reading the upgrade request.
     Handshake {
@@ -106,6 +70,7 @@ enum State {
     /// Writing a refusal or an admin answer, then closing.
     Refusing {
         out: Outbox,
+        since: Instant,
     },
     /// Reading an admin request's body.
     AdminBody {
@@ -135,6 +100,10 @@ pub struct ControlConn {
     ready: Ready,
     /// Guid once registered.
     pub guid: Option<String>,
+    /// What the upgrade request proved (set once authenticated).
+    pub identity: Option<Identity>,
+    /// Opened by wslb's own proxy: never a local peer, whatever its address.
+    pub via_proxy: bool,
     last_heard: Instant,
     next_ping: Instant,
     opened: Instant,
@@ -179,6 +148,8 @@ impl ControlConn {
             },
             ready: Ready::default(),
             guid: None,
+            identity: None,
+            via_proxy: false,
             last_heard: now,
             next_ping: now,
             opened: now,
@@ -209,6 +180,9 @@ impl ControlConn {
                 .next_ping
                 .min(self.last_heard + heartbeat * MISSED_HEARTBEATS),
             State::Lingering { since } => since + LINGER,
+            // An answer gets the rest of the request's time to go out, and at least LINGER
+            // (the 408 for a stalled body is written when that time is already up).
+            State::Refusing { since, .. } => (since + LINGER).max(self.opened + header_timeout),
             _ => self.opened + header_timeout,
         }
     }
@@ -223,7 +197,20 @@ impl ControlConn {
         match &mut self.state {
             State::Open(_) if self.closing && now >= self.last_heard + LINGER => ControlDrive::Done,
             State::Lingering { since } if now >= *since + LINGER => ControlDrive::Done,
-            State::Lingering { .. } => ControlDrive::Continue,
+            State::Refusing { since, .. }
+                if now >= (*since + LINGER).max(self.opened + header_timeout) =>
+            {
+                ControlDrive::Done
+            }
+            State::Lingering { .. } | State::Refusing { .. } => ControlDrive::Continue,
+            State::AdminBody { .. } if now >= self.opened + header_timeout => {
+                // The body stalled: say so (RFC 9110 §15.5.9) instead of a bare close.
+                let mut out = Outbox::default();
+                rewrite::write_error(408, true, out.head_vec());
+                self.ready.writable = true;
+                self.state = State::Refusing { out, since: now };
+                ControlDrive::Continue
+            }
             State::Open(ws) => {
                 if now >= self.last_heard + heartbeat * MISSED_HEARTBEATS {
                     return ControlDrive::Done;
@@ -246,15 +233,17 @@ impl ControlConn {
     }
 
     /// Answers an admin request and closes after writing it.
-    pub fn respond(&mut self, status: u16, content_type: &str, body: &[u8]) {
+    pub fn respond(&mut self, now: Instant, status: u16, content_type: &str, body: &[u8]) {
         let mut out = Outbox::default();
         let head = out.head_vec();
         let reason = match status {
             200 => "OK",
             400 => "Bad Request",
+            403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
             409 => "Conflict",
+            503 => "Service Unavailable",
             _ => "Error",
         };
         head.extend_from_slice(
@@ -266,7 +255,7 @@ impl ControlConn {
         );
         head.extend_from_slice(body);
         self.ready.writable = true;
-        self.state = State::Refusing { out };
+        self.state = State::Refusing { out, since: now };
     }
 
     /// When the backend behind this connection was last heard from.
@@ -363,7 +352,7 @@ impl ControlConn {
                     }
                     Io::Eof | Io::Failed => return Err(()),
                 }
-                (self.handshake(inbuf, auth, events)?, true)
+                (self.handshake(now, inbuf, auth, events)?, true)
             }
             State::AdminBody { mut req, need } => {
                 let Some(stream) = self.stream.as_mut() else {
@@ -420,7 +409,7 @@ impl ControlConn {
                     (State::Accepting { out, leftover }, false)
                 }
             }
-            State::Refusing { mut out } => {
+            State::Refusing { mut out, since } => {
                 let Some(stream) = self.stream.as_mut() else {
                     return Err(());
                 };
@@ -433,7 +422,7 @@ impl ControlConn {
                         self.ready.readable = true;
                         (State::Lingering { since: now }, true)
                     }
-                    _ => (State::Refusing { out }, false),
+                    _ => (State::Refusing { out, since }, false),
                 }
             }
             State::Open(mut ws) if self.closing => match ws.flush() {
@@ -475,6 +464,7 @@ impl ControlConn {
 
     fn handshake(
         &mut self,
+        now: Instant,
         mut inbuf: Buffer,
         auth: &ControlAuth,
         events: &mut Vec<ControlEvent>,
@@ -484,7 +474,7 @@ impl ControlConn {
         let refuse = |status: u16| {
             let mut out = Outbox::default();
             rewrite::write_error(status, true, out.head_vec());
-            Ok(State::Refusing { out })
+            Ok(State::Refusing { out, since: now })
         };
         let req = match parsed {
             Ok(Some(r)) => r,
@@ -500,14 +490,33 @@ impl ControlConn {
             .map(|t| format!("Bearer {t}"));
         let authorization =
             header(req.headers, "authorization").or(query_token.as_deref().map(str::as_bytes));
-        if let Err(status) = auth.check(self.peer, authorization) {
-            crate::log::error(
-                "control connection refused",
-                &[("peer", &self.peer), ("status", &status)],
-            );
-            return refuse(status);
-        }
+        let cert_name = self.stream.as_ref().and_then(Transport::client_cert_name);
+        let identity = match auth.check(
+            self.peer,
+            self.via_proxy,
+            authorization,
+            cert_name.as_deref(),
+        ) {
+            Ok(id) => id,
+            Err(status) => {
+                crate::log::error(
+                    "control connection refused",
+                    &[
+                        ("peer", &self.peer),
+                        ("status", &status),
+                        ("via_proxy", &self.via_proxy),
+                    ],
+                );
+                return refuse(status);
+            }
+        };
+        let admin = identity.is_admin();
+        self.identity = Some(identity);
         if path != "/register" {
+            if !admin {
+                // A per-backend token registers its backend; it does not run the balancer.
+                return refuse(403);
+            }
             let need = match req.body {
                 crate::http::body::BodyKind::Empty => 0,
                 crate::http::body::BodyKind::Length(n) if n <= MAX_ADMIN_BODY as u64 => n as usize,
@@ -618,26 +627,4 @@ impl ControlConn {
 
 fn would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auth_rules() {
-        let open = ControlAuth { token: None };
-        let lo: SocketAddr = "127.0.0.1:5".parse().unwrap();
-        let remote: SocketAddr = "10.1.2.3:5".parse().unwrap();
-        assert_eq!(open.check(lo, None), Ok(()));
-        assert_eq!(open.check(remote, None), Err(403));
-        let locked = ControlAuth {
-            token: Some("s3cret".into()),
-        };
-        assert_eq!(locked.check(remote, Some(b"Bearer s3cret")), Ok(()));
-        assert_eq!(locked.check(lo, Some(b"Bearer s3cre")), Err(401));
-        assert_eq!(locked.check(lo, Some(b"Bearer s3cret!")), Err(401));
-        assert_eq!(locked.check(lo, Some(b"Basic s3cret")), Err(401));
-        assert_eq!(locked.check(lo, None), Err(401));
-    }
 }

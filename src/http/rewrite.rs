@@ -110,6 +110,58 @@ pub struct ClientInfo {
     pub peer: IpAddr,
     /// Arrived over TLS.
     pub tls: bool,
+    /// The peer is in `--trusted-proxy`: its forwarding chain is kept and extended.
+    pub trusted: bool,
+    /// `--forwarded`: RFC 7239 `Forwarded` instead of `X-Forwarded-For`.
+    pub rfc7239: bool,
+}
+
+/// Fields that carry a forwarding chain. A client can write anything into them, so they
+/// are believed only from a trusted proxy, and always re-emitted as one field of ours.
+fn is_forwarding(name: &str) -> bool {
+    name.eq_ignore_ascii_case("x-forwarded-for")
+        || name.eq_ignore_ascii_case("forwarded")
+        || name.eq_ignore_ascii_case("x-real-ip")
+}
+
+/// The one forwarding field the backend gets. From a trusted peer, every incoming list
+/// element of the same kind (X-Forwarded-For, or Forwarded with `--forwarded`) is kept in
+/// order; the peer's address is appended either way.
+fn put_forwarding(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], client: ClientInfo) {
+    let (name, field): (&[u8], &str) = if client.rfc7239 {
+        (b"Forwarded: ", "forwarded")
+    } else {
+        (b"X-Forwarded-For: ", "x-forwarded-for")
+    };
+    out.extend_from_slice(name);
+    if client.trusted {
+        let elements = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(field))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|e| !e.is_empty());
+        for e in elements {
+            out.extend_from_slice(e);
+            out.extend_from_slice(b", ");
+        }
+    }
+    let peer = client.peer.to_canonical();
+    match (client.rfc7239, peer) {
+        // RFC 7239 §6: an IPv6 node is bracketed, and the brackets and colons make it a
+        // quoted-string.
+        (true, IpAddr::V6(_)) => {
+            out.extend_from_slice(b"for=\"[");
+            put_ip(out, peer);
+            out.extend_from_slice(b"]\"");
+        }
+        (true, IpAddr::V4(_)) => {
+            out.extend_from_slice(b"for=");
+            put_ip(out, peer);
+        }
+        (false, _) => put_ip(out, peer),
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the head forwarded to a backend. `websocket` re-adds the upgrade fields (which
@@ -134,10 +186,10 @@ pub fn write_request(
     } else {
         b" HTTP/1.1\r\n"
     });
-    let mut xff_done = false;
     let mut host: Option<&[u8]> = None;
     for h in req.headers {
         if is_dropped(req.headers, h.name)
+            || is_forwarding(h.name)
             || h.name.eq_ignore_ascii_case("x-forwarded-proto")
             || h.name.eq_ignore_ascii_case("x-forwarded-host")
         {
@@ -150,16 +202,6 @@ pub fn write_request(
             put_header(out, h.name, value);
             continue;
         }
-        if h.name.eq_ignore_ascii_case("x-forwarded-for") && !xff_done {
-            // Append to the first list; later duplicates are forwarded unchanged after it.
-            out.extend_from_slice(b"X-Forwarded-For: ");
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b", ");
-            put_ip(out, client.peer);
-            out.extend_from_slice(b"\r\n");
-            xff_done = true;
-            continue;
-        }
         put_header(out, h.name, h.value);
     }
     if let (None, Some(authority)) = (host, req.authority) {
@@ -167,11 +209,7 @@ pub fn write_request(
         put_header(out, "Host", authority.as_bytes());
         host = Some(authority.as_bytes());
     }
-    if !xff_done {
-        out.extend_from_slice(b"X-Forwarded-For: ");
-        put_ip(out, client.peer);
-        out.extend_from_slice(b"\r\n");
-    }
+    put_forwarding(out, req.headers, client);
     put_header(
         out,
         "X-Forwarded-Proto",
@@ -234,6 +272,7 @@ pub fn write_response(resp: &Response<'_, '_>, close: bool, websocket: bool, out
 pub fn write_error(status: u16, close: bool, out: &mut Vec<u8>) {
     let (reason, body) = match status {
         400 => ("Bad Request", "bad request\n"),
+        401 => ("Unauthorized", "unauthorized\n"),
         403 => ("Forbidden", "forbidden\n"),
         405 => ("Method Not Allowed", "method not allowed\n"),
         408 => ("Request Timeout", "request timeout\n"),
@@ -261,6 +300,10 @@ pub fn write_error(status: u16, close: bool, out: &mut Vec<u8>) {
     if status == 503 {
         out.extend_from_slice(b"Retry-After: 1\r\n");
     }
+    if status == 401 {
+        // RFC 9110 §11.6.1: a 401 names the scheme that would work.
+        out.extend_from_slice(b"WWW-Authenticate: Bearer realm=\"wslb\"\r\n");
+    }
     if status == 426 {
         out.extend_from_slice(b"Sec-WebSocket-Version: 13\r\n");
     }
@@ -283,9 +326,75 @@ mod tests {
         let client = ClientInfo {
             peer: "10.0.0.9".parse().unwrap(),
             tls: false,
+            trusted: false,
+            rfc7239: false,
         };
         write_request(&req, client, ws, &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    fn forward_as(raw: &[u8], peer: &str, trusted: bool, rfc7239: bool) -> String {
+        let mut st = header_storage();
+        let req = parse_request(raw, &mut st).unwrap().unwrap();
+        let mut out = Vec::new();
+        let client = ClientInfo {
+            peer: peer.parse().unwrap(),
+            tls: false,
+            trusted,
+            rfc7239,
+        };
+        write_request(&req, client, false, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    const SPOOFED: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\nforwarded: for=9.9.9.9\r\nX-Forwarded-For: 5.6.7.8, ,6.7.8.9\r\nX-Real-IP: 7.7.7.7\r\n\r\n";
+
+    #[test]
+    fn untrusted_peer_gets_exactly_one_forwarded_for_with_its_address() {
+        let out = forward_as(SPOOFED, "10.0.0.9", false, false);
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"
+        );
+        let out = forward_as(SPOOFED, "::ffff:10.0.0.9", false, false);
+        assert!(out.contains("\r\nX-Forwarded-For: 10.0.0.9\r\n"), "{out}");
+    }
+
+    #[test]
+    fn trusted_peer_chain_is_merged_in_order() {
+        let out = forward_as(SPOOFED, "10.0.0.9", true, false);
+        assert!(
+            out.contains("\r\nX-Forwarded-For: 1.2.3.4, 5.6.7.8, 6.7.8.9, 10.0.0.9\r\n"),
+            "{out}"
+        );
+        assert_eq!(out.matches("X-Forwarded-For").count(), 1);
+        assert!(
+            !out.contains("orwarded: for") && !out.contains("X-Real-IP"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn rfc7239_forwarded() {
+        let out = forward_as(SPOOFED, "10.0.0.9", false, true);
+        assert!(out.contains("\r\nForwarded: for=10.0.0.9\r\n"), "{out}");
+        assert!(
+            !out.contains("X-Forwarded-For") && !out.contains("9.9.9.9"),
+            "{out}"
+        );
+        let out = forward_as(SPOOFED, "2001:db8::1", false, true);
+        assert!(
+            out.contains("\r\nForwarded: for=\"[2001:db8::1]\"\r\n"),
+            "{out}"
+        );
+        let out = forward_as(SPOOFED, "2001:db8::1", true, true);
+        assert!(
+            out.contains("\r\nForwarded: for=9.9.9.9, for=\"[2001:db8::1]\"\r\n"),
+            "{out}"
+        );
+        // What was written parses back.
+        let mut st = header_storage();
+        assert!(parse_request(out.as_bytes(), &mut st).unwrap().is_some());
     }
 
     #[test]
@@ -296,7 +405,7 @@ mod tests {
         );
         assert_eq!(
             out,
-            "GET /p HTTP/1.1\r\nHost: ex\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nAccept: */*\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ex\r\n\r\n"
+            "GET /p HTTP/1.1\r\nHost: ex\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ex\r\n\r\n"
         );
         // What was written parses back to the same framing.
         let mut st = header_storage();
@@ -386,17 +495,23 @@ mod tests {
 
     #[test]
     fn errors_are_complete_messages() {
-        for status in [400, 408, 431, 502, 503, 504] {
+        for status in [400, 401, 403, 408, 413, 431, 502, 503, 504] {
             let mut out = Vec::new();
             write_error(status, true, &mut out);
             let mut st = header_storage();
             let r = parse_response(&out, &mut st, false).unwrap().unwrap();
             assert_eq!(r.status, status);
+            assert_ne!(r.reason, "Internal Server Error", "{status}");
             let BodyKind::Length(n) = r.body else {
                 panic!()
             };
             assert_eq!(r.head_len + n as usize, out.len());
         }
+        let mut out = Vec::new();
+        write_error(401, true, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+        assert!(text.contains("\r\nWWW-Authenticate: Bearer"), "{text}");
         let mut out = Vec::new();
         write_error(503, false, &mut out);
         assert!(String::from_utf8(out)
