@@ -493,10 +493,16 @@ const log = (t) => { const li = document.createElement("li"); li.textContent = t
 const held = [];
 document.getElementById("open").onclick = () => {
   const ws = new WebSocket(location.origin.replace(/^http/, "ws") + "/ws");
+  const n = held.push(ws);
+  let named = false;
   ws.onopen = () => ws.send("whoami");
-  ws.onmessage = (e) => log("websocket #" + (held.length + 1) + " answered by backend " + e.data);
-  ws.onclose = (e) => log("websocket closed, code " + e.code);
-  held.push(ws);
+  ws.onmessage = async (e) => {
+    // Binary frames (a broadcast sent as application/octet-stream) arrive as Blobs.
+    const text = typeof e.data === "string" ? e.data : await e.data.text();
+    if (!named) { named = true; log("websocket #" + n + " answered by backend " + text); }
+    else log("websocket #" + n + " received: " + text);
+  };
+  ws.onclose = (e) => log("websocket #" + n + " closed, code " + e.code);
 };
 document.getElementById("http").onclick = async () => {
   const r = await fetch("/");

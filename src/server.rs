@@ -438,7 +438,7 @@ impl Server {
                 Some(crate::sticky::CookieSigner::new(secret.as_bytes()))
             }
             (Some(crate::sticky::StickyMode::Cookie { .. }), None) => {
-                log::error(
+                log::warn(
                     "--sticky cookie without --sticky-secret: using a random secret; several balancers need one shared secret",
                     &[],
                 );
@@ -454,10 +454,17 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut backends = Registry::from_specs(&cfg.backends);
         if backends.len() == 0 {
-            log::info(
-                "no backend configured: requests get 503 until one is added",
-                &[],
-            );
+            if cfg.control.is_some() {
+                log::info(
+                    "no static backend: requests get 503 until a backend registers on the control listener",
+                    &[],
+                );
+            } else {
+                log::warn(
+                    "no backend (-B) and no control listener (--control) for backends to register on: every request gets 503",
+                    &[],
+                );
+            }
         }
         // Every descriptor of the process's own is open by now: what is left is for clients.
         let fds = size_connections(&mut cfg);
@@ -1533,7 +1540,13 @@ impl Server {
         };
         let message = || -> Result<Outgoing, String> {
             let ct = req.content_type.to_ascii_lowercase();
-            if ct.is_empty() || ct.starts_with("text/") || ct.starts_with("application/json") {
+            // Only an explicit binary type makes a binary frame: `curl -d` sends a form type,
+            // and a page would then show "[object Blob]" for a plain word.
+            let text = ct.is_empty()
+                || ct.starts_with("text/")
+                || ct.starts_with("application/json")
+                || ct.starts_with("application/x-www-form-urlencoded");
+            if text {
                 String::from_utf8(req.body.clone())
                     .map(Outgoing::Text)
                     .map_err(|_| "text message is not UTF-8".to_string())
