@@ -7,16 +7,80 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::balance::Algorithm;
+use std::str::FromStr;
 
-/// Where log lines go and how they look.
+/// How a backend is chosen for each new WebSocket connection or HTTP request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// `LEVEL message key=value ...`
-    Text,
-    /// One JSON object per line.
-    Json,
+pub enum Algorithm {
+    /// Fewest active connections per unit of weight; ties broken at random.
+    Fewest,
+    /// Uniform over weight.
+    Random,
+    /// Smooth weighted round-robin.
+    RoundRobin,
+    /// Power of two random choices: draw two, keep the less loaded.
+    PowerOfTwo,
 }
+
+impl FromStr for Algorithm {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "fewest" | "least-conn" | "leastconn" => Ok(Algorithm::Fewest),
+            "random" => Ok(Algorithm::Random),
+            "round-robin" | "roundrobin" | "rr" => Ok(Algorithm::RoundRobin),
+            "p2c" => Ok(Algorithm::PowerOfTwo),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Cookie name of `--sticky cookie` without a name.
+pub const DEFAULT_COOKIE_NAME: &str = "wslb";
+/// Longest cookie name / header name accepted by [`parse_mode`].
+pub const MAX_STICKY_NAME_LEN: usize = 64;
+
+/// What `--sticky` keys on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyMode {
+    /// A signed cookie naming the backend.
+    Cookie { name: String },
+    /// Rendezvous hashing of the client IP.
+    Ip,
+    /// Rendezvous hashing of a request header's value. `name` is kept as given; header names
+    /// are case-insensitive, so compare with `eq_ignore_ascii_case`.
+    Header { name: String },
+}
+
+/// RFC 9110 `tchar` (the same set as RFC 6265's `token` for cookie names).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn valid_name(n: &str) -> bool {
+    (1..=MAX_STICKY_NAME_LEN).contains(&n.len()) && n.bytes().all(is_tchar)
+}
+
+/// Parses the `--sticky` value: `cookie`, `cookie:NAME`, `ip`, `header:NAME`.
+pub fn parse_mode(v: &str) -> Result<StickyMode, &'static str> {
+    const BAD_NAME: &str = "sticky cookie/header name must be 1-64 token characters";
+    match v.split_once(':') {
+        None if v == "cookie" => Ok(StickyMode::Cookie {
+            name: DEFAULT_COOKIE_NAME.to_string(),
+        }),
+        None if v == "ip" => Ok(StickyMode::Ip),
+        Some(("cookie", name)) if valid_name(name) => Ok(StickyMode::Cookie {
+            name: name.to_string(),
+        }),
+        Some(("header", name)) if valid_name(name) => Ok(StickyMode::Header {
+            name: name.to_string(),
+        }),
+        Some(("cookie" | "header", _)) => Err(BAD_NAME),
+        _ => Err("expected cookie, cookie:NAME, ip or header:NAME"),
+    }
+}
+
+pub use crate::observe::log::LogFormat;
 
 /// What happens to a registered backend's client connections when its control connection
 /// is lost.
@@ -88,7 +152,7 @@ pub struct Config {
     /// Reassemble client WebSocket messages for hooks and events (`client_message`).
     pub inspect: bool,
     /// Sticky sessions mode (`None` = off).
-    pub sticky: Option<crate::sticky::StickyMode>,
+    pub sticky: Option<StickyMode>,
     /// HMAC secret for sticky cookies (`--sticky-secret` or env `WSLB_STICKY_SECRET`).
     pub sticky_secret: Option<String>,
     /// Lifetime of sticky cookies.
@@ -96,7 +160,7 @@ pub struct Config {
     /// TLS proxy listeners.
     pub tls_listen: Vec<SocketAddr>,
     /// Certificate/key pairs, selected by SNI; the first is the default.
-    pub certs: Vec<crate::tls::CertPair>,
+    pub certs: Vec<crate::net::tls::CertPair>,
     /// CA file for verifying TLS backends; `None` = platform roots.
     pub backend_ca: Option<std::path::PathBuf>,
     /// Skip backend certificate verification (development only).
@@ -484,7 +548,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
     cfg.certs = certs
         .into_iter()
         .zip(keys)
-        .map(|(cert, key)| crate::tls::CertPair {
+        .map(|(cert, key)| crate::net::tls::CertPair {
             cert: cert.into(),
             key: key.into(),
         })
@@ -551,7 +615,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         let budget = parse_size(&v).map_err(|why| bad("--max-memory", &v, why))?;
         // Worst case per connection: a buffer per direction plus state and kernel-side
         // bookkeeping we do not control; the pool is small and counted in.
-        let per_conn = 2 * crate::buffer::BUF_SIZE as u64 + 2048;
+        let per_conn = 2 * crate::net::buffer::BUF_SIZE as u64 + 2048;
         let fits = budget / per_conn;
         if fits < 1 {
             return Err(bad("--max-memory", &v, "too small for even one connection"));
@@ -601,7 +665,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         };
     }
     if let Some(v) = m.opt_str("sticky") {
-        cfg.sticky = Some(crate::sticky::parse_mode(&v).map_err(|why| bad("--sticky", &v, why))?);
+        cfg.sticky = Some(parse_mode(&v).map_err(|why| bad("--sticky", &v, why))?);
     }
     if let Some(v) = m.opt_str("sticky-secret") {
         if v.len() < 16 {
@@ -914,7 +978,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.max_connections,
-            (1 << 20) / (2 * crate::buffer::BUF_SIZE + 2048)
+            (1 << 20) / (2 * crate::net::buffer::BUF_SIZE + 2048)
         );
         assert_eq!(c.throttle, 64 << 10);
         assert_eq!(c.allowed_origins, ["https://a.example"]);

@@ -12,18 +12,18 @@ use mio::{Interest, Token};
 use rand::rngs::SmallRng;
 use rand::Rng;
 
-use crate::buffer::Buffer;
+use crate::backends::registry::Registry;
 use crate::config::Config;
-use crate::endpoint::{read_into, read_some, Io, Outbox, Ready};
-use crate::events::EventSink;
 use crate::hooks::Hooks;
 use crate::http::body::{BodyKind, BodyReader};
 use crate::http::head::{self, MAX_HEAD};
 use crate::http::rewrite::{self, ClientInfo};
-use crate::log;
-use crate::metrics::Stats;
-use crate::registry::Registry;
-use crate::transport::{TlsStream, Transport};
+use crate::net::buffer::Buffer;
+use crate::net::endpoint::{read_into, read_some, Io, Outbox, Ready};
+use crate::net::transport::{TlsStream, Transport};
+use crate::observe::events::EventSink;
+use crate::observe::log;
+use crate::observe::metrics::Stats;
 use crate::ws::frames::{encode_close, Direction, FrameTracker};
 use crate::ws::handshake::{self, WsKey};
 use serde_json::json;
@@ -90,7 +90,7 @@ pub struct Ctx<'a> {
     /// Library hooks, if any.
     pub hooks: Option<&'a mut (dyn Hooks + 'static)>,
     /// Signs and checks sticky cookies (cookie mode only).
-    pub signer: Option<&'a crate::sticky::CookieSigner>,
+    pub signer: Option<&'a crate::backends::sticky::CookieSigner>,
     /// Conditions logged once per interval with a count.
     pub logs: &'a mut RepeatedLogs,
 }
@@ -183,7 +183,7 @@ struct Exchange {
 
 /// Most request body bytes held for a retry on a new connection: one relay buffer, so a
 /// replay always fits in a fresh outbox.
-const REPLAY_MAX: usize = crate::buffer::BUF_SIZE;
+const REPLAY_MAX: usize = crate::net::buffer::BUF_SIZE;
 
 /// Period over which `--min-body-rate` is measured.
 const BODY_RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -206,7 +206,7 @@ fn unix_now() -> u64 {
 
 /// What sticky sessions need from a request head.
 fn sticky_of(req: &head::Request<'_, '_>, peer: SocketAddr, ctx: &Ctx<'_>) -> Sticky {
-    use crate::sticky::{find_cookie, ip_key, StickyMode};
+    use crate::backends::sticky::{find_cookie, ip_key, StickyMode};
     match &ctx.cfg.sticky {
         None => Sticky::Off,
         Some(StickyMode::Ip) => Sticky::Key(ip_key(peer.ip()).to_vec()),
@@ -241,7 +241,7 @@ fn add_sticky_cookie(
 ) {
     let (
         Sticky::Cookie(had),
-        Some(crate::sticky::StickyMode::Cookie { name }),
+        Some(crate::backends::sticky::StickyMode::Cookie { name }),
         Some(signer),
         Some(id),
     ) = (
@@ -259,7 +259,12 @@ fn add_sticky_cookie(
     let Some(value) = signer.issue(id, unix_now()) else {
         return;
     };
-    let line = crate::sticky::set_cookie_value(name, &value, tls, ctx.cfg.sticky_max_age.as_secs());
+    let line = crate::backends::sticky::set_cookie_value(
+        name,
+        &value,
+        tls,
+        ctx.cfg.sticky_max_age.as_secs(),
+    );
     head.truncate(head.len() - 2);
     head.extend_from_slice(b"Set-Cookie: ");
     head.extend_from_slice(line.as_bytes());
@@ -1255,7 +1260,7 @@ impl Conn {
             };
             let mut stream = match stream {
                 Ok(s) => s,
-                Err(e) if crate::fdlimit::is_exhaustion(&e) => {
+                Err(e) if crate::net::fdlimit::is_exhaustion(&e) => {
                     out_of_fds = true;
                     break None;
                 }
@@ -1864,7 +1869,7 @@ impl Throttle {
 }
 
 /// Room an outbox buffer offers for relayed bytes.
-const BUF_ROOM: usize = crate::buffer::BUF_SIZE;
+const BUF_ROOM: usize = crate::net::buffer::BUF_SIZE;
 
 /// Reads into `buf` and runs the new bytes through `tracker`; bytes of a bad frame are never
 /// committed, so nothing after a protocol error is relayed.
@@ -1944,7 +1949,7 @@ fn open_backend(
     match (tls, cfg) {
         (None, _) => Ok(Transport::Plain(sock)),
         (Some(name), Some(cfg)) => {
-            let conn = crate::tls::connect(cfg, name).map_err(io::Error::other)?;
+            let conn = crate::net::tls::connect(cfg, name).map_err(io::Error::other)?;
             Ok(Transport::Tls(Box::new(TlsStream::new(sock, conn))))
         }
         (Some(_), None) => Err(io::Error::other("no TLS client configuration")),

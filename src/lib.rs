@@ -1,13 +1,15 @@
 //! wslb: a single-threaded WebSocket + HTTP/1.1 load balancer on one `mio::Poll` loop.
 //!
-//! Crate map:
+//! Crate map, top to bottom (each layer uses the ones below it, never one above):
+//! - `server`: the event loop: poll, the two passes, accept, timers, signals, reaping.
+//! - [`control`]: the control listener: registration protocol, sessions, admin API.
+//! - `conn`: one client connection, its backend leg, the HTTP exchange and the tunnel.
+//! - [`backends`]: registry, keep-alive pool, selection ([`balance`]), [`sticky`] sessions.
 //! - [`config`]: command-line flags into a [`Config`] (pure).
-//! - `server`: the event loop, listeners, accept, timers, reaping.
-//! - `conn`: one slab entry per client connection and its backend leg.
-//! - [`http`]: request/response heads, body framing, rewriting (pure).
-//! - [`ws`]: upgrade validation and the frame tracker (pure).
-//! - [`balance`]: backend selection algorithms (pure).
-//! - `timer`, `buffer`, `log`: small building blocks.
+//! - `net`: transport (plain/TLS), readiness, buffers, [`tls`] setup, descriptor budget.
+//! - [`http`], [`ws`]: pure parsers (heads, bodies, rewriting; upgrade, frames).
+//! - `observe`: log lines, `--events`, metrics: the floor, imports nothing above.
+//! - [`agent`]: the backend-side watchdog (library and `wslb agent`), apart from the balancer.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -15,27 +17,23 @@
 
 mod admin;
 pub mod agent;
-pub mod agent_cli;
-pub mod balance;
-pub(crate) mod buffer;
+pub mod backends;
 pub mod config;
 mod conn;
 pub mod control;
-mod endpoint;
-mod events;
-mod fdlimit;
 pub mod hooks;
 pub mod http;
-mod log;
-mod metrics;
+pub(crate) mod net;
 pub mod netpolicy;
-mod registry;
+pub(crate) mod observe;
 mod server;
-pub mod sticky;
 mod timer;
-pub mod tls;
-mod transport;
 pub mod ws;
+
+// Paths the fuzz targets, examples and tests have always used.
+pub use agent::cli as agent_cli;
+pub use backends::{balance, sticky};
+pub use net::tls;
 
 pub use config::{Config, ConfigError};
 pub use server::{run, Error, Outgoing, Server, ServerHandle, Target};

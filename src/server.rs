@@ -17,6 +17,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::admin::{self, BackendRow};
+use crate::backends::registry::{BackendState, Registry};
 use crate::config::{Config, OnBackendLost};
 use crate::conn::{
     key_of, token_for, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS,
@@ -25,14 +26,13 @@ use crate::control::auth::{ControlAuth, Identity};
 use crate::control::protocol::{self as control_protocol, ControlError};
 use crate::control::session::AdminRequest;
 use crate::control::session::{ControlConn, ControlDrive, ControlEvent};
-use crate::events::EventSink;
-use crate::fdlimit;
 use crate::hooks::Hooks;
-use crate::log;
-use crate::metrics::{self, BackendSample, Stats};
-use crate::registry::{BackendState, Registry};
+use crate::net::fdlimit;
+use crate::net::transport::{TlsStream, Transport};
+use crate::observe::events::EventSink;
+use crate::observe::log;
+use crate::observe::metrics::{self, BackendSample, Stats};
 use crate::timer::{TimerKey, TimerKind, Timers};
-use crate::transport::{TlsStream, Transport};
 use serde_json::json;
 
 const WAKER: Token = Token(0);
@@ -165,7 +165,7 @@ pub struct Server {
     stats: Stats,
     events: EventSink,
     hooks: Option<Box<dyn Hooks>>,
-    signer: Option<crate::sticky::CookieSigner>,
+    signer: Option<crate::backends::sticky::CookieSigner>,
     started: Instant,
     commands: (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     /// Proxy listeners; `true` = TLS.
@@ -218,7 +218,7 @@ pub struct Server {
 #[derive(Debug)]
 pub enum Error {
     /// A configuration file (certificate, key, CA) is unusable: a usage error (exit 2).
-    Tls(crate::tls::TlsError),
+    Tls(crate::net::tls::TlsError),
     /// Binding, polling or another system call failed (exit 1).
     Io(io::Error),
     /// The flags are consistent one by one but not together, or a file they name is
@@ -327,7 +327,7 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 impl Server {
     /// Binds every listener and prepares the loop; nothing is accepted until [`Server::run`].
     pub fn bind(mut cfg: Config) -> Result<Server, Error> {
-        crate::log::init(cfg.verbosity, cfg.log_format);
+        crate::observe::log::init(cfg.verbosity, cfg.log_format);
         let configured: Vec<SocketAddr> = (cfg.listen.iter())
             .chain(&cfg.tls_listen)
             .chain(&cfg.control)
@@ -337,12 +337,15 @@ impl Server {
         let server_tls = if cfg.certs.is_empty() {
             None
         } else {
-            Some(crate::tls::server_config(&cfg.certs).map_err(Error::Tls)?)
+            Some(crate::net::tls::server_config(&cfg.certs).map_err(Error::Tls)?)
         };
         let control_tls = if cfg.control_tls {
             Some(
-                crate::tls::control_server_config(&cfg.certs, cfg.control_client_ca.as_deref())
-                    .map_err(Error::Tls)?,
+                crate::net::tls::control_server_config(
+                    &cfg.certs,
+                    cfg.control_client_ca.as_deref(),
+                )
+                .map_err(Error::Tls)?,
             )
         } else {
             None
@@ -357,7 +360,7 @@ impl Server {
                 );
             }
             Some(
-                crate::tls::client_config(cfg.backend_ca.as_deref(), cfg.backend_insecure)
+                crate::net::tls::client_config(cfg.backend_ca.as_deref(), cfg.backend_insecure)
                     .map_err(Error::Tls)?,
             )
         } else {
@@ -428,22 +431,22 @@ impl Server {
         let control_auth = ControlAuth::new(cfg.token.as_deref(), token_file.as_deref())
             .map_err(|_| io::Error::other("no system randomness for the token MAC key"))?;
         let events = EventSink::open(cfg.events.as_deref()).map_err(|e| {
-            Error::Tls(crate::tls::TlsError::File {
+            Error::Tls(crate::net::tls::TlsError::File {
                 path: cfg.events.clone().unwrap_or_default().into(),
                 why: format!("cannot open --events file: {e}"),
             })
         })?;
         let signer = match (&cfg.sticky, &cfg.sticky_secret) {
-            (Some(crate::sticky::StickyMode::Cookie { .. }), Some(secret)) => {
-                Some(crate::sticky::CookieSigner::new(secret.as_bytes()))
-            }
-            (Some(crate::sticky::StickyMode::Cookie { .. }), None) => {
+            (Some(crate::backends::sticky::StickyMode::Cookie { .. }), Some(secret)) => Some(
+                crate::backends::sticky::CookieSigner::new(secret.as_bytes()),
+            ),
+            (Some(crate::backends::sticky::StickyMode::Cookie { .. }), None) => {
                 log::warn(
                     "--sticky cookie without --sticky-secret: using a random secret; several balancers need one shared secret",
                     &[],
                 );
                 Some(
-                    crate::sticky::CookieSigner::random()
+                    crate::backends::sticky::CookieSigner::random()
                         .map_err(|e| io::Error::other(e.to_string()))?,
                 )
             }
@@ -1014,7 +1017,7 @@ impl Server {
     }
 
     fn wrap_with(sock: mio::net::TcpStream, cfg: &Arc<rustls::ServerConfig>) -> Option<Transport> {
-        match crate::tls::accept(cfg) {
+        match crate::net::tls::accept(cfg) {
             Ok(conn) => Some(Transport::Tls(Box::new(TlsStream::new(sock, conn)))),
             Err(e) => {
                 log::error("tls setup failed", &[("error", &e)]);
@@ -1031,14 +1034,14 @@ impl Server {
             return;
         }
         let control = match self.control_tls {
-            Some(_) => crate::tls::control_server_config(
+            Some(_) => crate::net::tls::control_server_config(
                 &self.cfg.certs,
                 self.cfg.control_client_ca.as_deref(),
             )
             .map(Some),
             None => Ok(None),
         };
-        match crate::tls::server_config(&self.cfg.certs).and_then(|c| Ok((c, control?))) {
+        match crate::net::tls::server_config(&self.cfg.certs).and_then(|c| Ok((c, control?))) {
             Ok((cfg, control)) => {
                 self.server_tls = Some(cfg);
                 self.control_tls = control;

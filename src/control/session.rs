@@ -14,11 +14,11 @@ use tungstenite::{Message, WebSocket};
 
 use super::auth::{ControlAuth, Identity};
 use super::protocol::{self, BackendMsg, ControlError, Registration, MAX_MESSAGE};
-use crate::buffer::Buffer;
-use crate::endpoint::{read_into, Io, Outbox, Ready};
 use crate::http::head::{self, header};
 use crate::http::rewrite;
-use crate::transport::Transport;
+use crate::net::buffer::Buffer;
+use crate::net::endpoint::{read_into, Io, Outbox, Ready};
+use crate::net::transport::Transport;
 use crate::ws::handshake;
 
 /// Missed heartbeats after which a backend is considered lost.
@@ -360,7 +360,7 @@ impl ControlConn {
                 };
                 let mut chunk = [0u8; 16 * 1024];
                 let want = (need - req.body.len()).min(chunk.len());
-                match crate::endpoint::read_some(
+                match crate::net::endpoint::read_some(
                     stream,
                     &mut self.ready,
                     chunk.get_mut(..want).unwrap_or_default(),
@@ -445,7 +445,7 @@ impl ControlConn {
                     return Err(());
                 };
                 let mut sink = [0u8; 4096];
-                match crate::endpoint::read_some(stream, &mut self.ready, &mut sink) {
+                match crate::net::endpoint::read_some(stream, &mut self.ready, &mut sink) {
                     Io::Progress(_) => (State::Lingering { since }, true),
                     Io::WouldBlock => (State::Lingering { since }, false),
                     Io::Eof | Io::Failed => return Err(()),
@@ -499,7 +499,7 @@ impl ControlConn {
         ) {
             Ok(id) => id,
             Err(status) => {
-                crate::log::error(
+                crate::observe::log::error(
                     "control connection refused",
                     &[
                         ("peer", &self.peer),
@@ -607,7 +607,7 @@ impl ControlConn {
     }
 
     fn refuse_on(&mut self, ws: &mut WebSocket<Transport>, e: &ControlError) {
-        crate::log::error(
+        crate::observe::log::error(
             "bad control message",
             &[
                 ("peer", &self.peer),

@@ -18,13 +18,13 @@ use std::net::IpAddr;
 use ring::{digest, hmac, rand};
 
 /// Cookie name when the flag is plain `cookie`.
-pub const DEFAULT_COOKIE_NAME: &str = "wslb";
+pub use crate::config::DEFAULT_COOKIE_NAME;
 /// How far in the future an issue time may be (clock skew between balancers).
 pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
 /// Longest accepted backend id (same bound as a registration guid).
 pub const MAX_ID_LEN: usize = 128;
 /// Longest cookie name / header name accepted by [`parse_mode`].
-pub const MAX_NAME_LEN: usize = 64;
+pub use crate::config::MAX_STICKY_NAME_LEN as MAX_NAME_LEN;
 
 const TS_HEX_MAX: usize = 16;
 const MAC_LEN: usize = 32; // HMAC-SHA256 tag
@@ -32,45 +32,8 @@ const MAC_HEX_LEN: usize = 2 * MAC_LEN;
 /// Longest well-formed cookie value; anything longer is rejected before any work.
 pub const MAX_COOKIE_VALUE_LEN: usize = MAX_ID_LEN + 1 + TS_HEX_MAX + 1 + MAC_HEX_LEN;
 
-/// What `--sticky` keys on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StickyMode {
-    /// A signed cookie naming the backend.
-    Cookie { name: String },
-    /// Rendezvous hashing of the client IP.
-    Ip,
-    /// Rendezvous hashing of a request header's value. `name` is kept as given; header names
-    /// are case-insensitive, so compare with `eq_ignore_ascii_case`.
-    Header { name: String },
-}
-
-/// RFC 9110 `tchar` (the same set as RFC 6265's `token` for cookie names).
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-fn valid_name(n: &str) -> bool {
-    (1..=MAX_NAME_LEN).contains(&n.len()) && n.bytes().all(is_tchar)
-}
-
-/// Parses the `--sticky` value: `cookie`, `cookie:NAME`, `ip`, `header:NAME`.
-pub fn parse_mode(v: &str) -> Result<StickyMode, &'static str> {
-    const BAD_NAME: &str = "sticky cookie/header name must be 1-64 token characters";
-    match v.split_once(':') {
-        None if v == "cookie" => Ok(StickyMode::Cookie {
-            name: DEFAULT_COOKIE_NAME.to_string(),
-        }),
-        None if v == "ip" => Ok(StickyMode::Ip),
-        Some(("cookie", name)) if valid_name(name) => Ok(StickyMode::Cookie {
-            name: name.to_string(),
-        }),
-        Some(("header", name)) if valid_name(name) => Ok(StickyMode::Header {
-            name: name.to_string(),
-        }),
-        Some(("cookie" | "header", _)) => Err(BAD_NAME),
-        _ => Err("expected cookie, cookie:NAME, ip or header:NAME"),
-    }
-}
+// The flag value lives with the other flag values (config is the layer below).
+pub use crate::config::{parse_mode, StickyMode};
 
 /// A backend id that may appear in a cookie: 1-128 characters of `A-Z a-z 0-9 - _ . :` (the
 /// registration guid alphabet; all are RFC 6265 cookie-octets).

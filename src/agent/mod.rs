@@ -17,6 +17,8 @@
 //! # Ok::<(), wslb::agent::AgentError>(())
 //! ```
 
+pub mod cli;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
@@ -335,7 +337,7 @@ fn prepare(cfg: &AgentConfig) -> Result<Prepared, AgentError> {
         }
     }
     let tls = if targets.iter().any(|t| t.tls) {
-        let cfg = crate::tls::client_config(cfg.balancer_ca.as_deref(), false)
+        let cfg = crate::net::tls::client_config(cfg.balancer_ca.as_deref(), false)
             .map_err(|e| AgentError::Tls(e.to_string()))?;
         Some(cfg)
     } else {

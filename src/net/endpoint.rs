@@ -1,51 +1,10 @@
 //! One socket's side of a connection: readiness kept in userland, and non-blocking reads and
 //! writes turned into [`Io`] so state code never matches on `io::ErrorKind`.
 
-use crate::buffer::Buffer;
-use crate::transport::Transport;
+use crate::net::buffer::Buffer;
+use crate::net::transport::Transport;
 
-/// Outcome of one non-blocking read or write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Io {
-    /// Moved this many bytes (never 0).
-    Progress(usize),
-    /// Nothing to do until the next readiness event.
-    WouldBlock,
-    /// Peer closed its sending side (reads only).
-    Eof,
-    /// Connection reset or other fatal error.
-    Failed,
-}
-
-/// Edge-triggered readiness seen and not yet used up. A bit is set by an event and cleared
-/// only when an operation hits `WouldBlock`, so a stopped reader (full buffer) resumes
-/// without waiting for a new edge.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Ready {
-    /// A read may make progress.
-    pub readable: bool,
-    /// A write may make progress.
-    pub writable: bool,
-    /// The peer's FIN (or an error) was reported: reads must go on until they say so,
-    /// because no further edge will come.
-    pub read_closed: bool,
-}
-
-impl Ready {
-    /// Folds a poll event into the bits. Errors and hang-ups wake both directions so the next
-    /// read/write reports them.
-    pub fn absorb(&mut self, ev: &mio::event::Event) {
-        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            self.readable = true;
-        }
-        if ev.is_read_closed() || ev.is_error() {
-            self.read_closed = true;
-        }
-        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-            self.writable = true;
-        }
-    }
-}
+pub use crate::net::transport::{Io, Ready};
 
 /// Reads once into `dst`.
 pub fn read_some(stream: &mut Transport, ready: &mut Ready, dst: &mut [u8]) -> Io {

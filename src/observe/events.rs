@@ -58,7 +58,7 @@ impl EventSink {
         let mut line = Value::Object(m).to_string();
         line.push('\n');
         if out.write_all(line.as_bytes()).is_err() {
-            crate::log::error("events sink failed; events are off from now on", &[]);
+            crate::observe::log::error("events sink failed; events are off from now on", &[]);
             self.out = None;
         }
     }

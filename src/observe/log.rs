@@ -5,7 +5,14 @@ use std::io::Write as _;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::LogFormat;
+/// Where log lines go and how they look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `LEVEL message key=value ...`
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Importance of a line; shown when `verbosity >= level as u8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

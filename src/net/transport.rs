@@ -10,7 +10,48 @@ use std::net::Shutdown;
 
 use mio::net::TcpStream;
 
-use crate::endpoint::{Io, Ready};
+/// Outcome of one non-blocking read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// Moved this many bytes (never 0).
+    Progress(usize),
+    /// Nothing to do until the next readiness event.
+    WouldBlock,
+    /// Peer closed its sending side (reads only).
+    Eof,
+    /// Connection reset or other fatal error.
+    Failed,
+}
+
+/// Edge-triggered readiness seen and not yet used up. A bit is set by an event and cleared
+/// only when an operation hits `WouldBlock`, so a stopped reader (full buffer) resumes
+/// without waiting for a new edge.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ready {
+    /// A read may make progress.
+    pub readable: bool,
+    /// A write may make progress.
+    pub writable: bool,
+    /// The peer's FIN (or an error) was reported: reads must go on until they say so,
+    /// because no further edge will come.
+    pub read_closed: bool,
+}
+
+impl Ready {
+    /// Folds a poll event into the bits. Errors and hang-ups wake both directions so the next
+    /// read/write reports them.
+    pub fn absorb(&mut self, ev: &mio::event::Event) {
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            self.readable = true;
+        }
+        if ev.is_read_closed() || ev.is_error() {
+            self.read_closed = true;
+        }
+        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+            self.writable = true;
+        }
+    }
+}
 
 /// A plain or TLS stream.
 #[derive(Debug)]
@@ -72,7 +113,7 @@ impl Transport {
     pub fn client_cert_name(&self) -> Option<String> {
         match self {
             Transport::Plain(_) => None,
-            Transport::Tls(t) => crate::tls::client_cert_name(&t.conn),
+            Transport::Tls(t) => crate::net::tls::client_cert_name(&t.conn),
         }
     }
 
@@ -134,7 +175,7 @@ impl Transport {
                         if let Err(e) = t.conn.process_new_packets() {
                             // Last gasp: let the alert reach the peer before we close.
                             let _ = t.conn.write_tls(&mut t.sock);
-                            crate::log::debug("tls error", &[("error", &e)]);
+                            crate::observe::log::debug("tls error", &[("error", &e)]);
                             return Io::Failed;
                         }
                     }

@@ -243,7 +243,7 @@ pub fn client_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<ClientConf
                 let found = rustls_native_certs::load_native_certs();
                 let (added, _ignored) = roots.add_parsable_certificates(found.certs);
                 if added == 0 {
-                    crate::log::error(
+                    crate::observe::log::error(
                         "no platform trust roots found: wss:// backends need --backend-ca",
                         &[],
                     );

@@ -5,35 +5,11 @@
 //! weighted round-robin (a weight-3 backend gets 3 of every 4 picks, interleaved).
 
 use std::cmp::Ordering;
-use std::str::FromStr;
 
 use rand::Rng;
 
-/// How a backend is chosen for each new WebSocket connection or HTTP request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// Fewest active connections per unit of weight; ties broken at random.
-    Fewest,
-    /// Uniform over weight.
-    Random,
-    /// Smooth weighted round-robin.
-    RoundRobin,
-    /// Power of two random choices: draw two, keep the less loaded.
-    PowerOfTwo,
-}
-
-impl FromStr for Algorithm {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s {
-            "fewest" | "least-conn" | "leastconn" => Ok(Algorithm::Fewest),
-            "random" => Ok(Algorithm::Random),
-            "round-robin" | "roundrobin" | "rr" => Ok(Algorithm::RoundRobin),
-            "p2c" => Ok(Algorithm::PowerOfTwo),
-            _ => Err(()),
-        }
-    }
-}
+// The flag value lives with the other flag values (config is the layer below).
+pub use crate::config::Algorithm;
 
 /// One eligible backend as the selector sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

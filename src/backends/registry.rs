@@ -10,11 +10,11 @@ use rand::Rng;
 use rustls_pki_types::ServerName;
 use slab::Slab;
 
-use crate::balance::{Algorithm, Candidate, Selector};
+use crate::backends::balance::{Algorithm, Candidate, Selector};
 use crate::config::{authority_host, is_tls_url, parse_backend_url, BackendSpec};
 use crate::control::protocol::Registration;
-use crate::log;
-use crate::transport::Transport;
+use crate::net::transport::Transport;
+use crate::observe::log;
 
 /// Idle keep-alive connections kept per backend.
 const POOL_PER_BACKEND: usize = 256;
@@ -325,7 +325,7 @@ impl Registry {
                         && (allow_down || b.down_until.is_none_or(|t| t <= now))
                 })
                 .collect();
-            let pick = crate::sticky::rendezvous_pick(
+            let pick = crate::backends::sticky::rendezvous_pick(
                 key,
                 cands.iter().map(|(_, b)| (b.sticky_id.as_str(), b.weight)),
             )
@@ -531,7 +531,7 @@ impl Backend {
         Backend {
             sticky_id: guid
                 .clone()
-                .unwrap_or_else(|| crate::sticky::static_backend_id(&name)),
+                .unwrap_or_else(|| crate::backends::sticky::static_backend_id(&name)),
             name,
             guid,
             tls_names: bindings.iter().map(|u| tls_name(u)).collect(),

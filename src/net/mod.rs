@@ -1,0 +1,8 @@
+//! Sockets and bytes: plain/TLS transport, readiness kept in userland, bounded buffers,
+//! TLS configuration, and the file-descriptor budget.
+
+pub(crate) mod buffer;
+pub(crate) mod endpoint;
+pub(crate) mod fdlimit;
+pub mod tls;
+pub(crate) mod transport;
