@@ -15,7 +15,6 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-mod admin;
 pub mod agent;
 pub mod backends;
 pub mod config;

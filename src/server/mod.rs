@@ -16,9 +16,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::admin::{self, BackendRow};
 use crate::backends::registry::{BackendState, Registry};
 use crate::config::{Config, OnBackendLost};
+use crate::control::status::{self as admin, BackendRow};
 use handle::Command;
 pub use handle::{Outgoing, ServerHandle, Target};
 
