@@ -2,5 +2,6 @@
 //! selection algorithms, and sticky sessions. Knows nothing of client connections.
 
 pub mod balance;
+pub(crate) mod pool;
 pub(crate) mod registry;
 pub mod sticky;

@@ -1,7 +1,7 @@
 //! The backend pool: every backend the balancer may pick, its load, its health, and its idle
 //! keep-alive connections.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -11,54 +11,16 @@ use rustls_pki_types::ServerName;
 use slab::Slab;
 
 use crate::backends::balance::{Algorithm, Candidate, Selector};
+use crate::backends::pool::{IdlePool, POOL_PER_BACKEND};
 use crate::config::{authority_host, is_tls_url, parse_backend_url, BackendSpec};
 use crate::control::protocol::Registration;
 use crate::net::transport::Transport;
 use crate::observe::log;
 
-/// Idle keep-alive connections kept per backend.
-const POOL_PER_BACKEND: usize = 256;
-/// A pooled connection older than this is not trusted (backends commonly time out at 5-60 s).
-const POOL_MAX_AGE: Duration = Duration::from_secs(4);
-/// A pooled connection idle longer than this is checked with a `peek` before reuse; a
-/// younger one is used at once (a failure before any answer is retried on a new one).
-const POOL_PEEK_AFTER: Duration = Duration::from_secs(1);
 /// First back-off after a failed connect; doubles per consecutive failure.
 const DOWN_BASE: Duration = Duration::from_millis(500);
 /// Longest back-off.
 const DOWN_MAX: Duration = Duration::from_secs(30);
-
-/// An idle keep-alive connection.
-#[derive(Debug)]
-struct Pooled {
-    stream: Transport,
-    since: Instant,
-    /// The poll token it is registered under (its last user's).
-    token: Token,
-}
-
-impl Pooled {
-    /// The connection, if it may carry another request.
-    fn usable(self, now: Instant) -> Option<Transport> {
-        let idle = now.duration_since(self.since);
-        if idle > POOL_MAX_AGE {
-            return None;
-        }
-        if idle < POOL_PEEK_AFTER || self.is_quiet() {
-            return Some(self.stream);
-        }
-        None
-    }
-
-    /// Open and silent: the only state in which reuse is safe. EOF, an error or unsolicited
-    /// bytes (a backend's `408` before it hangs up, a TLS close_notify) mean the backend
-    /// closed or misbehaved.
-    fn is_quiet(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.socket().peek(&mut probe),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-    }
-}
 
 /// Where a backend is in its life (docs/PROTOCOL.md, "Backend states").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +94,7 @@ pub struct Backend {
     pub down_until: Option<Instant>,
     /// Times this backend was picked.
     pub selected: u64,
-    idle: VecDeque<Pooled>,
+    idle: IdlePool,
 }
 
 /// Where to dial a backend: address and, for TLS bindings, the name to verify and send as SNI.
@@ -447,21 +409,7 @@ impl Registry {
     /// its last exchange): reusing that one needs no `epoll_ctl`. Returns the connection
     /// and whether it is registered under `token` already.
     pub fn checkout(&mut self, id: usize, now: Instant, token: Token) -> Option<(Transport, bool)> {
-        let b = self.backends.get_mut(id)?;
-        if let Some(at) = b.idle.iter().rposition(|p| p.token == token) {
-            if let Some(stream) = b.idle.remove(at).and_then(|p| p.usable(now)) {
-                return Some((stream, true));
-            }
-        }
-        // Otherwise the most recently returned one: the least likely to have been closed by
-        // the backend (taking the oldest instead measured more re-registrations, not fewer).
-        while let Some(pooled) = b.idle.pop_back() {
-            let same = pooled.token == token;
-            if let Some(stream) = pooled.usable(now) {
-                return Some((stream, same));
-            }
-        }
-        None
+        self.backends.get_mut(id)?.idle.take(now, token)
     }
 
     /// Returns a quiet keep-alive connection to `id`'s pool. It stays registered with the
@@ -478,14 +426,7 @@ impl Registry {
             .get_mut(id)
             .filter(|b| b.state != BackendState::Gone)
         {
-            if b.idle.len() >= POOL_PER_BACKEND {
-                b.idle.pop_front();
-            }
-            b.idle.push_back(Pooled {
-                stream,
-                since: now,
-                token,
-            });
+            b.idle.put(stream, now, token);
         }
     }
 
@@ -495,22 +436,16 @@ impl Registry {
     /// leaves the pool now, so the next request is not sent into a dead socket. Returns how
     /// many left.
     pub fn evict_closed_pooled(&mut self, token: Token) -> usize {
-        let mut evicted = 0;
-        for (_, b) in &mut self.backends {
-            b.idle.retain(|p| {
-                let keep = p.token != token || p.is_quiet();
-                evicted += usize::from(!keep);
-                keep
-            });
-        }
-        evicted
+        self.backends
+            .iter_mut()
+            .map(|(_, b)| b.idle.evict_closed(token))
+            .sum()
     }
 
     /// Drops pooled connections past their age.
     pub fn sweep_idle(&mut self, now: Instant) {
         for (_, b) in &mut self.backends {
-            b.idle
-                .retain(|p| now.duration_since(p.since) <= POOL_MAX_AGE);
+            b.idle.sweep(now);
         }
     }
 
@@ -547,7 +482,7 @@ impl Backend {
             failures: 0,
             down_until: None,
             selected: 0,
-            idle: VecDeque::new(),
+            idle: IdlePool::default(),
             connect_failed_log: log::Repeated::every(Duration::from_secs(10)),
         }
     }
@@ -624,7 +559,11 @@ mod tests {
         let (old, _) = pooled_socket(&listener);
         r.checkin(0, old, now, Token(7));
         assert!(r
-            .checkout(0, now + POOL_MAX_AGE + Duration::from_millis(1), Token(7))
+            .checkout(
+                0,
+                now + crate::backends::pool::POOL_MAX_AGE + Duration::from_millis(1),
+                Token(7)
+            )
             .is_none());
     }
 
