@@ -188,15 +188,7 @@ const REPLAY_MAX: usize = crate::net::buffer::BUF_SIZE;
 /// Period over which `--min-body-rate` is measured.
 const BODY_RATE_WINDOW: Duration = Duration::from_secs(10);
 
-/// What sticky sessions ask of the selection for one request.
-#[derive(Debug)]
-enum Sticky {
-    Off,
-    /// Cookie mode; `Some(id)` = a valid cookie named this backend.
-    Cookie(Option<String>),
-    /// Rendezvous key (client address or header value).
-    Key(Vec<u8>),
-}
+use crate::backends::route::{self, Sticky};
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -206,28 +198,14 @@ fn unix_now() -> u64 {
 
 /// What sticky sessions need from a request head.
 fn sticky_of(req: &head::Request<'_, '_>, peer: SocketAddr, ctx: &Ctx<'_>) -> Sticky {
-    use crate::backends::sticky::{find_cookie, ip_key, StickyMode};
-    match &ctx.cfg.sticky {
-        None => Sticky::Off,
-        Some(StickyMode::Ip) => Sticky::Key(ip_key(peer.ip()).to_vec()),
-        Some(StickyMode::Header { name }) => match head::header(req.headers, name) {
-            Some(v) => Sticky::Key(v.to_vec()),
-            None => Sticky::Off,
-        },
-        Some(StickyMode::Cookie { name }) => {
-            let max_age = ctx.cfg.sticky_max_age.as_secs();
-            let now = unix_now();
-            // A tampered, expired or malformed cookie is simply not there.
-            let id = ctx.signer.and_then(|signer| {
-                req.headers
-                    .iter()
-                    .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
-                    .filter_map(|h| find_cookie(h.value, name))
-                    .find_map(|v| signer.verify(v, now, max_age).map(|c| c.id.to_string()))
-            });
-            Sticky::Cookie(id)
-        }
-    }
+    route::sticky_ask(
+        ctx.cfg.sticky.as_ref(),
+        req.headers,
+        peer,
+        ctx.signer,
+        ctx.cfg.sticky_max_age.as_secs(),
+        unix_now(),
+    )
 }
 
 /// Adds `Set-Cookie` to the head just written (which ends with the blank line) when the
@@ -1219,24 +1197,14 @@ impl Conn {
             let picked = if same_backend_fresh && ex.failed.len() == 1 {
                 ex.failed.last().copied()
             } else {
-                let chosen = ctx.hooks.as_deref_mut().and_then(|h| {
-                    let cands = ctx.backends.eligible(&ex.failed);
-                    let names: Vec<&str> = cands.iter().map(|(_, n)| n.as_str()).collect();
-                    h.select_backend(self.id, &names)
-                        .and_then(|i| cands.get(i))
-                        .map(|(id, _)| *id)
-                });
-                let sticky = match &ex.sticky {
-                    Sticky::Off => None,
-                    Sticky::Cookie(id) => id
-                        .as_deref()
-                        .and_then(|id| ctx.backends.find_sticky(id, &ex.failed, ctx.now)),
-                    Sticky::Key(key) => ctx.backends.pick_by_key(key, &ex.failed, ctx.now),
+                let ask = route::Ask {
+                    client: self.id,
+                    sticky: &ex.sticky,
+                    exclude: &ex.failed,
+                    algorithm: ctx.cfg.algorithm,
+                    now: ctx.now,
                 };
-                chosen.or(sticky).or_else(|| {
-                    ctx.backends
-                        .pick(ctx.cfg.algorithm, &ex.failed, ctx.now, ctx.rng)
-                })
+                route::choose(ctx.backends, ctx.hooks.as_deref_mut(), ctx.rng, &ask)
             };
             let Some(id) = picked else {
                 break None;

@@ -1,7 +1,9 @@
-//! The backends a request may go to: the registry (state, load, keep-alive pool), the
-//! selection algorithms, and sticky sessions. Knows nothing of client connections.
+//! The backends a request may go to: the registry (state, load), the keep-alive pool, the
+//! selection algorithms, sticky sessions, and the one decision that combines them (`route`).
+//! Knows nothing of client connections.
 
 pub mod balance;
 pub(crate) mod pool;
 pub(crate) mod registry;
+pub(crate) mod route;
 pub mod sticky;
