@@ -1407,7 +1407,11 @@ pub fn config_values(data: &[u8]) {
         "--max-connections".into(),
         cfg.max_connections.to_string(),
         "--max-frame-size".into(),
-        format_size(cfg.max_frame_size),
+        if cfg.max_frame_size == u64::MAX {
+            "off".into()
+        } else {
+            format_size(cfg.max_frame_size)
+        },
         "--log-format".into(),
         format!("{:?}", cfg.log_format).to_ascii_lowercase(),
     ];

@@ -72,7 +72,8 @@ impl FrameError {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    /// Short description, also the reason in the close frame the balancer sends for it.
+    pub fn as_str(self) -> &'static str {
         match self {
             FrameError::Masking => "wrong frame masking",
             FrameError::ReservedOpcode => "reserved opcode",
