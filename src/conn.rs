@@ -695,11 +695,7 @@ impl Conn {
                     return self.drive(ctx);
                 }
                 log::debug("websocket idle timeout", &[("client", &self.id)]);
-                t.fail(
-                    CLOSE_GOING_AWAY,
-                    Some(CLOSE_GOING_AWAY),
-                    "idle timeout",
-                );
+                t.fail(CLOSE_GOING_AWAY, Some(CLOSE_GOING_AWAY), "idle timeout");
                 self.last_activity = ctx.now;
             }
             Phase::Closing { .. } => return Drive::Done,
@@ -759,9 +755,7 @@ impl Conn {
                         // nothing more.
                         let limit = match t.pending_close {
                             None => Some(up_max),
-                            Some(_) if t.backend_closed || t.up.relayed_to_frame_boundary() => {
-                                None
-                            }
+                            Some(_) if t.backend_closed || t.up.relayed_to_frame_boundary() => None,
                             Some(_) => Some(up_max.min(
                                 usize::try_from(t.up.bytes_to_frame_end()).unwrap_or(usize::MAX),
                             )),

@@ -443,7 +443,8 @@ impl FrameTracker {
             Ok(None) => Err(FrameError::BadHeader),
             Ok(Some((mut header, len))) => {
                 header.opcode = OpCode::from(opcode);
-                let whole = usize::try_from(cursor.position()).map_err(|_| FrameError::BadHeader)?;
+                let whole =
+                    usize::try_from(cursor.position()).map_err(|_| FrameError::BadHeader)?;
                 // The previous feed could not parse `start` bytes, so the header ends in this input.
                 let used = whole
                     .checked_sub(start)
