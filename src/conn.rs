@@ -749,8 +749,6 @@ impl Conn {
                             && !t.up.close_seen()
                             && (t.up.at_frame_boundary() || !t.up_hold.is_empty());
                         // While the balancer closes, the client's frame in progress is still
-                        // relayed to its end, where the backend's close frame goes.
-                        // While the balancer closes, the client's frame in progress is still
                         // relayed to its end, where the backend's close frame goes; then
                         // nothing more.
                         let limit = match t.pending_close {
@@ -1767,7 +1765,10 @@ impl Conn {
             return Step::Done;
         };
         if leg.eof && self.c_eof && leg.fin_sent {
-            return Step::Done;
+            // Both hung up; what the client is still owed (the backend's close, say) is
+            // flushed by `Closing` before the sockets close.
+            self.enter_closing(ctx.now);
+            return Step::Progress;
         }
         if !t.inject.is_empty() {
             if t.down.close_seen()
