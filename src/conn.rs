@@ -266,6 +266,9 @@ struct Tunnel {
     client_closed: bool,
     /// The close owed to the backend went out, or is no longer owed.
     backend_closed: bool,
+    /// When `pending_close` was set: the frames in progress get [`LINGER`] from then to
+    /// reach their ends (a peer trickling a huge frame does not hold the close back).
+    closing_since: Option<Instant>,
     /// Frames the balancer wants to send the client, at the next message boundary.
     inject: VecDeque<Vec<u8>>,
     inject_bytes: usize,
@@ -281,11 +284,12 @@ struct Tunnel {
 impl Tunnel {
     /// The balancer closes the tunnel itself: `client` for the client, `backend` (if it is
     /// still there to be told) for the backend. The first cause wins.
-    fn fail(&mut self, client: u16, backend: Option<u16>, reason: &'static str) {
+    fn fail(&mut self, now: Instant, client: u16, backend: Option<u16>, reason: &'static str) {
         if self.pending_close.is_none() {
             self.pending_close = Some(client);
             self.backend_close = backend;
             self.close_reason = reason;
+            self.closing_since = Some(now);
         }
     }
 }
@@ -603,7 +607,8 @@ impl Conn {
                     || self.c_eof
                     || self.leg.as_ref().is_none_or(|l| l.eof) =>
             {
-                Some(self.last_activity + LINGER)
+                let quiet = self.last_activity + LINGER;
+                Some(t.closing_since.map_or(quiet, |at| quiet.min(at + LINGER)))
             }
             Phase::Tunnel(t) => {
                 let idle = cfg.ws_idle_timeout.map(|d| self.last_activity + d);
@@ -695,7 +700,12 @@ impl Conn {
                     return self.drive(ctx);
                 }
                 log::debug("websocket idle timeout", &[("client", &self.id)]);
-                t.fail(CLOSE_GOING_AWAY, Some(CLOSE_GOING_AWAY), "idle timeout");
+                t.fail(
+                    ctx.now,
+                    CLOSE_GOING_AWAY,
+                    Some(CLOSE_GOING_AWAY),
+                    "idle timeout",
+                );
                 self.last_activity = ctx.now;
             }
             Phase::Closing { .. } => return Drive::Done,
@@ -717,7 +727,7 @@ impl Conn {
     pub fn going_away(&mut self, ctx: &mut Ctx<'_>, code: u16) -> Drive {
         match &mut self.phase {
             Phase::Tunnel(t) => {
-                t.fail(code, Some(code), "");
+                t.fail(ctx.now, code, Some(code), "");
                 self.last_activity = ctx.now;
                 self.drive(ctx)
             }
@@ -817,7 +827,12 @@ impl Conn {
                                     // The client is told why; the backend, which did nothing
                                     // wrong, that its peer is going away. Reading goes on (into
                                     // the lingering close) so the client gets to read ours.
-                                    t.fail(e.close_code(), Some(CLOSE_GOING_AWAY), e.as_str());
+                                    t.fail(
+                                        ctx.now,
+                                        e.close_code(),
+                                        Some(CLOSE_GOING_AWAY),
+                                        e.as_str(),
+                                    );
                                     progress = true;
                                 }
                             }
@@ -1017,7 +1032,7 @@ impl Conn {
                             &[("client", &self.id), ("error", &e)],
                         );
                         if let Phase::Tunnel(t) = &mut self.phase {
-                            t.fail(CLOSE_GOING_AWAY, Some(e.close_code()), e.as_str());
+                            t.fail(ctx.now, CLOSE_GOING_AWAY, Some(e.close_code()), e.as_str());
                         }
                         progress = true;
                     }
@@ -1706,6 +1721,7 @@ impl Conn {
             close_reason: "",
             client_closed: false,
             backend_closed: false,
+            closing_since: None,
             inject: VecDeque::new(),
             inject_bytes: 0,
             pings_out: 0,
@@ -1731,7 +1747,7 @@ impl Conn {
         // trackers release is relayed; a partial header stays held for the next read.
         let early_up = self.from_client.data();
         if let Err(e) = feed(&mut t.up, early_up, t.inspect.as_mut()) {
-            t.fail(e.close_code(), Some(CLOSE_GOING_AWAY), e.as_str());
+            t.fail(ctx.now, e.close_code(), Some(CLOSE_GOING_AWAY), e.as_str());
         }
         let released = usize::try_from(t.up.released()).unwrap_or(usize::MAX);
         push_whole(
@@ -1741,7 +1757,7 @@ impl Conn {
         self.from_client.release();
         let early_down = leg.from_backend.data();
         if let Err(e) = t.down.feed(early_down) {
-            t.fail(CLOSE_GOING_AWAY, Some(e.close_code()), e.as_str());
+            t.fail(ctx.now, CLOSE_GOING_AWAY, Some(e.close_code()), e.as_str());
         }
         let released = usize::try_from(t.down.released()).unwrap_or(usize::MAX);
         push_whole(
@@ -1805,7 +1821,7 @@ impl Conn {
                 return Step::Progress;
             }
             // The backend vanished with no close in either direction: tell the client why.
-            t.fail(CLOSE_BACKEND_GONE, None, REASON_BACKEND_GONE);
+            t.fail(ctx.now, CLOSE_BACKEND_GONE, None, REASON_BACKEND_GONE);
         }
         if let Some(code) = t.pending_close {
             let mut progress = false;
