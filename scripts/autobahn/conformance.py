@@ -35,8 +35,10 @@ PY27 = AB / "py27" / "bin" / "python"
 QUICK_EXCLUDE = ["9.*", "12.*", "13.*"]
 # Upper bounds for one whole wstest run; the full suite takes ~5 min on 2 cores.
 RUN_LIMIT = {True: 300, False: 1800}
-# Extra side-by-side runs of the cases whose first results differ.
+# Extra side-by-side runs of the cases whose first results differ, each with this many
+# direct and through-wslb agents (one wstest start-up buys several samples).
 RERUNS = 4
+RERUN_COPIES = 4
 
 
 class Procs:
@@ -102,7 +104,14 @@ def start_echo(procs, kind, out):
     return int(wait_for(lambda: log_match(log, r"PORT (\d+)"), "wstest echoserver", proc=p))
 
 
-def run_client_direction(procs, args, out, echo, cases, exclude):
+def agents(copies):
+    """Agent names: "direct" and "wslb", or numbered copies of each for reruns."""
+    if copies == 1:
+        return [("direct", "direct"), ("wslb", "wslb")]
+    return [(side, f"{side}-{i}") for i in range(1, copies + 1) for side in ("direct", "wslb")]
+
+
+def run_client_direction(procs, args, out, echo, cases, exclude, copies=1):
     """fuzzingclient against the echo server, direct and through wslb; the report index."""
     out.mkdir(parents=True, exist_ok=True)
     echo_port = start_echo(procs, echo, out)
@@ -110,8 +119,8 @@ def run_client_direction(procs, args, out, echo, cases, exclude):
     spec = {
         "outdir": str(out / "reports"),
         "servers": [
-            {"agent": "direct", "url": f"ws://127.0.0.1:{echo_port}"},
-            {"agent": "wslb", "url": f"ws://127.0.0.1:{lb_port}"},
+            {"agent": name, "url": f"ws://127.0.0.1:{echo_port if side == 'direct' else lb_port}"}
+            for side, name in agents(copies)
         ],
         "cases": cases,
         "exclude-cases": exclude,
@@ -131,7 +140,7 @@ def run_client_direction(procs, args, out, echo, cases, exclude):
     return json.loads((out / "reports" / "index.json").read_text())
 
 
-def run_server_direction(procs, args, out, cases, exclude):
+def run_server_direction(procs, args, out, cases, exclude, copies=1):
     """tungstenite's client against the fuzzingserver, direct and through wslb."""
     out.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -152,7 +161,8 @@ def run_server_direction(procs, args, out, cases, exclude):
         )
         port = int(wait_for(lambda: log_match(log, r"PORT (\d+)"), "fuzzingserver", proc=p))
         lb_port = start_wslb(procs, args.wslb, port, out / "wslb.log")
-        for agent, target in (("direct", port), ("wslb", lb_port)):
+        for side, agent in agents(copies):
+            target = port if side == "direct" else lb_port
             with open(out / f"client-{agent}.log", "wb") as clog:
                 subprocess.run(
                     [str(args.client), f"ws://127.0.0.1:{target}", agent],
@@ -173,6 +183,15 @@ def outcome(index, agent, case):
     return (r.get("behavior", "MISSING"), r.get("behaviorClose", "MISSING"))
 
 
+def outcomes(index, side, case):
+    """Every outcome of `case` among the agents of one side (copies included)."""
+    return {
+        outcome(index, agent, case)
+        for agent in index
+        if agent == side or agent.startswith(side + "-")
+    }
+
+
 def settle(run, out, first):
     """Per case, the outcomes seen direct and through wslb. A case whose two outcomes differ
     is run again (direct and through wslb, side by side) up to RERUNS times: some cases'
@@ -190,10 +209,10 @@ def settle(run, out, first):
         todo = unsettled()
         if not todo:
             break
-        index = run(out / f"rerun-{i + 1}", todo, [])
+        index = run(out / f"rerun-{i + 1}", todo, [], RERUN_COPIES)
         for c in todo:
-            seen[c][0].add(outcome(index, "direct", c))
-            seen[c][1].add(outcome(index, "wslb", c))
+            seen[c][0].update(outcomes(index, "direct", c))
+            seen[c][1].update(outcomes(index, "wslb", c))
     return cases, seen
 
 
@@ -246,13 +265,13 @@ def main():
             runs.append((
                 f"client→backend (fuzzingclient; echo: {echo})",
                 out / f"client-{echo}",
-                lambda o, c, x, echo=echo: run_client_direction(procs, args, o, echo, c, x),
+                lambda o, c, x, n=1, echo=echo: run_client_direction(procs, args, o, echo, c, x, n),
             ))
     if args.direction in ("server", "both"):
         runs.append((
             "backend→client (fuzzingserver; tungstenite client)",
             out / "server",
-            lambda o, c, x: run_server_direction(procs, args, o, c, x),
+            lambda o, c, x, n=1: run_server_direction(procs, args, o, c, x, n),
         ))
     results = []
     try:
