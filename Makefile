@@ -4,7 +4,8 @@ FUZZ_SECONDS ?= 60
 FUZZ_CI_SECONDS ?= 20
 APT ?= $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: all build run test test-deps test-unit fmt fmt-check clippy fuzz fuzz-ci bench bench-deps bench-smoke clean
+.PHONY: all build run test test-deps test-unit fmt fmt-check clippy fuzz fuzz-ci bench bench-deps bench-smoke clean \
+	autobahn-deps autobahn-quick conformance ws-witness-deps ws-witness
 
 all: build
 
@@ -14,7 +15,7 @@ build:
 run: build
 	bash scripts/demo.sh
 
-test: test-deps fmt-check clippy test-unit bench-smoke fuzz-ci
+test: test-deps fmt-check clippy test-unit bench-smoke fuzz-ci autobahn-quick ws-witness
 
 # Real external peers the tests drive: curl, Node (its `http` server), headless Chromium,
 # and Python packages (websockets, prometheus_client, gunicorn, uvicorn) in the project's
@@ -61,6 +62,33 @@ bench: build
 
 bench-smoke:
 	bash bench/smoke.sh
+
+# Autobahn|Testsuite (Python 2.7 from pyenv, installed into target/autobahn) and a Node `ws`
+# witness (ws@8 into target/node). Both compare wslb with what the endpoints do directly.
+autobahn-deps:
+	bash scripts/autobahn/install.sh
+
+# Both directions without 9.*, 12.*, 13.* (~1 min): fails if any case differs from direct.
+autobahn-quick: autobahn-deps
+	$(CARGO) build --bin wslb --example autobahn_client
+	python3 scripts/autobahn/conformance.py --quick --out target/autobahn/quick
+
+ws-witness-deps:
+	@[ -f target/node/node_modules/ws/package.json ] || \
+		(mkdir -p target/node && npm install --silent --no-save --prefix target/node ws@8)
+
+# 20 messages over --max-frame-size from Node's ws client: 1009 every time, and the backend
+# gets a close frame every time.
+ws-witness: ws-witness-deps
+	$(CARGO) build --bin wslb
+	node scripts/ws_witness/oversize.cjs target/debug/wslb
+
+# Everything: all 433 Autobahn cases both ways (the client direction against Autobahn's echo
+# server and Python websockets), release build; per-case table in target/autobahn/full.
+conformance: autobahn-deps ws-witness-deps build
+	python3 scripts/autobahn/conformance.py --echo both --out target/autobahn/full \
+		--wslb target/release/wslb --client target/release/examples/autobahn_client
+	node scripts/ws_witness/oversize.cjs target/release/wslb
 
 clean:
 	$(CARGO) clean

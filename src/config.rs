@@ -131,7 +131,8 @@ pub struct Config {
     /// Largest number of client connections held at once; 0 = as many as the descriptor
     /// limit allows (the server works it out at start, and lowers a larger value to it).
     pub max_connections: usize,
-    /// Largest WebSocket frame payload relayed (close 1009 beyond).
+    /// Largest WebSocket frame payload relayed (close 1009 beyond); `u64::MAX` = no limit.
+    /// A policy only: frames are streamed, never held whole, so no limit is needed for memory.
     pub max_frame_size: u64,
     /// Client connections held at once from one IP address; 0 = no limit.
     pub max_connections_per_ip: u32,
@@ -207,7 +208,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             max_connections: 0,
-            max_frame_size: 16 << 20,
+            max_frame_size: u64::MAX,
             max_connections_per_ip: 0,
             allowed_origins: Vec::new(),
             throttle: 0,
@@ -339,7 +340,7 @@ fn options() -> getopts::Options {
     o.optopt(
         "",
         "max-frame-size",
-        "largest WebSocket frame payload relayed, e.g. 16MiB [default: 16MiB]",
+        "largest WebSocket frame payload relayed (close 1009 beyond), e.g. 16MiB; frames are streamed, so this is a policy, not a memory bound [default: off]",
         "SIZE",
     );
     o.optopt(
@@ -600,7 +601,11 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         })?;
     }
     if let Some(v) = m.opt_str("max-frame-size") {
-        cfg.max_frame_size = parse_size(&v).map_err(|why| bad("--max-frame-size", &v, why))?;
+        cfg.max_frame_size = if v.trim().eq_ignore_ascii_case("off") {
+            u64::MAX
+        } else {
+            parse_size(&v).map_err(|why| bad("--max-frame-size", &v, why))?
+        };
     }
     if let Some(v) = m.opt_str("max-connections-per-ip") {
         cfg.max_connections_per_ip = v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {

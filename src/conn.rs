@@ -24,7 +24,7 @@ use crate::net::transport::{TlsStream, Transport};
 use crate::observe::events::EventSink;
 use crate::observe::log;
 use crate::observe::metrics::Stats;
-use crate::ws::frames::{encode_close, Direction, FrameTracker};
+use crate::ws::frames::{encode_close_reason, Direction, FrameError, FrameTracker};
 use crate::ws::handshake::{self, WsKey};
 use serde_json::json;
 use std::collections::VecDeque;
@@ -35,8 +35,19 @@ pub const RESERVED_TOKENS: usize = 1024;
 const MAX_ROUNDS: usize = 32;
 /// How long a closing connection waits for the peer to read what it is owed and hang up.
 const LINGER: Duration = Duration::from_secs(2);
-/// Close code sent when the backend disappears mid-tunnel.
-const CLOSE_BACKEND_GONE: u16 = 1011;
+/// Most bytes read and dropped from the peers of a closing connection (like nginx's
+/// lingering close): enough for a client that is still pushing a large message when it is
+/// told 1009, so closing does not reset the connection before the client read the close
+/// frame; a peer that sends more is cut off.
+const LINGER_MAX_BYTES: u64 = 128 << 20;
+/// Close code sent to the client when the backend's TCP connection ends while neither side
+/// has sent a close frame. 1001 "going away" is RFC 6455's code for a server endpoint that
+/// goes down, which is what happened; 1011 would claim the server hit an unexpected
+/// condition, and 1014 (bad gateway, registered after RFC 6455) is refused as an invalid
+/// code by older clients. The reason tells it apart from a drain.
+const CLOSE_BACKEND_GONE: u16 = 1001;
+/// Reason sent with [`CLOSE_BACKEND_GONE`].
+const REASON_BACKEND_GONE: &str = "backend went away";
 /// Close code sent to clients when the balancer shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
@@ -140,6 +151,8 @@ struct Leg {
     to_backend: Outbox,
     /// Backend closed its sending side.
     eof: bool,
+    /// Backend reset the connection (an abortive close).
+    aborted: bool,
     /// Our FIN was sent to the backend.
     fin_sent: bool,
 }
@@ -254,8 +267,21 @@ fn add_sticky_cookie(
 struct Tunnel {
     up: FrameTracker,
     down: FrameTracker,
-    /// Close code to inject into the client stream at the next frame boundary.
+    /// Close code the balancer sends the client at the next frame boundary of the backend's
+    /// stream. Set only by the balancer's own decisions (limits, unparseable frames, drain,
+    /// idle, admin) and by a backend vanishing without any close frame.
     pending_close: Option<u16>,
+    /// Close code the balancer sends the backend, with `pending_close`, at the next frame
+    /// boundary of the client's stream; `None` when the backend is gone.
+    backend_close: Option<u16>,
+    close_reason: &'static str,
+    /// The close owed to the client went out, or is no longer owed.
+    client_closed: bool,
+    /// The close owed to the backend went out, or is no longer owed.
+    backend_closed: bool,
+    /// When `pending_close` was set: the frames in progress get [`LINGER`] from then to
+    /// reach their ends (a peer trickling a huge frame does not hold the close back).
+    closing_since: Option<Instant>,
     /// Frames the balancer wants to send the client, at the next message boundary.
     inject: VecDeque<Vec<u8>>,
     inject_bytes: usize,
@@ -276,6 +302,19 @@ fn hold_for_replay(replay: &mut Option<Vec<u8>>, part: &[u8]) {
             held.extend_from_slice(part);
         } else {
             *replay = None;
+        }
+    }
+}
+
+impl Tunnel {
+    /// The balancer closes the tunnel itself: `client` for the client, `backend` (if it is
+    /// still there to be told) for the backend. The first cause wins.
+    fn fail(&mut self, now: Instant, client: u16, backend: Option<u16>, reason: &'static str) {
+        if self.pending_close.is_none() {
+            self.pending_close = Some(client);
+            self.backend_close = backend;
+            self.close_reason = reason;
+            self.closing_since = Some(now);
         }
     }
 }
@@ -352,6 +391,8 @@ pub struct Conn {
     opened: Instant,
     bytes_up: u64,
     bytes_down: u64,
+    /// Bytes read and dropped while closing, against [`LINGER_MAX_BYTES`].
+    lingered: u64,
     /// Close code seen in either direction, for the disconnect event.
     close_code: Option<u16>,
     /// The backend of the latest pairing, for events after the leg is gone.
@@ -400,6 +441,7 @@ impl Conn {
             opened: now,
             bytes_up: 0,
             bytes_down: 0,
+            lingered: 0,
             close_code: None,
             paired_backend: None,
             paired_name: None,
@@ -590,7 +632,8 @@ impl Conn {
                     || self.c_eof
                     || self.leg.as_ref().is_none_or(|l| l.eof) =>
             {
-                Some(self.last_activity + LINGER)
+                let quiet = self.last_activity + LINGER;
+                Some(t.closing_since.map_or(quiet, |at| quiet.min(at + LINGER)))
             }
             Phase::Tunnel(t) => {
                 let idle = cfg.ws_idle_timeout.map(|d| self.last_activity + d);
@@ -682,7 +725,12 @@ impl Conn {
                     return self.drive(ctx);
                 }
                 log::debug("websocket idle timeout", &[("client", &self.id)]);
-                t.pending_close = Some(CLOSE_GOING_AWAY);
+                t.fail(
+                    ctx.now,
+                    CLOSE_GOING_AWAY,
+                    Some(CLOSE_GOING_AWAY),
+                    "idle timeout",
+                );
                 self.last_activity = ctx.now;
             }
             Phase::Closing { .. } => return Drive::Done,
@@ -704,7 +752,7 @@ impl Conn {
     pub fn going_away(&mut self, ctx: &mut Ctx<'_>, code: u16) -> Drive {
         match &mut self.phase {
             Phase::Tunnel(t) => {
-                t.pending_close = Some(code);
+                t.fail(ctx.now, code, Some(code), "");
                 self.last_activity = ctx.now;
                 self.drive(ctx)
             }
@@ -732,32 +780,42 @@ impl Conn {
                         let messages = t.up.messages();
                         // While our ping is out, client frames are read one at a time so
                         // the pong answering it can be taken out of the stream.
-                        let exact =
-                            t.pings_out > 0 && (t.up.at_frame_boundary() || !t.up_hold.is_empty());
-                        let io = if t.pending_close.is_some() {
-                            Ok(Io::WouldBlock)
-                        } else if exact {
-                            if leg.to_backend.buf.has_room(MAX_CONTROL_FRAME) {
-                                read_exact_frame(
-                                    &mut self.client,
-                                    &mut self.c_ready,
-                                    t,
-                                    &mut leg.to_backend.buf,
-                                )
-                            } else {
-                                Ok(Io::WouldBlock)
+                        let exact = t.pings_out > 0
+                            && !t.up.close_seen()
+                            && (t.up.at_frame_boundary() || !t.up_hold.is_empty());
+                        // While the balancer closes, the client's frame in progress is still
+                        // relayed to its end, where the backend's close frame goes; then
+                        // nothing more.
+                        let limit = match t.pending_close {
+                            None => Some(up_max),
+                            Some(_) if t.backend_closed || t.up.relayed_to_frame_boundary() => None,
+                            Some(_) => Some(up_max.min(
+                                usize::try_from(t.up.bytes_to_frame_end()).unwrap_or(usize::MAX),
+                            )),
+                        };
+                        let io = match limit {
+                            None => Ok(Io::WouldBlock),
+                            Some(_) if exact && t.pending_close.is_none() => {
+                                if leg.to_backend.buf.has_room(MAX_CONTROL_FRAME) {
+                                    read_exact_frame(
+                                        &mut self.client,
+                                        &mut self.c_ready,
+                                        t,
+                                        &mut leg.to_backend.buf,
+                                    )
+                                } else {
+                                    Ok(Io::WouldBlock)
+                                }
                             }
-                        } else if leg.to_backend.buf.is_full() {
-                            Ok(Io::WouldBlock)
-                        } else {
-                            read_tracked(
+                            Some(_) if leg.to_backend.buf.is_full() => Ok(Io::WouldBlock),
+                            Some(max) => read_tracked(
                                 &mut self.client,
                                 &mut self.c_ready,
                                 &mut leg.to_backend.buf,
                                 &mut t.up,
-                                up_max,
+                                max,
                                 t.inspect.as_mut(),
-                            )
+                            ),
                         };
                         ctx.stats.ws_messages_up += t.up.messages() - messages;
                         if let Some(ins) = t.inspect.as_mut().filter(|i| !i.done.is_empty()) {
@@ -786,13 +844,20 @@ impl Conn {
                                     self.c_eof = true;
                                     progress = true;
                                 }
-                                Err(code) => {
+                                Err(e) => {
                                     log::debug(
                                         "bad frame from client",
-                                        &[("client", &self.id), ("code", &code)],
+                                        &[("client", &self.id), ("error", &e)],
                                     );
-                                    t.pending_close = Some(code);
-                                    self.c_eof = true;
+                                    // The client is told why; the backend, which did nothing
+                                    // wrong, that its peer is going away. Reading goes on (into
+                                    // the lingering close) so the client gets to read ours.
+                                    t.fail(
+                                        ctx.now,
+                                        e.close_code(),
+                                        Some(CLOSE_GOING_AWAY),
+                                        e.as_str(),
+                                    );
                                     progress = true;
                                 }
                             }
@@ -803,9 +868,18 @@ impl Conn {
                     // Read and discard so our close does not turn into a reset that destroys
                     // the answer still in flight to the client.
                     match discard(&mut self.client, &mut self.c_ready) {
-                        Io::Progress(_) => progress = true,
+                        Io::Progress(n) => {
+                            self.lingered += n as u64;
+                            if self.lingered > LINGER_MAX_BYTES {
+                                return Step::Done;
+                            }
+                            progress = true;
+                        }
                         Io::WouldBlock => {}
-                        Io::Eof | Io::Failed => return Step::Done,
+                        Io::Eof | Io::Failed => {
+                            self.c_eof = true;
+                            progress = true;
+                        }
                     }
                 }
                 _ => {
@@ -867,8 +941,12 @@ impl Conn {
                 if leg.connecting_since.is_none() && !self.flush_queued {
                     match leg.to_backend.flush(&mut leg.stream, &mut leg.ready) {
                         Io::Progress(_) => progress = true,
-                        Io::Failed if matches!(self.phase, Phase::Tunnel(_)) => {
+                        Io::Failed
+                            if matches!(self.phase, Phase::Tunnel(_) | Phase::Closing { .. }) =>
+                        {
                             leg.eof = true;
+                            leg.aborted = true;
+                            leg.fin_sent = true;
                             leg.to_backend.buf.release();
                             progress = true;
                         }
@@ -884,12 +962,43 @@ impl Conn {
 
         // Backend → balancer.
         if let Some(leg) = &mut self.leg {
+            if matches!(self.phase, Phase::Closing { .. })
+                && leg.ready.readable
+                && !leg.eof
+                && leg.connecting_since.is_none()
+            {
+                // The backend's answer to our close and its FIN are awaited, not relayed.
+                match discard(&mut leg.stream, &mut leg.ready) {
+                    Io::Progress(n) => {
+                        self.lingered += n as u64;
+                        if self.lingered > LINGER_MAX_BYTES {
+                            return Step::Done;
+                        }
+                        progress = true;
+                    }
+                    Io::WouldBlock => {}
+                    Io::Eof | Io::Failed => {
+                        leg.eof = true;
+                        progress = true;
+                    }
+                }
+            }
+        }
+        if let Some(leg) = &mut self.leg {
             if leg.connecting_since.is_none() && leg.ready.readable && !leg.eof && down_max > 0 {
                 let io = match &mut self.phase {
-                    Phase::Tunnel(t) if t.pending_close.is_none() => {
+                    Phase::Tunnel(t)
+                        if t.pending_close.is_none()
+                            || !(t.client_closed || t.down.relayed_to_frame_boundary()) =>
+                    {
                         let messages = t.down.messages();
                         // Frames of our own wait for a message boundary: stop exactly there.
-                        let limit = if t.inject.is_empty() {
+                        // While the balancer closes, only the frame in progress is finished.
+                        let limit = if t.pending_close.is_some() {
+                            Some(down_max.min(
+                                usize::try_from(t.down.bytes_to_frame_end()).unwrap_or(usize::MAX),
+                            ))
+                        } else if t.inject.is_empty() {
                             Some(down_max)
                         } else {
                             t.down
@@ -933,19 +1042,23 @@ impl Conn {
                         progress = true;
                     }
                     Ok(Io::WouldBlock) => {}
-                    Ok(Io::Eof) | Ok(Io::Failed) => {
+                    Ok(Io::Eof) => {
                         leg.eof = true;
                         progress = true;
                     }
-                    Err(code) => {
+                    Ok(Io::Failed) => {
+                        leg.eof = true;
+                        leg.aborted = true;
+                        progress = true;
+                    }
+                    Err(e) => {
                         log::error(
                             "bad frame from backend",
-                            &[("client", &self.id), ("code", &code)],
+                            &[("client", &self.id), ("error", &e)],
                         );
                         if let Phase::Tunnel(t) = &mut self.phase {
-                            t.pending_close = Some(code);
+                            t.fail(ctx.now, CLOSE_GOING_AWAY, Some(e.close_code()), e.as_str());
                         }
-                        leg.eof = true;
                         progress = true;
                     }
                 }
@@ -979,6 +1092,19 @@ impl Conn {
             self.c_fin_sent = true;
             progress = true;
         }
+        // A backend kept through closing gets its FIN once our close frame has left.
+        if let Some(leg) = &mut self.leg {
+            if matches!(self.phase, Phase::Closing { .. })
+                && leg.connecting_since.is_none()
+                && leg.to_backend.is_empty()
+                && !leg.fin_sent
+                && !self.flush_queued
+            {
+                leg.stream.shutdown_write(&mut leg.ready);
+                leg.fin_sent = true;
+                progress = true;
+            }
+        }
         if progress {
             Step::Progress
         } else {
@@ -992,7 +1118,11 @@ impl Conn {
             Phase::Exchange(_) => self.process_exchange(ctx),
             Phase::Tunnel(_) => self.process_tunnel(ctx),
             Phase::Closing { .. } => {
-                if self.c_fin_sent && self.c_eof {
+                let leg_done = self.leg.as_ref().is_none_or(|l| l.eof && l.fin_sent);
+                if leg_done && self.leg.is_some() {
+                    self.drop_leg(ctx, false);
+                }
+                if self.c_fin_sent && self.c_eof && leg_done {
                     Step::Done
                 } else {
                     Step::Idle
@@ -1317,6 +1447,7 @@ impl Conn {
             from_backend: Buffer::default(),
             to_backend,
             eof: false,
+            aborted: false,
             fin_sent: false,
         });
     }
@@ -1659,6 +1790,11 @@ impl Conn {
             up: FrameTracker::new(Direction::ClientToServer, max),
             down: FrameTracker::new(Direction::ServerToClient, max),
             pending_close: None,
+            backend_close: None,
+            close_reason: "",
+            client_closed: false,
+            backend_closed: false,
+            closing_since: None,
             inject: VecDeque::new(),
             inject_bytes: 0,
             pings_out: 0,
@@ -1680,20 +1816,27 @@ impl Conn {
             self.enter_closing(ctx.now);
             return Step::Progress;
         };
-        // Bytes that arrived with the handshake belong to the frame streams.
+        // Bytes that arrived with the handshake belong to the frame streams. What the
+        // trackers release is relayed; a partial header stays held for the next read.
         let early_up = self.from_client.data();
-        if let Err(code) = feed(&mut t.up, early_up, t.inspect.as_mut()) {
-            t.pending_close = Some(code);
-        } else {
-            push_whole(&mut leg.to_backend.buf, early_up);
+        if let Err(e) = feed(&mut t.up, early_up, t.inspect.as_mut()) {
+            t.fail(ctx.now, e.close_code(), Some(CLOSE_GOING_AWAY), e.as_str());
         }
+        let released = usize::try_from(t.up.released()).unwrap_or(usize::MAX);
+        push_whole(
+            &mut leg.to_backend.buf,
+            early_up.get(..released).unwrap_or(early_up),
+        );
         self.from_client.release();
         let early_down = leg.from_backend.data();
         if let Err(e) = t.down.feed(early_down) {
-            t.pending_close = Some(e.close_code());
-        } else {
-            push_whole(&mut self.to_client.buf, early_down);
+            t.fail(ctx.now, CLOSE_GOING_AWAY, Some(e.close_code()), e.as_str());
         }
+        let released = usize::try_from(t.down.released()).unwrap_or(usize::MAX);
+        push_whole(
+            &mut self.to_client.buf,
+            early_down.get(..released).unwrap_or(early_down),
+        );
         leg.from_backend.release();
         log::debug(
             "websocket open",
@@ -1711,10 +1854,17 @@ impl Conn {
             return Step::Done;
         };
         if leg.eof && self.c_eof && leg.fin_sent {
-            return Step::Done;
+            // Both hung up; what the client is still owed (the backend's close, say) is
+            // flushed by `Closing` before the sockets close.
+            self.enter_closing(ctx.now);
+            return Step::Progress;
         }
         if !t.inject.is_empty() {
-            if t.down.close_seen() || t.pending_close.is_some() || t.down.error().is_some() {
+            if t.down.close_seen()
+                || t.pending_close.is_some()
+                || t.down.error().is_some()
+                || t.down.violation().is_some()
+            {
                 // Nothing may follow a close, nor be spliced into a broken stream.
                 t.inject.clear();
                 t.inject_bytes = 0;
@@ -1735,45 +1885,68 @@ impl Conn {
             return Step::Progress;
         }
         if leg.eof && t.pending_close.is_none() && !t.down.close_seen() {
-            // The backend vanished without a close handshake: tell the client why.
-            t.pending_close = Some(CLOSE_BACKEND_GONE);
+            if t.up.close_seen() || leg.aborted {
+                // The client's close is being answered (a backend may fail a close it
+                // rejects by dropping TCP), or the backend aborted the connection: either way
+                // the backend decided, and the client sees what it would see directly,
+                // everything the backend sent and then the TCP close. No close frame of ours.
+                self.enter_closing(ctx.now);
+                return Step::Progress;
+            }
+            // The backend vanished with no close in either direction: tell the client why.
+            t.fail(ctx.now, CLOSE_BACKEND_GONE, None, REASON_BACKEND_GONE);
         }
         if let Some(code) = t.pending_close {
-            if t.down.close_seen() {
-                // A close already went to the client; just finish.
-                t.pending_close = None;
-                self.enter_closing(ctx.now);
-                self.drop_leg(ctx, false);
-                return Step::Progress;
-            }
-            if t.down.at_frame_boundary() && self.to_client.buf.has_room(8) {
-                let mut frame = [0u8; 8];
-                let n = encode_close(code, None, &mut frame);
-                self.to_client.buf.push(frame.get(..n).unwrap_or_default());
-                // Best effort: tell the backend too, masked as a client must.
-                if !leg.eof
-                    && t.up.at_frame_boundary()
-                    && !leg.fin_sent
-                    && leg.to_backend.buf.has_room(8)
+            let mut progress = false;
+            if !t.client_closed {
+                if t.down.close_seen() {
+                    // The backend's close already went to the client: one close per direction.
+                    t.client_closed = true;
+                } else if t.down.relayed_to_frame_boundary()
+                    && self.to_client.buf.has_room(MAX_CONTROL_FRAME)
                 {
-                    let n = encode_close(code, Some(ctx.rng.random::<[u8; 4]>()), &mut frame);
-                    leg.to_backend.buf.push(frame.get(..n).unwrap_or_default());
-                    let _ = leg.to_backend.flush(&mut leg.stream, &mut leg.ready);
+                    let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
+                    encode_close_reason(code, t.close_reason, None, &mut frame);
+                    push_whole(&mut self.to_client.buf, &frame);
+                    t.client_closed = true;
+                    progress = true;
+                } else if leg.eof {
+                    // Mid-frame with no more bytes coming: a TCP close is all that is left.
+                    t.client_closed = true;
                 }
-                self.drop_leg(ctx, false);
+            }
+            if !t.backend_closed {
+                match t.backend_close {
+                    // Gone, already has the client's close, or hung up: nothing to tell it.
+                    _ if t.up.close_seen() || leg.eof || leg.fin_sent => t.backend_closed = true,
+                    None => t.backend_closed = true,
+                    Some(bc)
+                        if t.up.relayed_to_frame_boundary()
+                            && leg.to_backend.buf.has_room(MAX_CONTROL_FRAME) =>
+                    {
+                        // Masked, as a client's frames must be.
+                        let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
+                        let mask = ctx.rng.random::<[u8; 4]>();
+                        encode_close_reason(bc, t.close_reason, Some(mask), &mut frame);
+                        push_whole(&mut leg.to_backend.buf, &frame);
+                        t.backend_closed = true;
+                        progress = true;
+                    }
+                    // The client's frame in progress will not be finished.
+                    Some(_) if self.c_eof => t.backend_closed = true,
+                    Some(_) => {}
+                }
+            }
+            if t.client_closed && t.backend_closed {
                 self.enter_closing(ctx.now);
                 return Step::Progress;
             }
-            if leg.eof {
-                // Mid-frame with no more bytes coming: a TCP close is all that is left.
-                self.drop_leg(ctx, false);
-                self.enter_closing(ctx.now);
+            if progress {
                 return Step::Progress;
             }
         }
         if leg.eof && t.down.close_seen() && self.to_client.is_empty() {
             // Clean close handshake from the backend side: forward the FIN.
-            self.drop_leg(ctx, false);
             self.enter_closing(ctx.now);
             return Step::Progress;
         }
@@ -1839,8 +2012,10 @@ impl Throttle {
 /// Room an outbox buffer offers for relayed bytes.
 const BUF_ROOM: usize = crate::net::buffer::BUF_SIZE;
 
-/// Reads into `buf` and runs the new bytes through `tracker`; bytes of a bad frame are never
-/// committed, so nothing after a protocol error is relayed.
+/// Reads into `buf` and runs the new bytes through `tracker`, committing what it releases:
+/// a partial header is held back (and put in front of the next read), so the relayed stream
+/// never ends inside a header, nothing of a header that failed is relayed, and bytes after a
+/// close frame are dropped.
 fn read_tracked(
     stream: &mut Transport,
     ready: &mut Ready,
@@ -1848,21 +2023,28 @@ fn read_tracked(
     tracker: &mut FrameTracker,
     max: usize,
     inspect: Option<&mut Inspect>,
-) -> Result<Io, u16> {
+) -> Result<Io, FrameError> {
+    let held = tracker.held_header().len();
     let space = buf.space();
-    let len = space.len().min(max);
-    let space = space.get_mut(..len).unwrap_or_default();
-    let io = stream.read(ready, space);
+    if space.len() <= held {
+        return Ok(Io::WouldBlock);
+    }
+    let (front, rest) = space.split_at_mut(held);
+    front.copy_from_slice(tracker.held_header());
+    let len = rest.len().min(max);
+    let io = stream.read(ready, rest.get_mut(..len).unwrap_or_default());
+    let mut fed = Ok(0);
     if let Io::Progress(n) = io {
-        let fresh = space.get(..n).unwrap_or_default();
-        feed(tracker, fresh, inspect)?;
-        buf.commit(n);
+        let before = tracker.released();
+        fed = feed(tracker, rest.get(..n).unwrap_or_default(), inspect);
+        let released = usize::try_from(tracker.released() - before).unwrap_or(0);
+        buf.commit(released);
     }
     if buf.is_empty() {
         // An idle tunnel keeps no buffer.
         buf.release();
     }
-    Ok(io)
+    fed.map(|_| io)
 }
 
 /// Reads and drops input. Out of line so its scratch space does not enlarge the stack frame
@@ -1889,7 +2071,7 @@ fn feed(
     tracker: &mut FrameTracker,
     bytes: &[u8],
     inspect: Option<&mut Inspect>,
-) -> Result<usize, u16> {
+) -> Result<usize, FrameError> {
     match inspect {
         None => tracker.feed(bytes),
         Some(ins) => tracker.feed_inspect(bytes, |piece| {
@@ -1903,7 +2085,6 @@ fn feed(
             }
         }),
     }
-    .map_err(|e| e.close_code())
 }
 
 /// Starts a non-blocking connect, wrapped in TLS for `wss://`/`https://` bindings.
@@ -1925,14 +2106,16 @@ fn open_backend(
 }
 
 /// Reads at most to the end of the current client frame into the tunnel's hold buffer.
-/// A frame that is not a pong is released into `buf` as soon as its first byte shows that;
-/// a pong is held whole, then dropped if it answers one of our pings, else released.
+/// A frame that is not a pong is released into `buf` as soon as its header is whole and its
+/// first byte shows that; a pong is held whole, then dropped if it answers one of our pings,
+/// else released. A "pong" longer than a control frame may be (the backend's to judge) is
+/// released once the hold is full, so the hold stays bounded.
 fn read_exact_frame(
     stream: &mut Transport,
     ready: &mut Ready,
     t: &mut Tunnel,
     buf: &mut Buffer,
-) -> Result<Io, u16> {
+) -> Result<Io, FrameError> {
     let to_end = usize::try_from(t.up.bytes_to_frame_end()).unwrap_or(usize::MAX);
     let want = to_end
         .min(MAX_CONTROL_FRAME.saturating_sub(t.up_hold.len()))
@@ -1946,13 +2129,22 @@ fn read_exact_frame(
         return Ok(io);
     };
     let fresh = tmp.get(..n).unwrap_or_default();
-    feed(&mut t.up, fresh, t.inspect.as_mut())?;
+    let fed = feed(&mut t.up, fresh, t.inspect.as_mut());
     t.up_hold.extend_from_slice(fresh);
-    let is_pong = t.up_hold.first().is_some_and(|b| b & 0x0f == 0xA);
-    if is_pong && !t.up.at_frame_boundary() {
+    if let Err(e) = fed {
+        // The failed header is not relayed.
+        t.up_hold.clear();
+        return Err(e);
+    }
+    if !t.up.held_header().is_empty() {
         return Ok(io);
     }
-    if is_pong && t.pings_out > 0 && pong_payload(&t.up_hold).starts_with(PING_MAGIC) {
+    let is_pong = t.up_hold.first().is_some_and(|b| b & 0x0f == 0xA);
+    let whole = t.up.at_frame_boundary();
+    if is_pong && !whole && t.up_hold.len() < MAX_CONTROL_FRAME {
+        return Ok(io);
+    }
+    if is_pong && whole && t.pings_out > 0 && pong_payload(&t.up_hold).starts_with(PING_MAGIC) {
         t.pings_out -= 1;
         t.up_hold.clear();
         return Ok(io);

@@ -1,5 +1,5 @@
 //! WebSocket relay through wslb: echo of every payload-length class, fragmentation with an
-//! interleaved ping, spreading over backends, backend loss (1011) and client loss.
+//! interleaved ping, spreading over backends, backend loss (1001 "backend went away") and client loss.
 
 mod common;
 
@@ -69,14 +69,17 @@ fn spreads_connections_over_both_backends() {
 }
 
 #[test]
-fn backend_loss_closes_client_with_1011() {
+fn backend_loss_closes_client_with_1001() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let lb = Balancer::start(&[], &[&a, &b]);
     let mut ws = ws_connect(lb.addr(), "/");
     ws.send(Message::text("close-me")).unwrap();
     match ws.read() {
-        Ok(Message::Close(Some(frame))) => assert_eq!(frame.code, CloseCode::Error, "{frame:?}"),
-        other => panic!("expected a close frame with code 1011, got {other:?}"),
+        Ok(Message::Close(Some(frame))) => {
+            assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
+            assert_eq!(frame.reason.as_str(), "backend went away");
+        }
+        other => panic!("expected a close frame with code 1001, got {other:?}"),
     }
     // The balancer still serves new tunnels.
     let mut ws = ws_connect(lb.addr(), "/");

@@ -1156,13 +1156,18 @@ pub struct Seen {
     pub message_boundary: bool,
     pub close_seen: bool,
     pub close_code: Option<u16>,
+    pub violation: Option<FrameError>,
+    pub released: u64,
+    pub ignored: u64,
 }
 
 fn track(dir: Direction, max: u64, parts: &[&[u8]]) -> Seen {
     let mut t = FrameTracker::new(dir, max);
     let mut completed = 0u64;
     let mut result = Ok(());
+    let mut fed = 0u64;
     for part in parts {
+        let before = t.released();
         match t.feed(part) {
             Ok(n) => completed += n as u64,
             Err(e) => {
@@ -1173,6 +1178,13 @@ fn track(dir: Direction, max: u64, parts: &[&[u8]]) -> Seen {
                 break;
             }
         }
+        fed += part.len() as u64;
+        assert!(t.released() >= before, "released never shrinks");
+        assert_eq!(
+            t.released() + t.held_header().len() as u64 + t.ignored(),
+            fed,
+            "every byte fed is released, held or ignored"
+        );
     }
     if result.is_ok() {
         assert_eq!(completed, t.frames(), "feed counts add up to frames()");
@@ -1185,11 +1197,16 @@ fn track(dir: Direction, max: u64, parts: &[&[u8]]) -> Seen {
         message_boundary: t.at_message_boundary(),
         close_seen: t.close_seen(),
         close_code: t.close_code(),
+        violation: t.violation(),
+        released: t.released(),
+        ignored: t.ignored(),
     }
 }
 
 /// Whole-input reference: frames delimited by `FrameHeader::parse` in a loop, payloads
-/// skipped by count, RFC 6455 §5 rules applied per header.
+/// skipped by count. Only the relay's own limits fail (`TooLarge`, `BadHeader`); the other
+/// RFC 6455 rules are noted as violations and the frame is tracked on; the rest of the
+/// input after a close frame is ignored.
 pub fn reference_frames(dir: Direction, max: u64, input: &[u8]) -> Seen {
     let mut seen = Seen {
         result: Ok(()),
@@ -1199,6 +1216,9 @@ pub fn reference_frames(dir: Direction, max: u64, input: &[u8]) -> Seen {
         message_boundary: true,
         close_seen: false,
         close_code: None,
+        violation: None,
+        released: 0,
+        ignored: 0,
     };
     let mut fragmented = false;
     let mut pos = 0usize;
@@ -1210,54 +1230,72 @@ pub fn reference_frames(dir: Direction, max: u64, input: &[u8]) -> Seen {
     };
     while pos < input.len() {
         if seen.close_seen {
-            return fail(seen, FrameError::DataAfterClose);
+            seen.ignored = (input.len() - pos) as u64;
+            break;
         }
-        let mut cursor = Cursor::new(&input[pos..]);
+        // tungstenite refuses reserved opcodes; parse a copy with a valid one of the same class.
+        let op = input[pos] & 0x0f;
+        let mut head: Vec<u8> = input[pos..input.len().min(pos + 14)].to_vec();
+        if matches!(op, 3..=7 | 0xb..=0xf) {
+            head[0] = (head[0] & 0xf0) | if op < 8 { 0x2 } else { 0x9 };
+        }
+        let mut cursor = Cursor::new(&head[..]);
         let (header, len) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(h)) => h,
-            Ok(None) => {
+            Ok(None) if head.len() < 14 => {
                 seen.frame_boundary = false;
                 seen.message_boundary = false;
                 return seen;
             }
-            Err(_) => return fail(seen, FrameError::ReservedOpcode),
+            Ok(None) | Err(_) => return fail(seen, FrameError::BadHeader),
         };
         let header_len = cursor.position() as usize;
-        let masked = header.mask.is_some();
-        if masked != (dir == Direction::ClientToServer) {
-            return fail(seen, FrameError::Masking);
-        }
-        let (is_data, ends_message, is_close) = match header.opcode {
-            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                return fail(seen, FrameError::ReservedOpcode)
-            }
-            OpCode::Control(c) => {
-                if len > 125 {
-                    return fail(seen, FrameError::ControlTooLong);
-                }
-                if !header.is_final {
-                    return fail(seen, FrameError::FragmentedControl);
-                }
-                (false, false, c == Control::Close)
-            }
-            OpCode::Data(Data::Continue) if !fragmented => {
-                return fail(seen, FrameError::UnexpectedContinuation)
-            }
-            OpCode::Data(Data::Continue) => (true, header.is_final, false),
-            OpCode::Data(_) if fragmented => return fail(seen, FrameError::ExpectedContinuation),
-            OpCode::Data(_) => (true, header.is_final, false),
-        };
         if len >> 63 != 0 {
             return fail(seen, FrameError::BadHeader);
         }
         if len > max {
             return fail(seen, FrameError::TooLarge);
         }
+        let mut violate = |e| {
+            seen.violation.get_or_insert(e);
+        };
+        let masked = header.mask.is_some();
+        if masked != (dir == Direction::ClientToServer) {
+            violate(FrameError::Masking);
+        }
+        let (is_data, ends_message, is_close) = match OpCode::from(op) {
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                violate(FrameError::ReservedOpcode);
+                (false, false, false)
+            }
+            OpCode::Control(c) => {
+                if len > 125 {
+                    violate(FrameError::ControlTooLong);
+                }
+                if !header.is_final {
+                    violate(FrameError::FragmentedControl);
+                }
+                (false, false, c == Control::Close)
+            }
+            OpCode::Data(Data::Continue) => {
+                if !fragmented {
+                    violate(FrameError::UnexpectedContinuation);
+                }
+                (true, header.is_final, false)
+            }
+            OpCode::Data(_) => {
+                if fragmented {
+                    violate(FrameError::ExpectedContinuation);
+                }
+                (true, header.is_final, false)
+            }
+        };
         if is_data {
             fragmented = !ends_message;
         }
         let body_start = pos + header_len;
         let available = (input.len() - body_start) as u64;
+        seen.released = (body_start as u64) + available.min(len);
         let mask = header.mask.unwrap_or_default();
         if is_close {
             // The code is the first two unmasked payload bytes, once the frame completes.
@@ -1282,10 +1320,9 @@ pub fn reference_frames(dir: Direction, max: u64, input: &[u8]) -> Seen {
             seen.messages += 1;
         }
         pos = body_start + len as usize;
-        seen.message_boundary = !fragmented;
     }
     seen.frame_boundary = true;
-    seen.message_boundary = !fragmented;
+    seen.message_boundary = !fragmented && seen.violation.is_none();
     seen
 }
 
@@ -1543,7 +1580,11 @@ pub fn config_values(data: &[u8]) {
         "--max-connections".into(),
         cfg.max_connections.to_string(),
         "--max-frame-size".into(),
-        format_size(cfg.max_frame_size),
+        if cfg.max_frame_size == u64::MAX {
+            "off".into()
+        } else {
+            format_size(cfg.max_frame_size)
+        },
         "--log-format".into(),
         format!("{:?}", cfg.log_format).to_ascii_lowercase(),
     ];
@@ -1870,6 +1911,7 @@ pub fn ws_inject(data: &[u8]) {
     let mut pending: Vec<Vec<u8>> = Vec::new();
     let mut rest = input;
     let mut round = 0usize;
+    let mut relayed = 0usize;
     while !rest.is_empty() && t.error().is_none() {
         let choice = plan.get(round % plan.len().max(1)).copied().unwrap_or(7);
         round += 1;
@@ -1906,9 +1948,13 @@ pub fn ws_inject(data: &[u8]) {
             .min(rest.len())
             .min(usize::try_from(limit).unwrap_or(usize::MAX));
         let (chunk, tail) = rest.split_at(n);
-        // On a framing error the relay still passes what it read, then closes.
+        // conn.rs commits what the tracker releases: never a partial header, nor the
+        // header that failed, nor what follows a close.
         let _ = t.feed(chunk);
-        out.extend_from_slice(chunk);
+        let released = usize::try_from(t.released()).unwrap_or(usize::MAX);
+        assert!(released >= relayed && released <= input.len() - tail.len());
+        out.extend_from_slice(&input[relayed..released]);
+        relayed = released;
         rest = tail;
     }
 
@@ -1940,10 +1986,7 @@ pub fn ws_inject(data: &[u8]) {
         input.starts_with(&backend_bytes),
         "the backend's bytes reach the client unchanged"
     );
-    assert_eq!(
-        out.len() - complete,
-        input.len() - backend_bytes.len() - rest.len()
-    );
+    assert_eq!(out.len() - complete, relayed - backend_bytes.len());
 }
 
 /// The bits of an address, most significant first (IPv4 as 32, IPv6 as 128).

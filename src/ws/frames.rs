@@ -5,6 +5,14 @@
 //! skips payload bytes by count. That is enough to know where frames and messages end, so the
 //! balancer can insert its own frames between messages, count traffic and enforce limits
 //! without buffering or copying what it forwards.
+//!
+//! The tracker judges only what the relay itself needs: a frame over the size limit
+//! ([`FrameError::TooLarge`]) or a header it cannot parse past ([`FrameError::BadHeader`]).
+//! Every other RFC 6455 violation (masking, reserved opcodes, control frame rules,
+//! continuation order) is the two endpoints' business: such frames are relayed and only
+//! noted ([`FrameTracker::violation`]), so the receiving endpoint fails the connection the
+//! way it would without a balancer. After a close frame the rest of the direction is ignored
+//! (RFC 6455 §5.5.1: no data frames after a close), not relayed and not an error.
 
 use std::fmt;
 use std::io::Cursor;
@@ -33,7 +41,8 @@ impl Direction {
     }
 }
 
-/// Why a frame stream was rejected.
+/// Why a frame stream was rejected (`TooLarge`, `BadHeader`) or, for the other variants,
+/// which RFC 6455 rule an endpoint broke in a frame that is still relayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
     /// A frame's mask bit does not match its [`Direction`].
@@ -50,8 +59,6 @@ pub enum FrameError {
     ExpectedContinuation,
     /// A frame payload larger than the tracker's limit.
     TooLarge,
-    /// Bytes after a close frame in the same direction.
-    DataAfterClose,
     /// A header tungstenite rejected for another reason, or a 64-bit length with its top bit set.
     BadHeader,
 }
@@ -65,7 +72,8 @@ impl FrameError {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    /// Short description, also the reason in the close frame the balancer sends for it.
+    pub fn as_str(self) -> &'static str {
         match self {
             FrameError::Masking => "wrong frame masking",
             FrameError::ReservedOpcode => "reserved opcode",
@@ -74,7 +82,6 @@ impl FrameError {
             FrameError::UnexpectedContinuation => "unexpected continuation frame",
             FrameError::ExpectedContinuation => "expected continuation frame",
             FrameError::TooLarge => "frame too large",
-            FrameError::DataAfterClose => "data after close frame",
             FrameError::BadHeader => "bad frame header",
         }
     }
@@ -170,6 +177,13 @@ pub struct FrameTracker {
     messages: u64,
     frames: u64,
     error: Option<FrameError>,
+    /// The first rule an endpoint broke in a frame that was relayed anyway.
+    violation: Option<FrameError>,
+    /// Bytes that may be relayed: whole headers and the payload bytes seen, never a partial
+    /// header, the header that failed, or anything after a close frame.
+    released: u64,
+    /// Bytes after a close frame, read and dropped.
+    ignored: u64,
     /// Opcode of the data message in progress (1 text, 2 binary).
     message_opcode: u8,
     /// A zero-length data frame just completed (`Some(ends_message)`), for `feed_inspect`.
@@ -191,6 +205,9 @@ impl FrameTracker {
             messages: 0,
             frames: 0,
             error: None,
+            violation: None,
+            released: 0,
+            ignored: 0,
             message_opcode: 0,
             empty_data: None,
         }
@@ -231,8 +248,36 @@ impl FrameTracker {
     /// At a frame boundary and not inside a fragmented data message: a frame of our own can be inserted here.
     ///
     /// Stays true after a close frame; the caller decides whether anything may follow it.
+    /// False for good once a violation went through: message boundaries are guesses in a
+    /// stream whose receiver is about to fail it, and nothing of ours belongs in it.
     pub fn at_message_boundary(&self) -> bool {
-        self.at_frame_boundary() && !self.fragmented
+        self.at_frame_boundary() && !self.fragmented && self.violation.is_none()
+    }
+
+    /// The first RFC 6455 rule broken by a frame that was relayed anyway.
+    pub fn violation(&self) -> Option<FrameError> {
+        self.violation
+    }
+
+    /// Total input bytes that may be relayed so far. It grows by whole headers (a partial
+    /// header is held back until it is complete, see [`FrameTracker::held_header`]) and by
+    /// payload bytes; it stops before a header that failed and at the end of a close frame.
+    /// The relay commits the growth of this count, so what it forwards always ends at a
+    /// frame boundary or inside a payload, never inside a header: a frame of its own can
+    /// follow a failed header without corrupting the stream.
+    pub fn released(&self) -> u64 {
+        self.released
+    }
+
+    /// The bytes of a partial header fed so far and not yet released: the relay puts them
+    /// in front of the next bytes it reads, which it then feeds (without them).
+    pub fn held_header(&self) -> &[u8] {
+        self.header.get(..self.header_len).unwrap_or_default()
+    }
+
+    /// Bytes that followed a close frame, dropped.
+    pub fn ignored(&self) -> u64 {
+        self.ignored
     }
 
     /// A complete close frame has gone through.
@@ -288,6 +333,14 @@ impl FrameTracker {
         }
     }
 
+    /// The bytes relayed so far end at a frame boundary (a partial header is held back, and
+    /// a header that failed was never released): a frame of the balancer's own, such as the
+    /// close it fails the connection with, can be put here. Unlike
+    /// [`FrameTracker::at_frame_boundary`] this stays meaningful after an error.
+    pub fn relayed_to_frame_boundary(&self) -> bool {
+        self.payload.is_none()
+    }
+
     /// The error this tracker stopped on, if any.
     pub fn error(&self) -> Option<FrameError> {
         self.error
@@ -313,6 +366,7 @@ impl FrameTracker {
                     });
                 }
                 p.capture_close_code(chunk);
+                self.released = self.released.saturating_add(chunk.len() as u64);
                 p.offset = p.offset.saturating_add(chunk.len() as u64);
                 p.remaining = p.remaining.saturating_sub(chunk.len() as u64);
                 input = rest;
@@ -324,9 +378,12 @@ impl FrameTracker {
                     self.payload = Some(p);
                 }
             } else {
-                // Checked on the first byte so nothing after a close is forwarded at all.
+                // Whatever follows a close is dropped from its first byte: the receiver has
+                // started the closing handshake and must not see late frames (RFC 6455
+                // §5.5.1), and they are no reason to fail the connection either.
                 if self.close_seen {
-                    return Err(FrameError::DataAfterClose);
+                    self.ignored = self.ignored.saturating_add(input.len() as u64);
+                    return Ok(completed);
                 }
                 let (used, frame_done) = self.header_bytes(input)?;
                 input = input.get(used..).unwrap_or(&[]);
@@ -352,15 +409,8 @@ impl FrameTracker {
     fn header_bytes(&mut self, input: &[u8]) -> Result<(usize, bool), FrameError> {
         if self.header_len == 0 {
             if let Some((header, len, used)) = whole_header(input) {
-                // Same precedence as the general path, where tungstenite refuses a reserved
-                // opcode before any other rule is looked at.
-                if matches!(
-                    header.opcode,
-                    OpCode::Data(Data::Reserved(_)) | OpCode::Control(Control::Reserved(_))
-                ) {
-                    return Err(FrameError::ReservedOpcode);
-                }
                 let done = self.start_frame(&header, len)?;
+                self.released = self.released.saturating_add(used as u64);
                 return Ok((used, done));
             }
         }
@@ -371,48 +421,68 @@ impl FrameTracker {
             (Some(dst), Some(src)) => dst.copy_from_slice(src),
             _ => return Err(FrameError::BadHeader),
         }
-        let bytes = self.header.get(..filled).ok_or(FrameError::BadHeader)?;
-        let mut cursor = Cursor::new(bytes);
+        let mut bytes = [0u8; MAX_HEADER];
+        let (Some(dst), Some(src)) = (bytes.get_mut(..filled), self.header.get(..filled)) else {
+            return Err(FrameError::BadHeader);
+        };
+        dst.copy_from_slice(src);
+        // tungstenite refuses reserved opcodes, which are relayed here like any frame: it
+        // parses a copy whose opcode is a valid one (same layout), and the real one is put back.
+        let opcode = bytes.first().map_or(0, |b| b & 0x0f);
+        if let Some(b0) = bytes.first_mut() {
+            if matches!(opcode, 3..=7 | 0xb..=0xf) {
+                *b0 = (*b0 & 0xf0) | if opcode < 8 { 0x2 } else { 0x9 };
+            }
+        }
+        let mut cursor = Cursor::new(bytes.get(..filled).unwrap_or_default());
         match FrameHeader::parse(&mut cursor) {
             Ok(None) if filled < MAX_HEADER => {
                 self.header_len = filled;
                 Ok((n, false))
             }
             Ok(None) => Err(FrameError::BadHeader),
-            Ok(Some((header, len))) => {
+            Ok(Some((mut header, len))) => {
+                header.opcode = OpCode::from(opcode);
+                let whole =
+                    usize::try_from(cursor.position()).map_err(|_| FrameError::BadHeader)?;
                 // The previous feed could not parse `start` bytes, so the header ends in this input.
-                let used = usize::try_from(cursor.position())
-                    .ok()
-                    .and_then(|end| end.checked_sub(start))
+                let used = whole
+                    .checked_sub(start)
                     .filter(|&used| used > 0 && used <= n)
                     .ok_or(FrameError::BadHeader)?;
                 self.header_len = 0;
                 let done = self.start_frame(&header, len)?;
+                self.released = self.released.saturating_add(whole as u64);
                 Ok((used, done))
             }
-            // tungstenite's only failure on an in-memory cursor is a reserved opcode.
-            Err(_) => Err(match bytes.first().map(|b| b & 0x0f) {
-                Some(3..=7 | 0xb..=0xf) => FrameError::ReservedOpcode,
-                _ => FrameError::BadHeader,
-            }),
+            Err(_) => Err(FrameError::BadHeader),
         }
     }
 
     /// Applies the RFC 6455 rules to a complete header; `true` when the frame is already complete.
+    /// Only the relay's own limits fail; broken rules are noted and the frame is tracked.
     fn start_frame(&mut self, header: &FrameHeader, len: u64) -> Result<bool, FrameError> {
+        // RFC 6455 §5.2: the most significant bit of a 64-bit length MUST be 0.
+        if len > i64::MAX as u64 {
+            return Err(FrameError::BadHeader);
+        }
+        if len > self.max_payload {
+            return Err(FrameError::TooLarge);
+        }
         if header.mask.is_some() != self.direction.requires_mask() {
-            return Err(FrameError::Masking);
+            self.violate(FrameError::Masking);
         }
         let kind = match header.opcode {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                return Err(FrameError::ReservedOpcode)
+                self.violate(FrameError::ReservedOpcode);
+                Kind::Other
             }
             OpCode::Control(c) => {
                 if len > MAX_CONTROL_PAYLOAD {
-                    return Err(FrameError::ControlTooLong);
+                    self.violate(FrameError::ControlTooLong);
                 }
                 if !header.is_final {
-                    return Err(FrameError::FragmentedControl);
+                    self.violate(FrameError::FragmentedControl);
                 }
                 if c == Control::Close {
                     Kind::Close
@@ -422,7 +492,7 @@ impl FrameTracker {
             }
             OpCode::Data(Data::Continue) => {
                 if !self.fragmented {
-                    return Err(FrameError::UnexpectedContinuation);
+                    self.violate(FrameError::UnexpectedContinuation);
                 }
                 Kind::Data {
                     ends_message: header.is_final,
@@ -430,7 +500,7 @@ impl FrameTracker {
             }
             OpCode::Data(d) => {
                 if self.fragmented {
-                    return Err(FrameError::ExpectedContinuation);
+                    self.violate(FrameError::ExpectedContinuation);
                 }
                 self.message_opcode = if d == Data::Text { 1 } else { 2 };
                 Kind::Data {
@@ -438,13 +508,6 @@ impl FrameTracker {
                 }
             }
         };
-        // RFC 6455 §5.2: the most significant bit of a 64-bit length MUST be 0.
-        if len > i64::MAX as u64 {
-            return Err(FrameError::BadHeader);
-        }
-        if len > self.max_payload {
-            return Err(FrameError::TooLarge);
-        }
         if let Kind::Data { ends_message } = kind {
             self.fragmented = !ends_message;
         }
@@ -465,6 +528,10 @@ impl FrameTracker {
             self.payload = Some(p);
             Ok(false)
         }
+    }
+
+    fn violate(&mut self, e: FrameError) {
+        self.violation.get_or_insert(e);
     }
 
     fn complete(&mut self, p: &Payload) {
@@ -527,6 +594,30 @@ pub fn encode_close(code: u16, mask: Option<[u8; 4]>, out: &mut [u8; 8]) -> usiz
         Some([m0, m1, m2, m3]) => {
             *out = [0x88, 0x82, m0, m1, m2, m3, c0 ^ m0, c1 ^ m1];
             8
+        }
+    }
+}
+
+/// Appends a close frame with `code` and `reason` (cut to the 123 bytes a control frame
+/// leaves for it, at a UTF-8 character boundary) to `out`, masked with `mask` when given.
+pub fn encode_close_reason(code: u16, reason: &str, mask: Option<[u8; 4]>, out: &mut Vec<u8>) {
+    let mut end = reason.len().min(MAX_CONTROL_PAYLOAD as usize - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = reason.as_bytes().get(..end).unwrap_or_default();
+    let len = 2 + reason.len();
+    out.push(0x88);
+    let payload = code.to_be_bytes().into_iter().chain(reason.iter().copied());
+    match mask {
+        None => {
+            out.push(len as u8);
+            out.extend(payload);
+        }
+        Some(m) => {
+            out.push(0x80 | len as u8);
+            out.extend_from_slice(&m);
+            out.extend(payload.zip(m.iter().cycle()).map(|(b, k)| b ^ k));
         }
     }
 }
@@ -601,6 +692,8 @@ mod tests {
         message_boundary: bool,
         close_seen: bool,
         close_code: Option<u16>,
+        released: u64,
+        violation: Option<FrameError>,
     }
 
     fn run(dir: Direction, max: u64, parts: &[&[u8]]) -> Result<Seen, FrameError> {
@@ -617,6 +710,8 @@ mod tests {
             message_boundary: t.at_message_boundary(),
             close_seen: t.close_seen(),
             close_code: t.close_code(),
+            released: t.released(),
+            violation: t.violation(),
         })
     }
 
@@ -661,6 +756,8 @@ mod tests {
                 message_boundary: true,
                 close_seen: true,
                 close_code: Some(1000),
+                released: input.len() as u64,
+                violation: None,
             }
         );
     }
@@ -848,114 +945,135 @@ mod tests {
         assert!(!t.at_frame_boundary());
     }
 
-    #[test]
-    fn error_masking() {
-        use Direction::*;
-        expect_err(
-            ClientToServer,
-            1024,
-            &bytes(text("a", true)),
-            FrameError::Masking,
-        );
-        expect_err(
-            ServerToClient,
-            1024,
-            &bytes(masked(text("a", true), MASK)),
-            FrameError::Masking,
-        );
+    /// A broken rule the endpoints decide on: the frame is relayed whole (released), the
+    /// violation is noted, every split agrees, and no message boundary is offered after it.
+    fn expect_violation(dir: Direction, input: &[u8], v: FrameError, frames: u64) {
+        let seen = check_splits(dir, 1024, input).unwrap();
+        assert_eq!(seen.frames, frames);
+        assert!(seen.frame_boundary && !seen.message_boundary);
+        let mut t = FrameTracker::new(dir, 1024);
+        assert_eq!(t.feed(input), Ok(frames as usize));
+        assert_eq!((t.violation(), t.error()), (Some(v), None));
+        assert_eq!(t.released(), input.len() as u64);
     }
 
     #[test]
-    fn error_reserved_opcode() {
+    fn violation_masking() {
+        use Direction::*;
+        let unmasked = bytes(text("a", true));
+        expect_violation(ClientToServer, &unmasked, FrameError::Masking, 1);
+        let masked_frame = bytes(masked(text("a", true), MASK));
+        expect_violation(ServerToClient, &masked_frame, FrameError::Masking, 1);
+    }
+
+    #[test]
+    fn violation_reserved_opcode_is_relayed_with_what_follows() {
         for op in [3u8, 7, 0xb, 0xf] {
-            expect_err(
+            let input = [vec![0x80 | op, 0x01, 0x55], bytes(text("x", true))].concat();
+            expect_violation(
                 Direction::ServerToClient,
-                1024,
-                &[0x80 | op, 0x00],
+                &input,
                 FrameError::ReservedOpcode,
+                2,
             );
-            let masked = [0x80 | op, 0x81, 1, 2, 3, 4, 5];
-            expect_err(
+            // A 16-bit length and a mask, split anywhere (the general header path).
+            let mut long = vec![0x80 | op, 0xfe, 0, 200, 1, 2, 3, 4];
+            long.extend(std::iter::repeat_n(7u8, 200));
+            expect_violation(
                 Direction::ClientToServer,
-                1024,
-                &masked,
+                &long,
                 FrameError::ReservedOpcode,
+                1,
             );
         }
     }
 
     #[test]
-    fn error_control_too_long() {
+    fn violation_control_too_long() {
         let ping = bytes(Frame::ping(vec![0u8; 126]));
-        expect_err(
+        expect_violation(
             Direction::ServerToClient,
-            1024,
             &ping,
             FrameError::ControlTooLong,
+            1,
         );
         let ok = bytes(Frame::ping(vec![0u8; 125]));
-        assert_eq!(
-            run(Direction::ServerToClient, 1024, &[&ok]).unwrap().frames,
-            1
-        );
+        let mut t = FrameTracker::new(Direction::ServerToClient, 1024);
+        assert_eq!(t.feed(&ok), Ok(1));
+        assert_eq!(t.violation(), None);
     }
 
     #[test]
-    fn error_fragmented_control() {
+    fn violation_fragmented_control() {
         let mut ping = Frame::ping(b"x".to_vec());
         ping.header_mut().is_final = false;
-        expect_err(
+        expect_violation(
             Direction::ServerToClient,
-            1024,
             &bytes(ping),
             FrameError::FragmentedControl,
+            1,
         );
     }
 
     #[test]
-    fn error_unexpected_continuation() {
-        expect_err(
+    fn violation_continuation_order() {
+        expect_violation(
             Direction::ServerToClient,
-            1024,
             &bytes(cont("x", true)),
             FrameError::UnexpectedContinuation,
+            1,
         );
         let after_complete = [bytes(text("a", true)), bytes(cont("b", true))].concat();
-        expect_err(
+        expect_violation(
             Direction::ServerToClient,
-            1024,
             &after_complete,
             FrameError::UnexpectedContinuation,
+            2,
         );
-    }
-
-    #[test]
-    fn error_expected_continuation() {
         let input = [bytes(text("a", false)), bytes(binary(1, true))].concat();
-        expect_err(
+        expect_violation(
             Direction::ServerToClient,
-            1024,
             &input,
             FrameError::ExpectedContinuation,
+            2,
         );
     }
 
     #[test]
-    fn error_data_after_close() {
-        let input = [bytes(close(1000, "")), bytes(text("late", true))].concat();
-        expect_err(
-            Direction::ServerToClient,
-            1024,
-            &input,
-            FrameError::DataAfterClose,
-        );
-        let input = [bytes(Frame::close(None)), bytes(Frame::ping(Vec::new()))].concat();
-        expect_err(
-            Direction::ServerToClient,
-            1024,
-            &input,
-            FrameError::DataAfterClose,
-        );
+    fn bytes_after_close_are_ignored_not_released() {
+        let close_frame = bytes(close(1000, ""));
+        for late in [
+            bytes(text("late", true)),
+            bytes(Frame::ping(Vec::new())),
+            bytes(close(1001, "")),
+            bytes(text("frag", false)),
+        ] {
+            let input = [close_frame.clone(), late.clone()].concat();
+            let seen = check_splits(Direction::ServerToClient, 1024, &input).unwrap();
+            assert_eq!((seen.frames, seen.close_code), (1, Some(1000)));
+            let mut t = FrameTracker::new(Direction::ServerToClient, 1024);
+            assert_eq!(t.feed(&input), Ok(1));
+            assert_eq!(t.released(), close_frame.len() as u64);
+            assert_eq!(t.ignored(), late.len() as u64);
+            assert_eq!(t.error(), None);
+        }
+    }
+
+    #[test]
+    fn partial_headers_are_held_until_whole() {
+        let frame = bytes(masked(binary(300, true), MASK)); // 2 + 2 + 4 header bytes
+        let mut t = FrameTracker::new(Direction::ClientToServer, 1024);
+        assert_eq!(t.feed(&frame[..3]), Ok(0));
+        assert_eq!((t.released(), t.held_header()), (0, &frame[..3]));
+        assert_eq!(t.feed(&frame[3..10]), Ok(0));
+        assert_eq!((t.released(), t.held_header()), (10, &[][..]));
+        // A header that fails is never released, though its first bytes were fed earlier.
+        let over = bytes(masked(binary(2000, true), MASK));
+        let input = [frame.clone(), over].concat();
+        let mut t = FrameTracker::new(Direction::ClientToServer, 1024);
+        assert_eq!(t.feed(&input[..frame.len() + 2]), Ok(1));
+        assert_eq!(t.feed(&input[frame.len() + 2..]), Err(FrameError::TooLarge));
+        assert_eq!(t.released(), frame.len() as u64);
     }
 
     #[test]
@@ -973,7 +1091,7 @@ mod tests {
     fn error_mapping() {
         assert_eq!(FrameError::TooLarge.close_code(), 1009);
         assert_eq!(FrameError::Masking.close_code(), 1002);
-        assert_eq!(FrameError::DataAfterClose.close_code(), 1002);
+        assert_eq!(FrameError::BadHeader.close_code(), 1002);
         assert_eq!(FrameError::ReservedOpcode.to_string(), "reserved opcode");
         let e: &dyn std::error::Error = &FrameError::TooLarge;
         assert_eq!(e.to_string(), "frame too large");
@@ -1007,6 +1125,35 @@ mod tests {
         assert_eq!(out.to_vec(), bytes(masked(close(1009, ""), MASK)));
         let seen = check_splits(Direction::ClientToServer, 1024, &out).unwrap();
         assert_eq!(seen.close_code, Some(1009));
+    }
+
+    #[test]
+    fn encode_close_reason_round_trip() {
+        for mask in [None, Some(MASK)] {
+            for reason in ["", "backend went away", &"é".repeat(70)] {
+                let mut out = Vec::new();
+                encode_close_reason(1001, reason, mask, &mut out);
+                let (h, len, pos) = parse(&out);
+                assert_eq!((h.opcode, h.mask), (OpCode::Control(Control::Close), mask));
+                let payload: Vec<u8> = out[pos as usize..]
+                    .iter()
+                    .zip(mask.unwrap_or_default().iter().cycle())
+                    .map(|(b, k)| b ^ k)
+                    .collect();
+                assert_eq!(payload.len() as u64, len);
+                assert!(len <= 125);
+                assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+                let got = std::str::from_utf8(&payload[2..]).unwrap();
+                assert!(reason.starts_with(got));
+                let dir = if mask.is_some() {
+                    Direction::ClientToServer
+                } else {
+                    Direction::ServerToClient
+                };
+                let seen = check_splits(dir, 1024, &out).unwrap();
+                assert_eq!((seen.close_code, seen.violation), (Some(1001), None));
+            }
+        }
     }
 
     #[test]
