@@ -18,13 +18,13 @@
 pub mod agent;
 pub mod backends;
 pub mod config;
-mod conn;
 pub mod control;
 pub mod hooks;
 pub mod http;
 pub(crate) mod net;
 pub mod netpolicy;
 pub(crate) mod observe;
+mod proxy;
 mod server;
 mod timer;
 pub mod ws;

@@ -22,9 +22,6 @@ use crate::control::status::{self as admin, BackendRow};
 use handle::Command;
 pub use handle::{Outgoing, ServerHandle, Target};
 
-use crate::conn::{
-    key_of, token_for, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS,
-};
 use crate::control::auth::{ControlAuth, Identity};
 use crate::control::protocol::{self as control_protocol, ControlError};
 use crate::control::session::AdminRequest;
@@ -35,6 +32,9 @@ use crate::net::transport::{TlsStream, Transport};
 use crate::observe::events::EventSink;
 use crate::observe::log;
 use crate::observe::metrics::{self, BackendSample, Stats};
+use crate::proxy::{
+    key_of, token_for, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS,
+};
 use crate::timer::{TimerKey, TimerKind, Timers};
 use serde_json::json;
 
