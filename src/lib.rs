@@ -3,7 +3,7 @@
 //! Crate map, top to bottom (each layer uses the ones below it, never one above):
 //! - `server`: the event loop: poll, the two passes, accept, timers, signals, reaping.
 //! - [`control`]: the control listener: registration protocol, sessions, admin API.
-//! - `conn`: one client connection, its backend leg, the HTTP exchange and the tunnel.
+//! - `proxy`: one client connection, its backend leg, the HTTP exchange and the tunnel.
 //! - [`backends`]: registry, keep-alive pool, selection ([`balance`]), [`sticky`] sessions.
 //! - [`config`]: command-line flags into a [`Config`] (pure).
 //! - `net`: transport (plain/TLS), readiness, buffers, [`tls`] setup, descriptor budget.
