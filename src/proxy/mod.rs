@@ -303,7 +303,7 @@ impl Conn {
         };
         let mut payload = PING_MAGIC.to_vec();
         payload.extend_from_slice(&seq.to_be_bytes());
-        self.send_frame(0x9, &payload)?;
+        self.send_frame(crate::ws::frames::OPCODE_PING, &payload)?;
         if let Phase::Tunnel(t) = &mut self.phase {
             t.pings_out += 1;
         }

@@ -3,6 +3,7 @@
 //! the closing rules (docs/LIFECYCLE.md).
 
 use super::*;
+use crate::ws::frames;
 
 /// After 101: frames relayed both ways, tracked header by header.
 #[derive(Debug)]
@@ -177,12 +178,16 @@ pub(super) fn read_exact_frame(
     if !t.up.held_header().is_empty() {
         return Ok(io);
     }
-    let is_pong = t.up_hold.first().is_some_and(|b| b & 0x0f == 0xA);
+    let is_pong = t.up_hold.first().copied().is_some_and(frames::is_pong);
     let whole = t.up.at_frame_boundary();
     if is_pong && !whole && t.up_hold.len() < MAX_CONTROL_FRAME {
         return Ok(io);
     }
-    if is_pong && whole && t.pings_out > 0 && pong_payload(&t.up_hold).starts_with(PING_MAGIC) {
+    if is_pong
+        && whole
+        && t.pings_out > 0
+        && frames::masked_control_payload(&t.up_hold).starts_with(PING_MAGIC)
+    {
         t.pings_out -= 1;
         t.up_hold.clear();
         return Ok(io);
@@ -200,21 +205,6 @@ pub(super) fn push_whole(buf: &mut Buffer, bytes: &[u8]) {
     }
     let pushed = buf.push(bytes);
     debug_assert_eq!(pushed, bytes.len());
-}
-
-/// The unmasked payload of one whole client control frame (at most 125 bytes).
-pub(super) fn pong_payload(frame: &[u8]) -> Vec<u8> {
-    let (Some(&b1), Some(mask)) = (frame.get(1), frame.get(2..6)) else {
-        return Vec::new();
-    };
-    let len = usize::from(b1 & 0x7f);
-    frame
-        .get(6..6 + len)
-        .unwrap_or_default()
-        .iter()
-        .zip(mask.iter().cycle())
-        .map(|(b, m)| b ^ m)
-        .collect()
 }
 
 impl Conn {

@@ -583,6 +583,32 @@ fn whole_header(input: &[u8]) -> Option<(FrameHeader, u64, usize)> {
     Some((header, len, at))
 }
 
+/// Opcode of a ping frame.
+pub const OPCODE_PING: u8 = 0x9;
+/// Opcode of a pong frame.
+pub const OPCODE_PONG: u8 = 0xA;
+
+/// Whether a frame whose first byte is `first` is a pong.
+pub fn is_pong(first: u8) -> bool {
+    first & 0x0f == OPCODE_PONG
+}
+
+/// The unmasked payload of one whole masked (client) control frame, at most 125 bytes; empty
+/// when `frame` is shorter than its header says.
+pub fn masked_control_payload(frame: &[u8]) -> Vec<u8> {
+    let (Some(&b1), Some(mask)) = (frame.get(1), frame.get(2..6)) else {
+        return Vec::new();
+    };
+    let len = usize::from(b1 & 0x7f);
+    frame
+        .get(6..6 + len)
+        .unwrap_or_default()
+        .iter()
+        .zip(mask.iter().cycle())
+        .map(|(b, m)| b ^ m)
+        .collect()
+}
+
 /// Encodes a close frame with `code` and no reason into `out`, masked with `mask` when given (client→server frames must be masked). Returns the length (4 unmasked, 8 masked).
 pub fn encode_close(code: u16, mask: Option<[u8; 4]>, out: &mut [u8; 8]) -> usize {
     let [c0, c1] = code.to_be_bytes();
@@ -1204,5 +1230,17 @@ mod tests {
                 assert_eq!(run(dir, 64, &single), whole);
             }
         }
+    }
+
+    #[test]
+    fn pong_bits_live_here() {
+        let mut frame = vec![0x80 | OPCODE_PONG, 0x80 | 4, 1, 2, 3, 4];
+        frame.extend(b"wslb".iter().zip([1u8, 2, 3, 4]).map(|(b, m)| b ^ m));
+        assert!(is_pong(frame[0]));
+        assert!(!is_pong(0x80 | OPCODE_PING));
+        assert_eq!(masked_control_payload(&frame), b"wslb");
+        // Shorter than its header says: nothing, never a panic.
+        assert!(masked_control_payload(&frame[..3]).is_empty());
+        assert!(masked_control_payload(&frame[..8]).len() <= 2);
     }
 }
