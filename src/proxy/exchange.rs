@@ -508,17 +508,14 @@ impl Conn {
         ctx.stats.response(ex.status);
         if ctx.events.enabled() {
             let ms = ctx.now.duration_since(ex.started).as_millis() as u64;
-            ctx.events.emit(
-                "http_request",
-                &[
-                    ("client", json!(self.id)),
-                    ("peer", json!(self.peer.to_string())),
-                    ("backend", json!(self.paired_name)),
-                    ("request", json!(ex.request_line)),
-                    ("status", json!(ex.status)),
-                    ("ms", json!(ms)),
-                ],
-            );
+            ctx.events.emit(Event::HttpRequest {
+                client: self.id,
+                peer: self.peer,
+                backend: self.paired_name.as_deref(),
+                request: ex.request_line.as_deref(),
+                status: ex.status,
+                ms,
+            });
         }
         let close = ex.close_after;
         self.drop_leg(ctx, reusable);

@@ -160,15 +160,12 @@ impl Conn {
         if ctx.events.enabled() || ctx.hooks.is_some() {
             let name = ctx.backends.name(id).unwrap_or_default().to_string();
             self.paired_name = Some(name.clone());
-            ctx.events.emit(
-                "paired",
-                &[
-                    ("client", json!(self.id)),
-                    ("peer", json!(self.peer.to_string())),
-                    ("backend", json!(name)),
-                    ("reused", json!(reused)),
-                ],
-            );
+            ctx.events.emit(Event::Paired {
+                client: self.id,
+                peer: self.peer,
+                backend: &name,
+                reused,
+            });
             if let Some(h) = ctx.hooks.as_deref_mut() {
                 h.on_client_paired(self.id, &name);
             }

@@ -23,12 +23,11 @@ use crate::http::rewrite::{self, ClientInfo};
 use crate::net::buffer::Buffer;
 use crate::net::endpoint::{read_into, read_some, Io, Outbox, Ready};
 use crate::net::transport::{TlsStream, Transport};
-use crate::observe::events::EventSink;
+use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::Stats;
 use crate::ws::frames::{encode_close_reason, Direction, FrameError, FrameTracker};
 use crate::ws::handshake::{self, WsKey};
-use serde_json::json;
 use std::collections::VecDeque;
 
 mod exchange;
@@ -323,24 +322,22 @@ impl Conn {
     }
 
     /// The disconnect event's fields (called at reap).
-    pub fn disconnect_event(&self, now: Instant) -> Vec<(&'static str, serde_json::Value)> {
+    pub fn disconnect_event(&self, now: Instant) -> Event<'_> {
         let close = match &self.phase {
             Phase::Tunnel(t) => t.down.close_code().or(t.up.close_code()),
             _ => None,
         }
         .or(self.close_code);
-        vec![
-            ("client", json!(self.id)),
-            ("peer", json!(self.peer.to_string())),
-            ("backend", json!(self.paired_name)),
-            ("close_code", json!(close)),
-            ("bytes_up", json!(self.bytes_up)),
-            ("bytes_down", json!(self.bytes_down)),
-            (
-                "duration_ms",
-                json!(now.duration_since(self.opened).as_millis() as u64),
-            ),
-        ]
+        Event::ClientDisconnect {
+            client: self.id,
+            peer: self.peer,
+            backend: self.paired_name.as_deref(),
+            close_code: close,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            duration_ms: u64::try_from(now.duration_since(self.opened).as_millis())
+                .unwrap_or(u64::MAX),
+        }
     }
 
     /// An open WebSocket tunnel.
@@ -642,14 +639,11 @@ impl Conn {
                                 if let Some(h) = ctx.hooks.as_deref_mut() {
                                     h.on_client_message(self.id, opcode == 1, &msg);
                                 }
-                                ctx.events.emit(
-                                    "client_message",
-                                    &[
-                                        ("client", json!(self.id)),
-                                        ("text", json!(opcode == 1)),
-                                        ("bytes", json!(msg.len())),
-                                    ],
-                                );
+                                ctx.events.emit(Event::ClientMessage {
+                                    client: self.id,
+                                    text: opcode == 1,
+                                    bytes: msg.len(),
+                                });
                             }
                         }
                         {
@@ -965,20 +959,12 @@ impl Conn {
         if self.to_client.can_queue_head() {
             rewrite::write_error(status, true, self.to_client.head_vec());
             ctx.stats.response(status);
-            ctx.events.emit(
-                if status >= 500 {
-                    "error"
-                } else {
-                    "http_request"
-                },
-                &[
-                    ("client", json!(self.id)),
-                    ("peer", json!(self.peer.to_string())),
-                    ("status", json!(status)),
-                    ("backend", json!(self.paired_name)),
-                    ("by", json!("balancer")),
-                ],
-            );
+            ctx.events.emit(Event::BalancerAnswer {
+                client: self.id,
+                peer: self.peer,
+                status,
+                backend: self.paired_name.as_deref(),
+            });
         }
         self.from_client.release();
         self.enter_closing(ctx.now);

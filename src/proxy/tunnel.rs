@@ -228,14 +228,11 @@ impl Conn {
         };
         ctx.stats.ws_opened += 1;
         ctx.stats.response(101);
-        ctx.events.emit(
-            "handshake",
-            &[
-                ("client", json!(self.id)),
-                ("peer", json!(self.peer.to_string())),
-                ("backend", json!(self.paired_name)),
-            ],
-        );
+        ctx.events.emit(Event::Handshake {
+            client: self.id,
+            peer: self.peer,
+            backend: self.paired_name.as_deref(),
+        });
         let Some(leg) = &mut self.leg else {
             self.enter_closing(ctx.now);
             return Step::Progress;

@@ -113,14 +113,11 @@ impl Server {
             } else {
                 self.stats.accepted += 1;
             }
-            self.events.emit(
-                "client_connect",
-                &[
-                    ("client", json!(conn.id)),
-                    ("peer", json!(peer.to_string())),
-                    ("tls", json!(tls)),
-                ],
-            );
+            self.events.emit(Event::ClientConnect {
+                client: conn.id,
+                peer,
+                tls,
+            });
             if let Some(h) = &mut self.hooks {
                 h.on_client_connect(conn.id, peer);
             }

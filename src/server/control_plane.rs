@@ -137,8 +137,7 @@ impl Server {
             ControlEvent::Connected => {
                 log::info("server connected", &[("peer", &peer)]);
                 self.stats.server_connected += 1;
-                self.events
-                    .emit("server_connect", &[("peer", json!(peer.to_string()))]);
+                self.events.emit(Event::ServerConnect { peer });
                 if let Some(h) = &mut self.hooks {
                     h.on_server_connect(peer);
                 }
@@ -166,14 +165,11 @@ impl Server {
                         ],
                     );
                     *self.stats.registrations_refused.entry(rule).or_insert(0) += 1;
-                    self.events.emit(
-                        "registration_refused",
-                        &[
-                            ("guid", json!(reg.guid)),
-                            ("peer", json!(peer.to_string())),
-                            ("rule", json!(rule)),
-                        ],
-                    );
+                    self.events.emit(Event::RegistrationRefused {
+                        guid: &reg.guid,
+                        peer,
+                        rule,
+                    });
                     if let Some(c) = self.controls.get_mut(key) {
                         c.refuse(&e);
                     }
@@ -196,16 +192,13 @@ impl Server {
                 }
                 let bindings = reg.bindings.join(",");
                 self.stats.server_ready += 1;
-                self.events.emit(
-                    "server_ready",
-                    &[
-                        ("guid", json!(reg.guid)),
-                        ("peer", json!(peer.to_string())),
-                        ("bindings", json!(reg.bindings)),
-                        ("backend", json!(id)),
-                        ("updated", json!(!fresh)),
-                    ],
-                );
+                self.events.emit(Event::ServerReady {
+                    guid: &reg.guid,
+                    peer,
+                    bindings: &reg.bindings,
+                    backend: id,
+                    updated: !fresh,
+                });
                 if let Some(h) = &mut self.hooks {
                     h.on_server_ready(&reg.guid);
                 }
@@ -315,10 +308,10 @@ impl Server {
             .map(|(_, b)| b.guid.clone().unwrap_or_else(|| b.name.clone()))
             .unwrap_or_default();
         self.stats.server_disconnected += 1;
-        self.events.emit(
-            "server_disconnect",
-            &[("guid", json!(name)), ("backend", json!(id))],
-        );
+        self.events.emit(Event::ServerDisconnect {
+            guid: &name,
+            backend: id,
+        });
         if let Some(h) = &mut self.hooks {
             h.on_server_disconnect(&name);
         }

@@ -29,7 +29,7 @@ use crate::control::session::{ControlConn, ControlDrive, ControlEvent};
 use crate::hooks::Hooks;
 use crate::net::fdlimit;
 use crate::net::transport::{TlsStream, Transport};
-use crate::observe::events::EventSink;
+use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::{self, BackendSample, Stats};
 use crate::proxy::{

@@ -115,8 +115,7 @@ impl Server {
                 log::debug("client closed", &[("client", &conn.id)]);
             }
             if self.events.enabled() {
-                let fields = conn.disconnect_event(Instant::now());
-                self.events.emit("client_disconnect", &fields);
+                self.events.emit(conn.disconnect_event(Instant::now()));
             }
             if let Some(h) = &mut self.hooks {
                 h.on_client_disconnect(conn.id);
