@@ -49,6 +49,16 @@ impl Timers {
         self.heap.push(Reverse((at, key)));
     }
 
+    /// Arms `at` for `key` unless the owner already has an earlier deadline armed (`armed`,
+    /// kept by the owner). Later deadlines are not pushed: the earlier timer fires, and the
+    /// owner re-arms from its state then (lazy re-arming, one heap entry per owner).
+    pub fn arm(&mut self, armed: &mut Option<Instant>, at: Instant, key: TimerKey) {
+        if armed.is_none_or(|earlier| at < earlier) {
+            *armed = Some(at);
+            self.add(at, key);
+        }
+    }
+
     /// How long `poll` may sleep: until the nearest deadline, `None` = no deadline.
     pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
         self.heap
@@ -90,6 +100,27 @@ mod tests {
         assert_eq!(
             t.next_timeout(later + Duration::from_secs(1)),
             Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn arming_keeps_only_the_earliest_deadline() {
+        let now = Instant::now();
+        let mut t = Timers::default();
+        let mut armed = None;
+        let k = key(4, TimerKind::Conn);
+        t.arm(&mut armed, now + Duration::from_millis(50), k);
+        // Later deadlines are not pushed; an earlier one is.
+        t.arm(&mut armed, now + Duration::from_millis(80), k);
+        t.arm(&mut armed, now + Duration::from_millis(20), k);
+        assert_eq!(armed, Some(now + Duration::from_millis(20)));
+        let end = now + Duration::from_secs(1);
+        assert_eq!(t.pop_expired(end), Some(k));
+        assert_eq!(t.pop_expired(end), Some(k));
+        assert_eq!(
+            t.pop_expired(end),
+            None,
+            "the 80 ms deadline was never pushed"
         );
     }
 }

@@ -122,15 +122,12 @@ impl Server {
                 h.on_client_connect(conn.id, peer);
             }
             if let Some(at) = conn.deadline(&self.cfg) {
-                conn.armed = Some(at);
-                self.timers.add(
-                    at,
-                    TimerKey {
-                        key,
-                        gen: conn.gen,
-                        kind: TimerKind::Conn,
-                    },
-                );
+                let timer = TimerKey {
+                    key,
+                    gen: conn.gen,
+                    kind: TimerKind::Conn,
+                };
+                self.timers.arm(&mut conn.armed, at, timer);
             }
         }
     }

@@ -66,15 +66,12 @@ impl Server {
             let c = entry.insert(ControlConn::new(self.next_gen, stream, peer, now));
             c.via_proxy = via_proxy;
             let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
-            c.armed = Some(at);
-            self.timers.add(
-                at,
-                TimerKey {
-                    key,
-                    gen: c.gen,
-                    kind: TimerKind::Control,
-                },
-            );
+            let timer = TimerKey {
+                key,
+                gen: c.gen,
+                kind: TimerKind::Control,
+            };
+            self.timers.arm(&mut c.armed, at, timer);
         }
     }
 
@@ -106,17 +103,12 @@ impl Server {
             return;
         }
         let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
-        if c.armed.is_none_or(|armed| at < armed) {
-            c.armed = Some(at);
-            self.timers.add(
-                at,
-                TimerKey {
-                    key,
-                    gen,
-                    kind: TimerKind::Control,
-                },
-            );
-        }
+        let timer = TimerKey {
+            key,
+            gen,
+            kind: TimerKind::Control,
+        };
+        self.timers.arm(&mut c.armed, at, timer);
     }
 
     /// The backend registered by control connection `(key, gen)`, if any.

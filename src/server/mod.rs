@@ -618,17 +618,12 @@ impl Server {
             }
         }
         if let Some(at) = conn.deadline(&self.cfg) {
-            if conn.armed.is_none_or(|armed| at < armed) {
-                conn.armed = Some(at);
-                self.timers.add(
-                    at,
-                    TimerKey {
-                        key,
-                        gen: conn.gen,
-                        kind: TimerKind::Conn,
-                    },
-                );
-            }
+            let timer = TimerKey {
+                key,
+                gen: conn.gen,
+                kind: TimerKind::Conn,
+            };
+            self.timers.arm(&mut conn.armed, at, timer);
         }
     }
 }
