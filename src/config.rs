@@ -193,6 +193,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// 0 = errors only, 1 = normal, 2 = verbose.
     pub verbosity: u8,
+    /// `--check`: validate and exit without listening.
+    pub check: bool,
 }
 
 impl Default for Config {
@@ -237,6 +239,7 @@ impl Default for Config {
             control_client_ca: None,
             log_format: LogFormat::Text,
             verbosity: 1,
+            check: false,
         }
     }
 }
@@ -484,6 +487,11 @@ fn options() -> getopts::Options {
     o.optflag("v", "verbose", "log every connection");
     o.optflag("h", "help", "print this help and exit");
     o.optflag("V", "version", "print the version and exit");
+    o.optflag(
+        "",
+        "check",
+        "validate flags, certificates and files, then exit without listening (for ExecStartPre)",
+    );
     o
 }
 
@@ -693,6 +701,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
             _ => return Err(bad("--log-format", &v, "expected text or json")),
         };
     }
+    cfg.check = m.opt_present("check");
     cfg.verbosity = match (m.opt_present("quiet"), m.opt_present("verbose")) {
         (true, true) => return Err(ConfigError::Usage("-q and -v exclude each other".into())),
         (true, false) => 0,

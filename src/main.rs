@@ -27,10 +27,27 @@ fn main() -> ExitCode {
                     .ok()
                     .filter(|t| !t.is_empty());
             }
+            if cfg.check {
+                return check(&cfg);
+            }
             run(*cfg)
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--check`: the same validation `run` does before listening, and nothing else.
+fn check(cfg: &wslb::Config) -> ExitCode {
+    match wslb::Server::check(cfg) {
+        Ok(()) => {
+            println!("wslb: configuration OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wslb: {e}");
             ExitCode::from(2)
         }
     }

@@ -63,3 +63,39 @@ fn unknown_flag_is_rejected() {
     // getopts spells it `'bogus'`: look for the name, not the dashes.
     rejects(&["-l", "127.0.0.1:0", "--bogus"], "bogus");
 }
+
+/// `--check` validates and exits without listening: the ports stay free, a bad certificate
+/// or token file is one line and exit 2 (for systemd's `ExecStartPre`).
+#[test]
+fn check_validates_without_listening() {
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (status, out, err) = run_wslb(&["--check", "-l", &listen, "-B", "ws://127.0.0.1:9"]);
+    assert!(status.success(), "{status}, stderr {err:?}");
+    assert!(out.contains("configuration OK"), "{out}");
+    assert!(
+        std::net::TcpListener::bind(&listen).is_ok(),
+        "--check left something listening on {listen}"
+    );
+    rejects(
+        &[
+            "--check",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--cert",
+            "/nonexistent/cert.pem",
+            "--key",
+            "/nonexistent/key.pem",
+        ],
+        "/nonexistent/cert.pem",
+    );
+    rejects(
+        &["--check", "--token-file", "/nonexistent/tokens"],
+        "--token-file",
+    );
+    // A static backend that is wslb itself is caught too.
+    rejects(
+        &["--check", "-l", &listen, "-B", &format!("ws://{listen}")],
+        "--backend",
+    );
+}

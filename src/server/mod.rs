@@ -226,6 +226,14 @@ fn size_connections(cfg: &mut Config) -> fdlimit::Budget {
     fds
 }
 
+/// What validation produced, for `bind` to use.
+struct Validated {
+    server_tls: Option<Arc<rustls::ServerConfig>>,
+    control_tls: Option<Arc<rustls::ServerConfig>>,
+    backend_tls: Option<Arc<rustls::ClientConfig>>,
+    token_file: Option<Vec<(String, String)>>,
+}
+
 /// Static `-B` backends may point anywhere the operator likes, except back at wslb: one
 /// request to such a backend would dial again, and again.
 fn static_backends_avoid(cfg: &Config, own: &[SocketAddr]) -> Result<(), Error> {
@@ -257,14 +265,15 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 
 impl Server {
     /// Binds every listener and prepares the loop; nothing is accepted until [`Server::run`].
-    pub fn bind(mut cfg: Config) -> Result<Server, Error> {
-        crate::observe::log::init(cfg.verbosity, cfg.log_format);
+    /// Everything `--check` verifies, without listening: the flags' own consistency, that
+    /// static backends are not wslb itself, certificates and keys, CA files, the token file.
+    fn validate(cfg: &Config) -> Result<Validated, Error> {
         let configured: Vec<SocketAddr> = (cfg.listen.iter())
             .chain(&cfg.tls_listen)
             .chain(&cfg.control)
             .copied()
             .collect();
-        static_backends_avoid(&cfg, &configured)?;
+        static_backends_avoid(cfg, &configured)?;
         let server_tls = if cfg.certs.is_empty() {
             None
         } else {
@@ -297,6 +306,31 @@ impl Server {
         } else {
             None
         };
+        let token_file = match &cfg.token_file {
+            Some(path) => Some(load_token_file(path).map_err(Error::Config)?),
+            None => None,
+        };
+        Ok(Validated {
+            server_tls,
+            control_tls,
+            backend_tls,
+            token_file,
+        })
+    }
+
+    /// `wslb --check`: validates flags, certificates and files and returns, binding nothing.
+    pub fn check(cfg: &Config) -> Result<(), Error> {
+        Server::validate(cfg).map(|_| ())
+    }
+
+    pub fn bind(mut cfg: Config) -> Result<Server, Error> {
+        crate::observe::log::init(cfg.verbosity, cfg.log_format);
+        let Validated {
+            server_tls,
+            control_tls,
+            backend_tls,
+            token_file,
+        } = Server::validate(&cfg)?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut listeners = Vec::new();
@@ -355,10 +389,6 @@ impl Server {
         let own_addrs: Vec<SocketAddr> = local_addrs.iter().copied().chain(control_addr).collect();
         // Again with the bound addresses: a port-0 listener may have drawn a -B port.
         static_backends_avoid(&cfg, &own_addrs)?;
-        let token_file = match &cfg.token_file {
-            Some(path) => Some(load_token_file(path).map_err(Error::Config)?),
-            None => None,
-        };
         let control_auth = ControlAuth::new(cfg.token.as_deref(), token_file.as_deref())
             .map_err(|_| io::Error::other("no system randomness for the token MAC key"))?;
         let events = EventSink::open(cfg.events.as_deref()).map_err(|e| {
