@@ -19,17 +19,23 @@ impl Cidr {
     /// Does the block hold `ip`? IPv4-mapped IPv6 addresses count as their IPv4 form, so a
     /// dual-stack listener's peers match IPv4 blocks.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.net, ip.to_canonical()) {
+        // A block written in IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 block it
+        // maps; addresses are compared canonically (a dual-stack socket reports IPv4 peers
+        // as `::ffff:a.b.c.d`). Other IPv6 blocks, `::/0` included, hold no IPv4 address.
+        let (net, prefix) = match self.net {
+            IpAddr::V6(n) if self.prefix >= 96 => match n.to_ipv4_mapped() {
+                Some(v4) => (IpAddr::V4(v4), self.prefix - 96),
+                None => (self.net, self.prefix),
+            },
+            other => (other, self.prefix),
+        };
+        match (net, ip.to_canonical()) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -321,6 +327,12 @@ mod tests {
             c("10.213.7.0/24").contains(ip("::ffff:10.213.7.9")),
             "mapped"
         );
+        // A block written IPv4-mapped holds the IPv4 addresses it maps (found by the fuzzer:
+        // it used to hold nothing, not even itself); plain IPv6 blocks hold no IPv4 address.
+        assert!(c("::ffff:1.1.2.3").contains(ip("::ffff:1.1.2.3")));
+        assert!(c("::ffff:10.0.0.0/104").contains(ip("10.9.9.9")));
+        assert!(!c("::ffff:10.0.0.0/104").contains(ip("11.0.0.1")));
+        assert!(!c("::/0").contains(ip("10.0.0.1")));
         assert_eq!(c("10.0.0.0/8").to_string(), "10.0.0.0/8");
         assert_eq!(c("::1").prefix(), 128);
         for bad in [

@@ -2017,6 +2017,19 @@ fn ip_from_bits(v4: bool, bits: &[bool]) -> IpAddr {
 
 /// Reference membership, bit by bit, with IPv4-mapped IPv6 read as IPv4.
 fn ref_contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
+    // An IPv4-mapped block of at least /96 is the IPv4 block it maps.
+    let (net, prefix) = match net {
+        IpAddr::V6(n)
+            if prefix >= 96 && n.octets()[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] =>
+        {
+            let o = n.octets();
+            (
+                IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15])),
+                prefix - 96,
+            )
+        }
+        other => (other, prefix),
+    };
     let ip = ip.to_canonical();
     if net.is_ipv4() != ip.is_ipv4() {
         return false;
