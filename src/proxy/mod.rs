@@ -680,19 +680,14 @@ impl Conn {
                 Phase::Closing { .. } => {
                     // Read and discard so our close does not turn into a reset that destroys
                     // the answer still in flight to the client.
-                    match discard(&mut self.client, &mut self.c_ready) {
-                        Io::Progress(n) => {
-                            self.lingered += n as u64;
-                            if self.lingered > LINGER_MAX_BYTES {
-                                return Step::Done;
-                            }
-                            progress = true;
-                        }
-                        Io::WouldBlock => {}
-                        Io::Eof | Io::Failed => {
+                    match linger_read(&mut self.client, &mut self.c_ready, &mut self.lingered) {
+                        Linger::Read => progress = true,
+                        Linger::Idle => {}
+                        Linger::Ended => {
                             self.c_eof = true;
                             progress = true;
                         }
+                        Linger::OverBudget => return Step::Done,
                     }
                 }
                 _ => {
@@ -781,19 +776,14 @@ impl Conn {
                 && leg.connecting_since.is_none()
             {
                 // The backend's answer to our close and its FIN are awaited, not relayed.
-                match discard(&mut leg.stream, &mut leg.ready) {
-                    Io::Progress(n) => {
-                        self.lingered += n as u64;
-                        if self.lingered > LINGER_MAX_BYTES {
-                            return Step::Done;
-                        }
-                        progress = true;
-                    }
-                    Io::WouldBlock => {}
-                    Io::Eof | Io::Failed => {
+                match linger_read(&mut leg.stream, &mut leg.ready, &mut self.lingered) {
+                    Linger::Read => progress = true,
+                    Linger::Idle => {}
+                    Linger::Ended => {
                         leg.eof = true;
                         progress = true;
                     }
+                    Linger::OverBudget => return Step::Done,
                 }
             }
         }

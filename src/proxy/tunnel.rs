@@ -112,6 +112,35 @@ pub(super) fn discard(stream: &mut Transport, ready: &mut Ready) -> Io {
     read_some(stream, ready, &mut sink)
 }
 
+/// What one lingering read (read and drop while a close is owed) came to.
+pub(super) enum Linger {
+    /// Bytes were dropped, within the budget.
+    Read,
+    /// Nothing to read now.
+    Idle,
+    /// The peer hung up (or reset): its FIN has come.
+    Ended,
+    /// More than [`LINGER_MAX_BYTES`] dropped in all: give up waiting.
+    OverBudget,
+}
+
+/// Reads and drops what a peer still sends after our close, counting it against the
+/// connection's linger budget (`lingered`, shared by both legs).
+pub(super) fn linger_read(stream: &mut Transport, ready: &mut Ready, lingered: &mut u64) -> Linger {
+    match discard(stream, ready) {
+        Io::Progress(n) => {
+            *lingered += n as u64;
+            if *lingered > LINGER_MAX_BYTES {
+                Linger::OverBudget
+            } else {
+                Linger::Read
+            }
+        }
+        Io::WouldBlock => Linger::Idle,
+        Io::Eof | Io::Failed => Linger::Ended,
+    }
+}
+
 /// `--inspect`: client messages reassembled (unmasked) for the hooks and events.
 #[derive(Debug, Default)]
 pub(super) struct Inspect {
