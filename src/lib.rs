@@ -26,6 +26,7 @@ pub mod netpolicy;
 pub(crate) mod observe;
 mod proxy;
 mod server;
+mod slots;
 mod timer;
 pub mod ws;
 

@@ -107,10 +107,8 @@ pub struct ControlConn {
     last_heard: Instant,
     next_ping: Instant,
     opened: Instant,
-    /// Earliest deadline armed for this connection.
-    pub armed: Option<Instant>,
-    /// Finished, waiting to be reaped.
-    pub done: bool,
+    /// The loop's bookkeeping about this connection (timer, reaping).
+    pub marks: crate::slots::Marks,
     /// We sent a close: stop processing messages, flush, then linger.
     closing: bool,
 }
@@ -153,8 +151,7 @@ impl ControlConn {
             last_heard: now,
             next_ping: now,
             opened: now,
-            armed: None,
-            done: false,
+            marks: crate::slots::Marks::default(),
             closing: false,
         }
     }

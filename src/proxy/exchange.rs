@@ -255,8 +255,7 @@ impl Conn {
         let req_keep_alive = req.keep_alive && !ctx.draining;
         let has_body = req.body != BodyKind::Empty;
         self.from_client.consume(head_len);
-        self.head_started = None;
-        self.phase = Phase::Exchange(Box::new(ex));
+        self.enter(Phase::Exchange(Box::new(ex)));
         if !ctx.backends.any_eligible() {
             log::debug("no backend", &[("client", &self.id)]);
             if has_body {
@@ -265,11 +264,11 @@ impl Conn {
             } else {
                 let close = !req_keep_alive;
                 rewrite::write_error(503, close, self.to_client.head_vec());
-                self.phase = if close {
-                    Phase::Closing { since: ctx.now }
+                if close {
+                    self.enter_closing(ctx.now);
                 } else {
-                    Phase::Head
-                };
+                    self.enter_head(ctx.now);
+                }
             }
             return Step::Progress;
         }
@@ -522,12 +521,7 @@ impl Conn {
         if close {
             self.enter_closing(ctx.now);
         } else {
-            self.phase = Phase::Head;
-            self.head_started = if self.from_client.is_empty() {
-                None
-            } else {
-                Some(ctx.now)
-            };
+            self.enter_head(ctx.now);
         }
         Step::Progress
     }

@@ -3,7 +3,6 @@
 //! the closing rules (docs/LIFECYCLE.md).
 
 use super::*;
-use crate::ws::frames;
 
 /// After 101: frames relayed both ways, tracked header by header.
 #[derive(Debug)]
@@ -56,6 +55,66 @@ impl Tunnel {
     }
 }
 
+impl Tunnel {
+    /// How much of the client's stream may be read now: `None` while the balancer closes
+    /// and the client's frame in progress has been relayed to its end (where the backend's
+    /// close frame goes); until then only that frame is finished.
+    fn up_read_limit(&self, up_max: usize) -> Option<usize> {
+        match self.pending_close {
+            None => Some(up_max),
+            Some(_) if self.backend_closed || self.up.relayed_to_frame_boundary() => None,
+            Some(_) => Some(
+                up_max.min(usize::try_from(self.up.bytes_to_frame_end()).unwrap_or(usize::MAX)),
+            ),
+        }
+    }
+
+    /// While our ping is out, client frames are read one at a time so the pong answering
+    /// it can be taken out of the stream.
+    fn reads_exact_frames(&self) -> bool {
+        self.pings_out > 0
+            && self.pending_close.is_none()
+            && !self.up.close_seen()
+            && (self.up.at_frame_boundary() || !self.up_hold.is_empty())
+    }
+
+    /// How much of the backend's stream may be read now. Frames of our own wait for a
+    /// message boundary: reading stops exactly there. While the balancer closes, only the
+    /// frame in progress is finished, then nothing.
+    pub(super) fn down_read_limit(&self, down_max: usize) -> Option<usize> {
+        let to_frame_end = usize::try_from(self.down.bytes_to_frame_end()).unwrap_or(usize::MAX);
+        if self.pending_close.is_some() {
+            if self.client_closed || self.down.relayed_to_frame_boundary() {
+                return None;
+            }
+            return Some(down_max.min(to_frame_end));
+        }
+        if self.inject.is_empty() {
+            return Some(down_max);
+        }
+        self.down
+            .read_limit_for_injection()
+            .map(|n| down_max.min(usize::try_from(n).unwrap_or(usize::MAX)))
+    }
+
+    /// Hands `--inspect`ed client messages to the hooks and the event sink.
+    fn deliver_inspected(&mut self, client: u64, ctx: &mut Ctx<'_>) {
+        let Some(ins) = self.inspect.as_mut().filter(|i| !i.done.is_empty()) else {
+            return;
+        };
+        for (opcode, msg) in ins.done.drain(..) {
+            if let Some(h) = ctx.hooks.as_deref_mut() {
+                h.on_client_message(client, opcode == 1, &msg);
+            }
+            ctx.events.emit(Event::ClientMessage {
+                client,
+                text: opcode == 1,
+                bytes: msg.len(),
+            });
+        }
+    }
+}
+
 /// Payload prefix of the balancer's own pings, so their pongs can be told from others.
 pub(super) const PING_MAGIC: &[u8] = b"wslb";
 
@@ -69,174 +128,56 @@ pub(super) const MAX_PINGS_OUT: u32 = 3;
 /// Longest control frame: 2 header bytes + 4 mask bytes + 125 payload bytes.
 pub(super) const MAX_CONTROL_FRAME: usize = 131;
 
-/// Reads into `buf` and runs the new bytes through `tracker`, committing what it releases:
-/// a partial header is held back (and put in front of the next read), so the relayed stream
-/// never ends inside a header, nothing of a header that failed is relayed, and bytes after a
-/// close frame are dropped.
-pub(super) fn read_tracked(
-    stream: &mut Transport,
-    ready: &mut Ready,
-    buf: &mut Buffer,
-    tracker: &mut FrameTracker,
-    max: usize,
-    inspect: Option<&mut Inspect>,
-) -> Result<Io, FrameError> {
-    let held = tracker.held_header().len();
-    let space = buf.space();
-    if space.len() <= held {
-        return Ok(Io::WouldBlock);
-    }
-    let (front, rest) = space.split_at_mut(held);
-    front.copy_from_slice(tracker.held_header());
-    let len = rest.len().min(max);
-    let io = stream.read(ready, rest.get_mut(..len).unwrap_or_default());
-    let mut fed = Ok(0);
-    if let Io::Progress(n) = io {
-        let before = tracker.released();
-        fed = feed(tracker, rest.get(..n).unwrap_or_default(), inspect);
-        let released = usize::try_from(tracker.released() - before).unwrap_or(0);
-        buf.commit(released);
-    }
-    if buf.is_empty() {
-        // An idle tunnel keeps no buffer.
-        buf.release();
-    }
-    fed.map(|_| io)
-}
-
-/// Reads and drops input. Out of line so its scratch space does not enlarge the stack frame
-/// of every `drive` (a frame over a page is probed on each call).
-#[inline(never)]
-pub(super) fn discard(stream: &mut Transport, ready: &mut Ready) -> Io {
-    let mut sink = [0u8; 4096];
-    read_some(stream, ready, &mut sink)
-}
-
-/// What one lingering read (read and drop while a close is owed) came to.
-pub(super) enum Linger {
-    /// Bytes were dropped, within the budget.
-    Read,
-    /// Nothing to read now.
-    Idle,
-    /// The peer hung up (or reset): its FIN has come.
-    Ended,
-    /// More than [`LINGER_MAX_BYTES`] dropped in all: give up waiting.
-    OverBudget,
-}
-
-/// Reads and drops what a peer still sends after our close, counting it against the
-/// connection's linger budget (`lingered`, shared by both legs).
-pub(super) fn linger_read(stream: &mut Transport, ready: &mut Ready, lingered: &mut u64) -> Linger {
-    match discard(stream, ready) {
-        Io::Progress(n) => {
-            *lingered += n as u64;
-            if *lingered > LINGER_MAX_BYTES {
-                Linger::OverBudget
-            } else {
-                Linger::Read
+impl Conn {
+    /// Reads client frames into the backend's outbox. Returns (progress, bytes read).
+    pub(super) fn read_client_frames(&mut self, ctx: &mut Ctx<'_>, up_max: usize) -> (bool, usize) {
+        let (Phase::Tunnel(t), Some(leg)) = (&mut self.phase, &mut self.leg) else {
+            return (false, 0);
+        };
+        let messages = t.up.messages();
+        let to_backend = &mut leg.to_backend.buf;
+        let io = match t.up_read_limit(up_max) {
+            None => Ok(Io::WouldBlock),
+            Some(_) if t.reads_exact_frames() => {
+                if to_backend.has_room(MAX_CONTROL_FRAME) {
+                    read_exact_frame(&mut self.client, &mut self.c_ready, t, to_backend)
+                } else {
+                    Ok(Io::WouldBlock)
+                }
+            }
+            Some(_) if to_backend.is_full() => Ok(Io::WouldBlock),
+            Some(max) => read_tracked(
+                &mut self.client,
+                &mut self.c_ready,
+                to_backend,
+                &mut t.up,
+                max,
+                t.inspect.as_mut(),
+            ),
+        };
+        ctx.stats.ws_messages_up += t.up.messages() - messages;
+        t.deliver_inspected(self.id, ctx);
+        match io {
+            Ok(Io::Progress(n)) => (true, n),
+            Ok(Io::WouldBlock) => (false, 0),
+            Ok(Io::Eof) | Ok(Io::Failed) => {
+                self.c_eof = true;
+                (true, 0)
+            }
+            Err(e) => {
+                log::debug(
+                    "bad frame from client",
+                    &[("client", &self.id), ("error", &e)],
+                );
+                // The client is told why; the backend, which did nothing wrong, that its
+                // peer is going away. Reading goes on (into the lingering close) so the
+                // client gets to read ours.
+                t.fail(ctx.now, e.close_code(), Some(CLOSE_GOING_AWAY), e.as_str());
+                (true, 0)
             }
         }
-        Io::WouldBlock => Linger::Idle,
-        Io::Eof | Io::Failed => Linger::Ended,
     }
-}
 
-/// `--inspect`: client messages reassembled (unmasked) for the hooks and events.
-#[derive(Debug, Default)]
-pub(super) struct Inspect {
-    pub(super) partial: Vec<u8>,
-    pub(super) done: Vec<(u8, Vec<u8>)>,
-}
-
-/// Most bytes of one message shown to `on_client_message` (the relay itself is unbounded
-/// by this; only the copy for inspection is cut).
-pub(super) const MAX_INSPECT: usize = 1 << 20;
-
-/// Runs client bytes through the tracker, collecting messages when inspecting.
-pub(super) fn feed(
-    tracker: &mut FrameTracker,
-    bytes: &[u8],
-    inspect: Option<&mut Inspect>,
-) -> Result<usize, FrameError> {
-    match inspect {
-        None => tracker.feed(bytes),
-        Some(ins) => tracker.feed_inspect(bytes, |piece| {
-            if ins.partial.len() < MAX_INSPECT {
-                piece.unmask_into(&mut ins.partial);
-                ins.partial.truncate(MAX_INSPECT);
-            }
-            if piece.message_end {
-                ins.done
-                    .push((piece.opcode, std::mem::take(&mut ins.partial)));
-            }
-        }),
-    }
-}
-
-/// Reads at most to the end of the current client frame into the tunnel's hold buffer.
-/// A frame that is not a pong is released into `buf` as soon as its header is whole and its
-/// first byte shows that; a pong is held whole, then dropped if it answers one of our pings,
-/// else released. A "pong" longer than a control frame may be (the backend's to judge) is
-/// released once the hold is full, so the hold stays bounded.
-pub(super) fn read_exact_frame(
-    stream: &mut Transport,
-    ready: &mut Ready,
-    t: &mut Tunnel,
-    buf: &mut Buffer,
-) -> Result<Io, FrameError> {
-    let to_end = usize::try_from(t.up.bytes_to_frame_end()).unwrap_or(usize::MAX);
-    let want = to_end
-        .min(MAX_CONTROL_FRAME.saturating_sub(t.up_hold.len()))
-        .max(1);
-    let mut tmp = [0u8; MAX_CONTROL_FRAME];
-    let Some(dst) = tmp.get_mut(..want) else {
-        return Ok(Io::WouldBlock);
-    };
-    let io = stream.read(ready, dst);
-    let Io::Progress(n) = io else {
-        return Ok(io);
-    };
-    let fresh = tmp.get(..n).unwrap_or_default();
-    let fed = feed(&mut t.up, fresh, t.inspect.as_mut());
-    t.up_hold.extend_from_slice(fresh);
-    if let Err(e) = fed {
-        // The failed header is not relayed.
-        t.up_hold.clear();
-        return Err(e);
-    }
-    if !t.up.held_header().is_empty() {
-        return Ok(io);
-    }
-    let is_pong = t.up_hold.first().copied().is_some_and(frames::is_pong);
-    let whole = t.up.at_frame_boundary();
-    if is_pong && !whole && t.up_hold.len() < MAX_CONTROL_FRAME {
-        return Ok(io);
-    }
-    if is_pong
-        && whole
-        && t.pings_out > 0
-        && frames::masked_control_payload(&t.up_hold).starts_with(PING_MAGIC)
-    {
-        t.pings_out -= 1;
-        t.up_hold.clear();
-        return Ok(io);
-    }
-    buf.push(&t.up_hold);
-    t.up_hold.clear();
-    Ok(io)
-}
-
-/// Appends all of `bytes` (at most a head buffer's worth, which may exceed a relay buffer
-/// after a large handshake head), growing `buf` for it.
-pub(super) fn push_whole(buf: &mut Buffer, bytes: &[u8]) {
-    if !buf.has_room(bytes.len()) {
-        buf.grow(buf.len() + bytes.len());
-    }
-    let pushed = buf.push(bytes);
-    debug_assert_eq!(pushed, bytes.len());
-}
-
-impl Conn {
     pub(super) fn open_tunnel(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let max = ctx.cfg.max_frame_size;
         let mut t = Tunnel {
@@ -292,7 +233,7 @@ impl Conn {
             "websocket open",
             &[("client", &self.id), ("backend", &leg.backend)],
         );
-        self.phase = Phase::Tunnel(Box::new(t));
+        self.enter(Phase::Tunnel(Box::new(t)));
         Step::Progress
     }
 

@@ -127,7 +127,7 @@ impl Server {
                     gen: conn.gen,
                     kind: TimerKind::Conn,
                 };
-                self.timers.arm(&mut conn.armed, at, timer);
+                self.timers.arm(&mut conn.marks.armed, at, timer);
             }
         }
     }

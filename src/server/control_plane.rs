@@ -71,7 +71,7 @@ impl Server {
                 gen: c.gen,
                 kind: TimerKind::Control,
             };
-            self.timers.arm(&mut c.armed, at, timer);
+            self.timers.arm(&mut c.marks.armed, at, timer);
         }
     }
 
@@ -96,8 +96,8 @@ impl Server {
             return;
         };
         if outcome == ControlDrive::Done {
-            if !c.done {
-                c.done = true;
+            if !c.marks.done {
+                c.marks.done = true;
                 self.controls_to_reap.push(key);
             }
             return;
@@ -108,7 +108,7 @@ impl Server {
             gen,
             kind: TimerKind::Control,
         };
-        self.timers.arm(&mut c.armed, at, timer);
+        self.timers.arm(&mut c.marks.armed, at, timer);
     }
 
     /// The backend registered by control connection `(key, gen)`, if any.
@@ -211,10 +211,10 @@ impl Server {
                     if let Some(old) = self
                         .controls
                         .get_mut(old_key)
-                        .filter(|o| o.gen == old_gen && !o.done)
+                        .filter(|o| o.gen == old_gen && !o.marks.done)
                     {
                         old.refuse(&ControlError::Replaced);
-                        old.done = true;
+                        old.marks.done = true;
                         self.controls_to_reap.push(old_key);
                     }
                 }
@@ -270,7 +270,7 @@ impl Server {
             .find(|(_, b)| b.guid.as_deref() == Some(reg.guid.as_str()))
             .and_then(|(_, b)| b.owner)
             .filter(|&owner| owner != (key, gen))
-            .and_then(|(k, g)| self.controls.get(k).filter(|o| o.gen == g && !o.done));
+            .and_then(|(k, g)| self.controls.get(k).filter(|o| o.gen == g && !o.marks.done));
         if holder.is_some_and(|o| o.peer.ip().to_canonical() != peer.ip().to_canonical()) {
             return Some(ControlError::GuidInUse);
         }
@@ -327,7 +327,7 @@ impl Server {
             if let Some(c) = self
                 .controls
                 .get_mut(key)
-                .filter(|c| c.gen == gen && !c.done)
+                .filter(|c| c.gen == gen && !c.marks.done)
             {
                 c.send_text(control_protocol::unreachable(&n.binding));
             }

@@ -593,7 +593,7 @@ impl Server {
                 let Some(c) = self.controls.get_mut(key) else {
                     return;
                 };
-                if c.done {
+                if c.marks.done {
                     return;
                 }
                 c.absorb(ev);
@@ -603,7 +603,7 @@ impl Server {
                 let Some((key, side)) = key_of(token) else {
                     return;
                 };
-                let conn = self.conns.get_mut(key).filter(|c| !c.done);
+                let conn = self.conns.get_mut(key).filter(|c| !c.marks.done);
                 // Idle pooled backend connections stay registered under their last owner's
                 // token, so an event there may be a backend closing one of them: without a
                 // leg it cannot be anything else, and with one a hang-up may still be theirs.
@@ -616,12 +616,12 @@ impl Server {
                     self.stats.pool_evicted += evicted as u64;
                 }
                 // Sporadic events for connections that just went away are normal.
-                let Some(conn) = self.conns.get_mut(key).filter(|c| !c.done) else {
+                let Some(conn) = self.conns.get_mut(key).filter(|c| !c.marks.done) else {
                     return;
                 };
                 conn.absorb(side, ev);
-                if !conn.flush_queued && self.to_flush.len() < MAX_DEFERRED {
-                    conn.flush_queued = true;
+                if !conn.marks.flush_queued && self.to_flush.len() < MAX_DEFERRED {
+                    conn.marks.flush_queued = true;
                     self.to_flush.push(key);
                 }
                 self.with_conn(key, |c, ctx| c.drive(ctx));
@@ -634,7 +634,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.done {
+        if conn.marks.done {
             return;
         }
         let mut ctx = ctx!(self);
@@ -642,7 +642,7 @@ impl Server {
             Drive::Continue => {}
             Drive::Yield => self.yielded.push((key, conn.gen)),
             Drive::Done => {
-                conn.done = true;
+                conn.marks.done = true;
                 self.to_reap.push(key);
                 return;
             }
@@ -653,7 +653,7 @@ impl Server {
                 gen: conn.gen,
                 kind: TimerKind::Conn,
             };
-            self.timers.arm(&mut conn.armed, at, timer);
+            self.timers.arm(&mut conn.marks.armed, at, timer);
         }
     }
 }

@@ -25,7 +25,7 @@ impl Server {
         let keys: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.done && c.is_websocket())
+            .filter(|(_, c)| !c.marks.done && c.is_websocket())
             .filter(|(_, c)| match to {
                 Target::Client(id) => c.id == *id,
                 _ => backend_ids

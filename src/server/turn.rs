@@ -12,10 +12,10 @@ impl Server {
                     let Some(conn) = self.conns.get_mut(t.key) else {
                         continue;
                     };
-                    if conn.gen != t.gen || conn.done {
+                    if conn.gen != t.gen || conn.marks.done {
                         continue;
                     }
-                    conn.armed = None;
+                    conn.marks.armed = None;
                     self.with_conn(t.key, |c, ctx| c.expire(ctx));
                 }
                 TimerKind::AcceptResume => {
@@ -38,10 +38,10 @@ impl Server {
                     let Some(c) = self.controls.get_mut(t.key) else {
                         continue;
                     };
-                    if c.gen != t.gen || c.done {
+                    if c.gen != t.gen || c.marks.done {
                         continue;
                     }
-                    c.armed = None;
+                    c.marks.armed = None;
                     let (hdr, hb) = (self.cfg.header_timeout, self.cfg.heartbeat);
                     if c.expire(now, hdr, hb) == ControlDrive::Done {
                         if c.guid.is_some() {
@@ -50,7 +50,7 @@ impl Server {
                                 &[("guid", &c.guid.as_deref().unwrap_or("-"))],
                             );
                         }
-                        c.done = true;
+                        c.marks.done = true;
                         self.controls_to_reap.push(t.key);
                     } else {
                         self.drive_control(t.key);
@@ -76,7 +76,7 @@ impl Server {
         let mut keys = std::mem::take(&mut self.to_flush);
         for key in keys.drain(..) {
             if let Some(c) = self.conns.get_mut(key) {
-                c.flush_queued = false;
+                c.marks.flush_queued = false;
                 self.with_conn(key, |c, ctx| c.drive(ctx));
             }
         }
