@@ -56,22 +56,60 @@ pub(super) fn connect_result(stream: &TcpStream) -> io::Result<bool> {
 }
 
 impl Conn {
-    /// Picks a backend (not among those that failed) and opens or reuses a connection;
-    /// answers 502 when none is left. `same_backend_fresh` retries the last failed backend
-    /// on a new connection (its pooled connection was stale, the backend is fine).
+    /// Pairs the exchange with a backend (chosen by `backends::route`, skipping those that
+    /// failed for it) on a pooled or new connection carrying `to_backend`; answers 502 when
+    /// none is left (503 when our own descriptors ran out). `same_backend_fresh` retries the
+    /// last failed backend on a new connection (its pooled connection was stale, the
+    /// backend is fine).
     pub(super) fn connect_backend(
         &mut self,
         ctx: &mut Ctx<'_>,
         mut to_backend: Outbox,
         same_backend_fresh: bool,
     ) {
+        let (id, addr, stream, reused) = match self.dial(ctx, same_backend_fresh) {
+            Ok(dialled) => dialled,
+            Err(out_of_fds) => {
+                self.no_backend(ctx, out_of_fds);
+                return;
+            }
+        };
+        self.paired(ctx, id, reused);
+        to_backend.rewind_head();
+        self.leg = Some(Leg {
+            stream,
+            // A pooled connection is usable now; a new one waits for its connect event.
+            ready: Ready {
+                readable: reused,
+                writable: reused,
+                read_closed: false,
+            },
+            backend: id,
+            addr,
+            connecting_since: if reused { None } else { Some(ctx.now) },
+            reused,
+            from_backend: Buffer::default(),
+            to_backend,
+            eof: false,
+            aborted: false,
+            fin_sent: false,
+        });
+    }
+
+    /// Picks backends until one gives a registered socket: `(backend, address, socket,
+    /// from the pool)`. `Err(true)` when our descriptors ran out, `Err(false)` when no
+    /// backend is left.
+    #[allow(clippy::type_complexity)]
+    fn dial(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        same_backend_fresh: bool,
+    ) -> Result<(usize, SocketAddr, Transport, bool), bool> {
         let Phase::Exchange(ex) = &mut self.phase else {
-            return;
+            return Err(false);
         };
         let token = token_for(self.key, Side::Backend);
-        // Our own descriptors ran out: not the backend's fault, and a retry later may work.
-        let mut out_of_fds = false;
-        let opened = loop {
+        loop {
             let picked = if same_backend_fresh && ex.failed.len() == 1 {
                 ex.failed.last().copied()
             } else {
@@ -84,9 +122,7 @@ impl Conn {
                 };
                 route::choose(ctx.backends, ctx.hooks.as_deref_mut(), ctx.rng, &ask)
             };
-            let Some(id) = picked else {
-                break None;
-            };
+            let id = picked.ok_or(false)?;
             let Some(dial) = ctx.backends.next_dial(id) else {
                 ex.failed.push(id);
                 continue;
@@ -106,10 +142,8 @@ impl Conn {
             };
             let mut stream = match stream {
                 Ok(s) => s,
-                Err(e) if crate::net::fdlimit::is_exhaustion(&e) => {
-                    out_of_fds = true;
-                    break None;
-                }
+                // Our own descriptors ran out: not the backend's fault; later may work.
+                Err(e) if crate::net::fdlimit::is_exhaustion(&e) => return Err(true),
                 Err(e) => {
                     ctx.backends.connect_failed(id, Some(addr), ctx.now, &e);
                     ex.failed.push(id);
@@ -130,31 +164,37 @@ impl Conn {
             };
             if let Err(e) = registered {
                 log::error("register failed", &[("error", &e)]);
-                break None;
+                return Err(false);
             }
-            break Some((id, addr, stream, reused));
+            return Ok((id, addr, stream, reused));
+        }
+    }
+
+    /// No backend could take the request: 502, or 503 when our descriptors ran out; the
+    /// log line is rate-limited with a count.
+    fn no_backend(&mut self, ctx: &mut Ctx<'_>, out_of_fds: bool) {
+        let (status, what, repeated) = if out_of_fds {
+            ctx.stats.fd_exhausted += 1;
+            (
+                503,
+                "backend connect: out of file descriptors, answered 503",
+                &mut ctx.logs.connect_no_fd,
+            )
+        } else {
+            (502, "no backend could be reached", &mut ctx.logs.no_backend)
         };
-        let Some((id, addr, stream, reused)) = opened else {
-            let (status, what, repeated) = if out_of_fds {
-                ctx.stats.fd_exhausted += 1;
-                (
-                    503,
-                    "backend connect: out of file descriptors, answered 503",
-                    &mut ctx.logs.connect_no_fd,
-                )
-            } else {
-                (502, "no backend could be reached", &mut ctx.logs.no_backend)
-            };
-            if let Some(times) = repeated.hit(ctx.now) {
-                let secs = repeated.interval_secs();
-                log::error(
-                    &format!("{what} ({times} times in the last {secs} s)"),
-                    &[("client", &self.id)],
-                );
-            }
-            self.fail(ctx, status);
-            return;
-        };
+        if let Some(times) = repeated.hit(ctx.now) {
+            let secs = repeated.interval_secs();
+            log::error(
+                &format!("{what} ({times} times in the last {secs} s)"),
+                &[("client", &self.id)],
+            );
+        }
+        self.fail(ctx, status);
+    }
+
+    /// Counts the pairing and tells the events and hooks.
+    fn paired(&mut self, ctx: &mut Ctx<'_>, id: usize, reused: bool) {
         ctx.backends.acquire(id);
         self.paired_backend = Some(id);
         if ctx.events.enabled() || ctx.hooks.is_some() {
@@ -176,25 +216,6 @@ impl Conn {
                 &[("client", &self.id), ("backend", &id), ("reused", &reused)],
             );
         }
-        to_backend.rewind_head();
-        self.leg = Some(Leg {
-            stream,
-            // A pooled connection is usable now; a new one waits for its connect event.
-            ready: Ready {
-                readable: reused,
-                writable: reused,
-                read_closed: false,
-            },
-            backend: id,
-            addr,
-            connecting_since: if reused { None } else { Some(ctx.now) },
-            reused,
-            from_backend: Buffer::default(),
-            to_backend,
-            eof: false,
-            aborted: false,
-            fin_sent: false,
-        });
     }
 
     /// Drops the backend leg; `reusable` returns its socket to the keep-alive pool.

@@ -237,6 +237,7 @@ impl Conn {
         Step::Progress
     }
 
+    /// The tunnel's rules for one round: injection, half-closes, and the closes it owes.
     pub(super) fn process_tunnel(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let Phase::Tunnel(t) = &mut self.phase else {
             return Step::Idle;
@@ -250,24 +251,8 @@ impl Conn {
             self.enter_closing(ctx.now);
             return Step::Progress;
         }
-        if !t.inject.is_empty() {
-            if t.down.close_seen()
-                || t.pending_close.is_some()
-                || t.down.error().is_some()
-                || t.down.violation().is_some()
-            {
-                // Nothing may follow a close, nor be spliced into a broken stream.
-                t.inject.clear();
-                t.inject_bytes = 0;
-            } else if t.down.at_message_boundary() && self.to_client.buf.is_empty() {
-                let head = self.to_client.head_vec();
-                for frame in t.inject.drain(..) {
-                    head.extend_from_slice(&frame);
-                    ctx.stats.ws_injected += 1;
-                }
-                t.inject_bytes = 0;
-                return Step::Progress;
-            }
+        if inject(t, &mut self.to_client, ctx) {
+            return Step::Progress;
         }
         // Client hung up: pass its FIN on once its last bytes reached the backend.
         if self.c_eof && leg.to_backend.is_empty() && !leg.fin_sent {
@@ -287,55 +272,21 @@ impl Conn {
             // The backend vanished with no close in either direction: tell the client why.
             t.fail(ctx.now, CLOSE_BACKEND_GONE, None, REASON_BACKEND_GONE);
         }
-        if let Some(code) = t.pending_close {
-            let mut progress = false;
-            if !t.client_closed {
-                if t.down.close_seen() {
-                    // The backend's close already went to the client: one close per direction.
-                    t.client_closed = true;
-                } else if t.down.relayed_to_frame_boundary()
-                    && self.to_client.buf.has_room(MAX_CONTROL_FRAME)
-                {
-                    let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
-                    encode_close_reason(code, t.close_reason, None, &mut frame);
-                    push_whole(&mut self.to_client.buf, &frame);
-                    t.client_closed = true;
-                    progress = true;
-                } else if leg.eof {
-                    // Mid-frame with no more bytes coming: a TCP close is all that is left.
-                    t.client_closed = true;
+        if t.pending_close.is_some() {
+            let progress = self.send_owed_closes(ctx);
+            if let Phase::Tunnel(t) = &self.phase {
+                if t.client_closed && t.backend_closed {
+                    self.enter_closing(ctx.now);
+                    return Step::Progress;
                 }
-            }
-            if !t.backend_closed {
-                match t.backend_close {
-                    // Gone, already has the client's close, or hung up: nothing to tell it.
-                    _ if t.up.close_seen() || leg.eof || leg.fin_sent => t.backend_closed = true,
-                    None => t.backend_closed = true,
-                    Some(bc)
-                        if t.up.relayed_to_frame_boundary()
-                            && leg.to_backend.buf.has_room(MAX_CONTROL_FRAME) =>
-                    {
-                        // Masked, as a client's frames must be.
-                        let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
-                        let mask = ctx.rng.random::<[u8; 4]>();
-                        encode_close_reason(bc, t.close_reason, Some(mask), &mut frame);
-                        push_whole(&mut leg.to_backend.buf, &frame);
-                        t.backend_closed = true;
-                        progress = true;
-                    }
-                    // The client's frame in progress will not be finished.
-                    Some(_) if self.c_eof => t.backend_closed = true,
-                    Some(_) => {}
-                }
-            }
-            if t.client_closed && t.backend_closed {
-                self.enter_closing(ctx.now);
-                return Step::Progress;
             }
             if progress {
                 return Step::Progress;
             }
         }
+        let (Phase::Tunnel(t), Some(leg)) = (&self.phase, &self.leg) else {
+            return Step::Progress;
+        };
         if leg.eof && t.down.close_seen() && self.to_client.is_empty() {
             // Clean close handshake from the backend side: forward the FIN.
             self.enter_closing(ctx.now);
@@ -343,4 +294,84 @@ impl Conn {
         }
         Step::Idle
     }
+
+    /// The balancer closes the tunnel: its close frame goes to each side at that side's
+    /// next frame boundary, unless that side already closed or is gone. Returns progress.
+    fn send_owed_closes(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let (Phase::Tunnel(t), Some(leg)) = (&mut self.phase, &mut self.leg) else {
+            return false;
+        };
+        let Some(code) = t.pending_close else {
+            return false;
+        };
+        let mut progress = false;
+        if !t.client_closed {
+            if t.down.close_seen() {
+                // The backend's close already went to the client: one close per direction.
+                t.client_closed = true;
+            } else if t.down.relayed_to_frame_boundary()
+                && self.to_client.buf.has_room(MAX_CONTROL_FRAME)
+            {
+                let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
+                encode_close_reason(code, t.close_reason, None, &mut frame);
+                push_whole(&mut self.to_client.buf, &frame);
+                t.client_closed = true;
+                progress = true;
+            } else if leg.eof {
+                // Mid-frame with no more bytes coming: a TCP close is all that is left.
+                t.client_closed = true;
+            }
+        }
+        if !t.backend_closed {
+            match t.backend_close {
+                // Gone, already has the client's close, or hung up: nothing to tell it.
+                _ if t.up.close_seen() || leg.eof || leg.fin_sent => t.backend_closed = true,
+                None => t.backend_closed = true,
+                Some(bc)
+                    if t.up.relayed_to_frame_boundary()
+                        && leg.to_backend.buf.has_room(MAX_CONTROL_FRAME) =>
+                {
+                    // Masked, as a client's frames must be.
+                    let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
+                    let mask = ctx.rng.random::<[u8; 4]>();
+                    encode_close_reason(bc, t.close_reason, Some(mask), &mut frame);
+                    push_whole(&mut leg.to_backend.buf, &frame);
+                    t.backend_closed = true;
+                    progress = true;
+                }
+                // The client's frame in progress will not be finished.
+                Some(_) if self.c_eof => t.backend_closed = true,
+                Some(_) => {}
+            }
+        }
+        progress
+    }
+}
+
+/// Moves the balancer's queued frames into the client's outbox at a message boundary of
+/// the backend's stream; drops them when nothing may follow. Returns whether it moved any.
+fn inject(t: &mut Tunnel, to_client: &mut Outbox, ctx: &mut Ctx<'_>) -> bool {
+    if t.inject.is_empty() {
+        return false;
+    }
+    if t.down.close_seen()
+        || t.pending_close.is_some()
+        || t.down.error().is_some()
+        || t.down.violation().is_some()
+    {
+        // Nothing may follow a close, nor be spliced into a broken stream.
+        t.inject.clear();
+        t.inject_bytes = 0;
+        return false;
+    }
+    if !(t.down.at_message_boundary() && to_client.buf.is_empty()) {
+        return false;
+    }
+    let head = to_client.head_vec();
+    for frame in t.inject.drain(..) {
+        head.extend_from_slice(&frame);
+        ctx.stats.ws_injected += 1;
+    }
+    t.inject_bytes = 0;
+    true
 }

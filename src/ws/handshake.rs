@@ -36,9 +36,10 @@ impl HandshakeError {
     }
 }
 
-impl fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl HandshakeError {
+    /// What was wrong, in a few words.
+    pub fn as_str(self) -> &'static str {
+        match self {
             HandshakeError::WrongMethod => "websocket upgrade must be GET",
             HandshakeError::WrongVersion => "websocket upgrade needs HTTP/1.1",
             HandshakeError::MissingConnectionUpgrade => "Connection lacks upgrade",
@@ -47,7 +48,13 @@ impl fmt::Display for HandshakeError {
             HandshakeError::UnexpectedBody => "body on a websocket upgrade",
             HandshakeError::BadAccept => "backend sent a wrong Sec-WebSocket-Accept",
             HandshakeError::BadUpgradeResponse => "backend 101 does not upgrade to websocket",
-        })
+        }
+    }
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
