@@ -625,3 +625,15 @@ impl ControlConn {
 fn would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
+
+impl crate::slots::Slotted for ControlConn {
+    fn generation(&self) -> u64 {
+        self.gen
+    }
+    fn marks(&self) -> &crate::slots::Marks {
+        &self.marks
+    }
+    fn marks_mut(&mut self) -> &mut crate::slots::Marks {
+        &mut self.marks
+    }
+}

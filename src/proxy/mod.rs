@@ -26,6 +26,7 @@ use crate::net::transport::{TlsStream, Transport};
 use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::Stats;
+use crate::slots::{Slotted, CLIENT_TOKENS};
 use crate::ws::frames::{encode_close_reason, Direction, FrameError, FrameTracker};
 use crate::ws::handshake::{self, WsKey};
 use std::collections::VecDeque;
@@ -47,8 +48,6 @@ use relay::*;
 use throttle::*;
 use tunnel::*;
 
-/// Tokens below this are the server's own (listeners, signals, waker).
-pub const RESERVED_TOKENS: usize = 1024;
 /// Most progress rounds per readiness turn before yielding to other connections.
 const MAX_ROUNDS: usize = 32;
 /// How long a closing connection waits for the peer to read what it is owed and hang up.
@@ -78,22 +77,34 @@ pub enum Side {
     Backend,
 }
 
-/// Slab key and side to token: two tokens per slab entry, above the reserved range.
+/// Slab key and side to token, in the client connections' block.
 pub fn token_for(key: usize, side: Side) -> Token {
-    Token(RESERVED_TOKENS + key * 2 + usize::from(side == Side::Backend))
+    CLIENT_TOKENS.token(key, usize::from(side == Side::Backend))
 }
 
-/// Token back to slab key and side; `None` for the server's own tokens.
+/// Token back to slab key and side; `None` outside the client connections' block.
 pub fn key_of(token: Token) -> Option<(usize, Side)> {
-    let n = token.0.checked_sub(RESERVED_TOKENS)?;
+    let (key, index) = CLIENT_TOKENS.key_of(token)?;
     Some((
-        n / 2,
-        if n % 2 == 0 {
+        key,
+        if index == 0 {
             Side::Client
         } else {
             Side::Backend
         },
     ))
+}
+
+impl Slotted for Conn {
+    fn generation(&self) -> u64 {
+        self.gen
+    }
+    fn marks(&self) -> &Marks {
+        &self.marks
+    }
+    fn marks_mut(&mut self) -> &mut Marks {
+        &mut self.marks
+    }
 }
 
 /// What the loop lends a connection while it runs.

@@ -1,6 +1,7 @@
 //! Accepting client connections: limits, TLS wrapping, self-dial refusal, certificate reload.
 
 use super::*;
+use crate::proxy::token_for;
 
 impl Server {
     pub(super) fn accept_all(&mut self) {
@@ -72,8 +73,7 @@ impl Server {
             };
             self.next_gen += 1;
             self.next_id += 1;
-            let entry = self.conns.vacant_entry();
-            let key = entry.key();
+            let key = self.conns.next_key();
             if let Err(e) = self.poll.registry().register(
                 stream.socket_mut(),
                 token_for(key, Side::Client),
@@ -90,7 +90,7 @@ impl Server {
                     false
                 }
             };
-            let conn = entry.insert(Conn::new(
+            let (key, conn) = self.conns.insert(Conn::new(
                 self.cfg.throttle,
                 key,
                 self.next_gen,
@@ -122,12 +122,7 @@ impl Server {
                 h.on_client_connect(conn.id, peer);
             }
             if let Some(at) = conn.deadline(&self.cfg) {
-                let timer = TimerKey {
-                    key,
-                    gen: conn.gen,
-                    kind: TimerKind::Conn,
-                };
-                self.timers.arm(&mut conn.marks.armed, at, timer);
+                self.conns.arm(&mut self.timers, key, at);
             }
         }
     }

@@ -53,25 +53,21 @@ impl Server {
             };
             self.next_gen += 1;
             let now = Instant::now();
-            let entry = self.controls.vacant_entry();
-            let key = entry.key();
+            let key = self.controls.next_key();
             if let Err(e) = self.poll.registry().register(
                 stream.socket_mut(),
-                Token(CONTROL_BASE + key),
+                self.controls.tokens.token(key, 0),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
                 log::error("register failed", &[("error", &e)]);
                 continue;
             }
-            let c = entry.insert(ControlConn::new(self.next_gen, stream, peer, now));
+            let (key, c) = self
+                .controls
+                .insert(ControlConn::new(self.next_gen, stream, peer, now));
             c.via_proxy = via_proxy;
             let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
-            let timer = TimerKey {
-                key,
-                gen: c.gen,
-                kind: TimerKind::Control,
-            };
-            self.timers.arm(&mut c.marks.armed, at, timer);
+            self.controls.arm(&mut self.timers, key, at);
         }
     }
 
@@ -96,19 +92,11 @@ impl Server {
             return;
         };
         if outcome == ControlDrive::Done {
-            if !c.marks.done {
-                c.marks.done = true;
-                self.controls_to_reap.push(key);
-            }
+            self.controls.finish(key);
             return;
         }
         let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
-        let timer = TimerKey {
-            key,
-            gen,
-            kind: TimerKind::Control,
-        };
-        self.timers.arm(&mut c.marks.armed, at, timer);
+        self.controls.arm(&mut self.timers, key, at);
     }
 
     /// The backend registered by control connection `(key, gen)`, if any.
@@ -208,14 +196,9 @@ impl Server {
                     ],
                 );
                 if let Some((old_key, old_gen)) = previous {
-                    if let Some(old) = self
-                        .controls
-                        .get_mut(old_key)
-                        .filter(|o| o.gen == old_gen && !o.marks.done)
-                    {
+                    if let Some(old) = self.controls.live_gen(old_key, old_gen) {
                         old.refuse(&ControlError::Replaced);
-                        old.marks.done = true;
-                        self.controls_to_reap.push(old_key);
+                        self.controls.finish(old_key);
                     }
                 }
             }
@@ -270,7 +253,8 @@ impl Server {
             .find(|(_, b)| b.guid.as_deref() == Some(reg.guid.as_str()))
             .and_then(|(_, b)| b.owner)
             .filter(|&owner| owner != (key, gen))
-            .and_then(|(k, g)| self.controls.get(k).filter(|o| o.gen == g && !o.marks.done));
+            .filter(|&(k, g)| self.controls.is_live(k, g))
+            .and_then(|(k, _)| self.controls.get(k));
         if holder.is_some_and(|o| o.peer.ip().to_canonical() != peer.ip().to_canonical()) {
             return Some(ControlError::GuidInUse);
         }
@@ -324,21 +308,14 @@ impl Server {
     pub(super) fn send_unreachable_notices(&mut self) {
         for n in std::mem::take(&mut self.backends.unreachable) {
             let (key, gen) = n.owner;
-            if let Some(c) = self
-                .controls
-                .get_mut(key)
-                .filter(|c| c.gen == gen && !c.marks.done)
-            {
+            if let Some(c) = self.controls.live_gen(key, gen) {
                 c.send_text(control_protocol::unreachable(&n.binding));
             }
         }
     }
 
     pub(super) fn reap_controls(&mut self) {
-        for key in std::mem::take(&mut self.controls_to_reap) {
-            let Some(mut c) = self.controls.try_remove(key) else {
-                continue;
-            };
+        for (key, mut c) in self.controls.take_finished() {
             if let Some(id) = self.owned_backend(key, c.gen) {
                 log::info(
                     "server disconnected",

@@ -14,7 +14,6 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use slab::Slab;
 
 use crate::backends::registry::{BackendState, Registry};
 use crate::config::{Config, OnBackendLost};
@@ -32,9 +31,8 @@ use crate::net::transport::{TlsStream, Transport};
 use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::{self, BackendSample, Stats};
-use crate::proxy::{
-    key_of, token_for, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY, RESERVED_TOKENS,
-};
+use crate::proxy::{key_of, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY};
+use crate::slots::{Slots, CLIENT_TOKENS, CONTROL_TOKENS, RESERVED_TOKENS};
 use crate::timer::{TimerKey, TimerKind, Timers};
 use serde_json::json;
 
@@ -42,8 +40,6 @@ const WAKER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const FIRST_LISTENER: usize = 2;
 const CONTROL_LISTENER: Token = Token(RESERVED_TOKENS - 1);
-/// Control connections use tokens from here up; proxy tokens never reach this far.
-const CONTROL_BASE: usize = usize::MAX / 2;
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// Most connections whose writes one turn defers to its flush pass. Each may hold a relay
@@ -108,15 +104,14 @@ pub struct Server {
     local_addrs: Vec<SocketAddr>,
     /// Every address wslb listens on (proxy, TLS, control): never a backend.
     own_addrs: Vec<SocketAddr>,
-    conns: Slab<Conn>,
+    conns: Slots<Conn>,
     /// Open client connections per address, for `--max-connections-per-ip`.
     per_ip: HashMap<IpAddr, u32>,
     control_listener: Option<TcpListener>,
     control_addr: Option<SocketAddr>,
-    controls: Slab<ControlConn>,
+    controls: Slots<ControlConn>,
     control_auth: ControlAuth,
     control_events: Vec<ControlEvent>,
-    controls_to_reap: Vec<usize>,
     timers: Timers,
     backends: Registry,
     cfg: Config,
@@ -142,7 +137,6 @@ pub struct Server {
     yielded: Vec<(usize, u64)>,
     /// Connections driven in this turn's reading pass, for its flush pass.
     to_flush: Vec<usize>,
-    to_reap: Vec<usize>,
 }
 
 /// Why the balancer could not start or stopped with an error.
@@ -447,14 +441,13 @@ impl Server {
             backend_tls,
             local_addrs,
             own_addrs,
-            conns: Slab::with_capacity(1024),
+            conns: Slots::new(CLIENT_TOKENS, TimerKind::Conn, 1024),
             per_ip: HashMap::new(),
             control_listener,
             control_addr,
-            controls: Slab::new(),
+            controls: Slots::new(CONTROL_TOKENS, TimerKind::Control, 16),
             control_auth,
             control_events: Vec::new(),
-            controls_to_reap: Vec::new(),
             timers: Timers::default(),
             backends,
             cfg,
@@ -474,7 +467,6 @@ impl Server {
             finished: false,
             yielded: Vec::new(),
             to_flush: Vec::new(),
-            to_reap: Vec::new(),
         })
     }
 
@@ -588,22 +580,18 @@ impl Server {
             Token(t) if (FIRST_LISTENER..RESERVED_TOKENS).contains(&t) => {
                 self.accept(t - FIRST_LISTENER);
             }
-            Token(t) if t >= CONTROL_BASE => {
-                let key = t - CONTROL_BASE;
-                let Some(c) = self.controls.get_mut(key) else {
-                    return;
-                };
-                if c.marks.done {
+            token => {
+                if let Some((key, _)) = self.controls.tokens.key_of(token) {
+                    if let Some(c) = self.controls.live(key) {
+                        c.absorb(ev);
+                        self.drive_control(key);
+                    }
                     return;
                 }
-                c.absorb(ev);
-                self.drive_control(key);
-            }
-            token => {
                 let Some((key, side)) = key_of(token) else {
                     return;
                 };
-                let conn = self.conns.get_mut(key).filter(|c| !c.marks.done);
+                let conn = self.conns.live(key);
                 // Idle pooled backend connections stay registered under their last owner's
                 // token, so an event there may be a backend closing one of them: without a
                 // leg it cannot be anything else, and with one a hang-up may still be theirs.
@@ -616,7 +604,7 @@ impl Server {
                     self.stats.pool_evicted += evicted as u64;
                 }
                 // Sporadic events for connections that just went away are normal.
-                let Some(conn) = self.conns.get_mut(key).filter(|c| !c.marks.done) else {
+                let Some(conn) = self.conns.live(key) else {
                     return;
                 };
                 conn.absorb(side, ev);
@@ -631,29 +619,20 @@ impl Server {
 
     /// Lends a connection the loop's shared state, then acts on its answer.
     fn with_conn(&mut self, key: usize, f: impl FnOnce(&mut Conn, &mut Ctx<'_>) -> Drive) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(conn) = self.conns.live(key) else {
             return;
         };
-        if conn.marks.done {
-            return;
-        }
         let mut ctx = ctx!(self);
         match f(conn, &mut ctx) {
             Drive::Continue => {}
             Drive::Yield => self.yielded.push((key, conn.gen)),
             Drive::Done => {
-                conn.marks.done = true;
-                self.to_reap.push(key);
+                self.conns.finish(key);
                 return;
             }
         }
         if let Some(at) = conn.deadline(&self.cfg) {
-            let timer = TimerKey {
-                key,
-                gen: conn.gen,
-                kind: TimerKind::Conn,
-            };
-            self.timers.arm(&mut conn.marks.armed, at, timer);
+            self.conns.arm(&mut self.timers, key, at);
         }
     }
 }

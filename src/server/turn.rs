@@ -9,14 +9,9 @@ impl Server {
         while let Some(t) = self.timers.pop_expired(now) {
             match t.kind {
                 TimerKind::Conn => {
-                    let Some(conn) = self.conns.get_mut(t.key) else {
-                        continue;
-                    };
-                    if conn.gen != t.gen || conn.marks.done {
-                        continue;
+                    if self.conns.due(&t).is_some() {
+                        self.with_conn(t.key, |c, ctx| c.expire(ctx));
                     }
-                    conn.marks.armed = None;
-                    self.with_conn(t.key, |c, ctx| c.expire(ctx));
                 }
                 TimerKind::AcceptResume => {
                     if !self.draining {
@@ -35,13 +30,9 @@ impl Server {
                     self.finished = true;
                 }
                 TimerKind::Control => {
-                    let Some(c) = self.controls.get_mut(t.key) else {
+                    let Some(c) = self.controls.due(&t) else {
                         continue;
                     };
-                    if c.gen != t.gen || c.marks.done {
-                        continue;
-                    }
-                    c.marks.armed = None;
                     let (hdr, hb) = (self.cfg.header_timeout, self.cfg.heartbeat);
                     if c.expire(now, hdr, hb) == ControlDrive::Done {
                         if c.guid.is_some() {
@@ -50,8 +41,7 @@ impl Server {
                                 &[("guid", &c.guid.as_deref().unwrap_or("-"))],
                             );
                         }
-                        c.marks.done = true;
-                        self.controls_to_reap.push(t.key);
+                        self.controls.finish(t.key);
                     } else {
                         self.drive_control(t.key);
                     }
@@ -87,18 +77,14 @@ impl Server {
     pub(super) fn run_yielded(&mut self) {
         let batch = std::mem::take(&mut self.yielded);
         for (key, gen) in batch {
-            if self.conns.get(key).is_some_and(|c| c.gen == gen) {
+            if self.conns.is_live(key, gen) {
                 self.with_conn(key, |c, ctx| c.drive(ctx));
             }
         }
     }
 
     pub(super) fn reap(&mut self) {
-        let keys = std::mem::take(&mut self.to_reap);
-        for key in keys {
-            let Some(mut conn) = self.conns.try_remove(key) else {
-                continue;
-            };
+        for (_, mut conn) in self.conns.take_finished() {
             let mut ctx = ctx!(self);
             conn.teardown(&mut ctx);
             if conn.counts_for_ip {
