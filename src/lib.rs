@@ -3,7 +3,10 @@
 //! Crate map, top to bottom (each layer uses the ones below it, never one above):
 //! - `server`: the event loop: poll, the two passes, accept, timers, signals, reaping.
 //! - [`control`]: the control listener: registration protocol, sessions, admin API.
-//! - `proxy`: one client connection, its backend leg, the HTTP exchange and the tunnel.
+//! - `proxy`: one client connection: its `Phase` and transitions, the HTTP exchange, the
+//!   backend leg, the WebSocket tunnel (docs/LIFECYCLE.md).
+//! - `slots`, `timer`: the loop's bookkeeping for every kind of connection (token blocks,
+//!   generations, reaping) and its deadline heap.
 //! - [`backends`]: registry, keep-alive pool, selection ([`balance`]), [`sticky`] sessions.
 //! - [`config`]: command-line flags into a [`Config`] (pure).
 //! - `net`: transport (plain/TLS), readiness, buffers, [`tls`] setup, descriptor budget.
