@@ -195,6 +195,11 @@ pub struct Config {
     pub verbosity: u8,
     /// `--check`: validate and exit without listening.
     pub check: bool,
+    /// `--upgrade-socket`: a Unix socket where a new wslb (`--takeover`) takes the
+    /// listening sockets over; SIGUSR2 makes a temporary one by itself.
+    pub upgrade_socket: Option<std::path::PathBuf>,
+    /// `--takeover`: start by taking the listeners of the wslb serving that socket.
+    pub takeover: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -237,6 +242,8 @@ impl Default for Config {
             forwarded: false,
             token_file: None,
             control_client_ca: None,
+            upgrade_socket: None,
+            takeover: None,
             log_format: LogFormat::Text,
             verbosity: 1,
             check: false,
@@ -482,6 +489,7 @@ fn options() -> getopts::Options {
         "WHAT",
     );
     security_options(&mut o);
+    upgrade_options(&mut o);
     o.optopt("", "log-format", "text | json [default: text]", "FMT");
     o.optflag("q", "quiet", "log errors only");
     o.optflag("v", "verbose", "log every connection");
@@ -694,6 +702,8 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
             Some(parse_duration(&v).map_err(|why| bad("--ws-idle-timeout", &v, why))?);
     }
     security_flags(&m, &mut cfg)?;
+    cfg.upgrade_socket = m.opt_str("upgrade-socket").map(Into::into);
+    cfg.takeover = m.opt_str("takeover").map(Into::into);
     if let Some(v) = m.opt_str("log-format") {
         cfg.log_format = match v.as_str() {
             "text" => LogFormat::Text,
@@ -709,6 +719,22 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         (false, false) => 1,
     };
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// Binary upgrade without a refused connection (README, "Upgrading").
+fn upgrade_options(o: &mut getopts::Options) {
+    o.optopt(
+        "",
+        "upgrade-socket",
+        "listen on this Unix socket for a new wslb started with --takeover; SIGUSR2 starts one itself (same binary path and flags) through a temporary socket [default: SIGUSR2 only]",
+        "PATH",
+    );
+    o.optopt(
+        "",
+        "takeover",
+        "take the listening sockets of the wslb at this --upgrade-socket; it stops accepting and drains once this one serves",
+        "PATH",
+    );
 }
 
 /// Issue 15's flags, in one block: each relaxes a default, none tightens another flag.

@@ -24,6 +24,8 @@ pub enum TimerKind {
     Sweep,
     /// A control connection's deadline (handshake, heartbeat).
     Control,
+    /// Binary upgrade, new side: accept clients even if not every backend came back.
+    Takeover,
 }
 
 /// Identifies the owner of a deadline.

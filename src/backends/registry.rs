@@ -208,6 +208,14 @@ impl Registry {
     }
 
     /// Changes a backend's state; a `Gone` backend with no connections is removed.
+    /// Forgets the backend's control connection but keeps it as it is (a binary upgrade
+    /// moved its agent to the new process; this one serves until it drains).
+    pub fn orphan(&mut self, id: usize) {
+        if let Some(b) = self.backends.get_mut(id) {
+            b.owner = None;
+        }
+    }
+
     pub fn set_state(&mut self, id: usize, state: BackendState) {
         if let Some(b) = self.backends.get_mut(id) {
             b.state = state;

@@ -280,6 +280,19 @@ impl ControlConn {
         }
     }
 
+    /// Closes with 1012 (service restart): a binary upgrade moves this backend's agent to
+    /// the new process, which it reaches by reconnecting.
+    pub fn close_for_restart(&mut self) {
+        if let State::Open(ws) = &mut self.state {
+            let _ = ws.close(Some(CloseFrame {
+                code: CloseCode::Restart,
+                reason: "balancer upgrade".into(),
+            }));
+            let _ = ws.flush();
+            self.closing = true;
+        }
+    }
+
     /// Sends an acknowledgement then a normal close.
     pub fn close_with(&mut self, text: String) {
         if let State::Open(ws) = &mut self.state {

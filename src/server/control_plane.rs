@@ -195,6 +195,7 @@ impl Server {
                         ("backend", &id),
                     ],
                 );
+                self.check_takeover(Instant::now());
                 if let Some((old_key, old_gen)) = previous {
                     if let Some(old) = self.controls.live_gen(old_key, old_gen) {
                         old.refuse(&ControlError::Replaced);
@@ -316,7 +317,12 @@ impl Server {
 
     pub(super) fn reap_controls(&mut self) {
         for (key, mut c) in self.controls.take_finished() {
-            if let Some(id) = self.owned_backend(key, c.gen) {
+            let owned = self.owned_backend(key, c.gen);
+            if let Some(id) = owned.filter(|_| self.upgrade.handing_over) {
+                // Sent to the new process by an upgrade: still serving here until it takes
+                // over, and its agent registers there.
+                self.backends.orphan(id);
+            } else if let Some(id) = owned {
                 log::info(
                     "server disconnected",
                     &[

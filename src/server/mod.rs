@@ -12,7 +12,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::backends::registry::{BackendState, Registry};
@@ -85,6 +85,7 @@ mod control_plane;
 mod handle;
 mod routes;
 mod startup;
+mod upgrade;
 
 use startup::load_token_file;
 mod turn;
@@ -140,6 +141,8 @@ pub struct Server {
     yielded: Vec<(usize, u64)>,
     /// Connections driven in this turn's reading pass, for its flush pass.
     to_flush: Vec<usize>,
+    /// Binary upgrade, either side (SIGUSR2, `--upgrade-socket`, `--takeover`).
+    upgrade: upgrade::Upgrade,
 }
 
 /// Why the balancer could not start or stopped with an error.
@@ -209,6 +212,11 @@ impl Server {
     /// Runs the loop until a drain completes.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        if self.upgrade.takeover.is_some() {
+            self.begin_takeover();
+        } else if let Err(e) = crate::net::fdpass::sd_notify("READY=1") {
+            log::warn("cannot notify systemd", &[("error", &e)]);
+        }
         self.timers.add(
             Instant::now() + SWEEP_EVERY,
             TimerKey {
@@ -270,11 +278,16 @@ impl Server {
             SIGNALS => {
                 let mut stop = false;
                 let mut reload = false;
+                let mut upgrade = false;
                 if let Some(s) = &mut self.signals {
                     for sig in s.pending() {
                         stop |= sig == SIGTERM || sig == SIGINT;
                         reload |= sig == SIGHUP;
+                        upgrade |= sig == SIGUSR2;
                     }
+                }
+                if upgrade {
+                    self.start_upgrade();
                 }
                 if reload {
                     self.reload_tls();
@@ -289,6 +302,8 @@ impl Server {
                 }
             }
             CONTROL_LISTENER => self.accept_controls(),
+            upgrade::UPGRADE_LISTENER => self.accept_upgrade(),
+            upgrade::UPGRADE_STREAM => self.hear_upgrade(),
             Token(t) if (FIRST_LISTENER..RESERVED_TOKENS).contains(&t) => {
                 self.accept(t - FIRST_LISTENER);
             }

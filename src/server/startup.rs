@@ -152,14 +152,20 @@ impl Server {
         } = Server::validate(&cfg)?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (listeners, local_addrs) = bind_listeners(&cfg, &poll)?;
+        let mut inherited = match &cfg.takeover {
+            Some(path) => Some(upgrade::take_over(path)?),
+            None => None,
+        };
+        let (listeners, local_addrs) = bind_listeners(&cfg, &poll, inherited.as_mut())?;
         let (control_listener, control_addr) = match cfg.control {
             Some(addr) => {
-                let (l, local) = bind_control(&cfg, addr, &poll)?;
+                let (l, local) = bind_control(&cfg, addr, &poll, inherited.as_mut())?;
                 (Some(l), Some(local))
             }
             None => (None, None),
         };
+        let mut upgrade = upgrade::Upgrade::prepare(&cfg, &poll)?;
+        upgrade.takeover = inherited.and_then(upgrade::Inherited::into_takeover);
         let own_addrs: Vec<SocketAddr> = local_addrs.iter().copied().chain(control_addr).collect();
         // Again with the bound addresses: a port-0 listener may have drawn a -B port.
         static_backends_avoid(&cfg, &own_addrs)?;
@@ -172,7 +178,7 @@ impl Server {
             })
         })?;
         let signer = cookie_signer(&cfg)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut backends = Registry::from_specs(&cfg.backends);
@@ -222,15 +228,18 @@ impl Server {
             finished: false,
             yielded: Vec::new(),
             to_flush: Vec::new(),
+            upgrade,
         })
     }
 }
 
-/// Binds the proxy listeners (plain, then TLS) with consecutive tokens.
+/// Binds the proxy listeners (plain, then TLS) with consecutive tokens, or takes them
+/// from the old process of an upgrade (then they accept only once it is complete).
 #[allow(clippy::type_complexity)]
 fn bind_listeners(
     cfg: &Config,
     poll: &Poll,
+    mut inherited: Option<&mut upgrade::Inherited>,
 ) -> io::Result<(Vec<(TcpListener, bool)>, Vec<SocketAddr>)> {
     let mut listeners = Vec::new();
     let mut local_addrs = Vec::new();
@@ -240,10 +249,16 @@ fn bind_listeners(
         .map(|a| (a, false))
         .chain(cfg.tls_listen.iter().map(|a| (a, true)));
     for (i, (addr, tls)) in all.enumerate() {
-        let mut l = listen(*addr, cfg.backlog)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        poll.registry()
-            .register(&mut l, Token(FIRST_LISTENER + i), Interest::READABLE)?;
+        let taken = inherited.as_mut().and_then(|h| h.take_listener(addr, tls));
+        let mut l = match taken {
+            Some(l) => l,
+            None => listen(*addr, cfg.backlog)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
+        };
+        if inherited.is_none() {
+            poll.registry()
+                .register(&mut l, Token(FIRST_LISTENER + i), Interest::READABLE)?;
+        }
         let local = l.local_addr()?;
         if tls {
             log::info(&format!("tls listening on {local}"), &[]);
@@ -253,7 +268,7 @@ fn bind_listeners(
         local_addrs.push(local);
         listeners.push((l, tls));
     }
-    if FIRST_LISTENER + listeners.len() >= CONTROL_LISTENER.0 {
+    if FIRST_LISTENER + listeners.len() >= upgrade::UPGRADE_STREAM.0 {
         return Err(io::Error::other("too many listeners"));
     }
     Ok((listeners, local_addrs))
@@ -264,13 +279,17 @@ fn bind_control(
     cfg: &Config,
     addr: SocketAddr,
     poll: &Poll,
+    inherited: Option<&mut upgrade::Inherited>,
 ) -> io::Result<(TcpListener, SocketAddr)> {
-    let mut l = listen(addr, cfg.backlog).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on {addr} (--control): {e}"),
-        )
-    })?;
+    let mut l = match inherited.and_then(|h| h.take_control(&addr)) {
+        Some(l) => l,
+        None => listen(addr, cfg.backlog).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (--control): {e}"),
+            )
+        })?,
+    };
     poll.registry()
         .register(&mut l, CONTROL_LISTENER, Interest::READABLE)?;
     let local = l.local_addr()?;

@@ -46,6 +46,7 @@ impl Server {
                         self.drive_control(t.key);
                     }
                 }
+                TimerKind::Takeover => self.check_takeover(now),
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
                     self.backends
