@@ -105,6 +105,8 @@ pub struct BackendSpec {
     pub weight: u32,
     /// `wss://`/`https://`: speak TLS to it.
     pub tls: bool,
+    /// Most connections at once (`max_connections=N`); 0 = no limit.
+    pub max_connections: u32,
 }
 
 /// Everything the balancer needs to run.
@@ -200,6 +202,8 @@ pub struct Config {
     pub upgrade_socket: Option<std::path::PathBuf>,
     /// `--takeover`: start by taking the listeners of the wslb serving that socket.
     pub takeover: Option<std::path::PathBuf>,
+    /// `--backends-file`: static backends, one `-B` value per line, re-read on SIGHUP.
+    pub backends_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -244,6 +248,7 @@ impl Default for Config {
             control_client_ca: None,
             upgrade_socket: None,
             takeover: None,
+            backends_file: None,
             log_format: LogFormat::Text,
             verbosity: 1,
             check: false,
@@ -704,6 +709,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
     security_flags(&m, &mut cfg)?;
     cfg.upgrade_socket = m.opt_str("upgrade-socket").map(Into::into);
     cfg.takeover = m.opt_str("takeover").map(Into::into);
+    cfg.backends_file = m.opt_str("backends-file").map(Into::into);
     if let Some(v) = m.opt_str("log-format") {
         cfg.log_format = match v.as_str() {
             "text" => LogFormat::Text,
@@ -728,6 +734,12 @@ fn upgrade_options(o: &mut getopts::Options) {
         "upgrade-socket",
         "listen on this Unix socket for a new wslb started with --takeover; SIGUSR2 starts one itself (same binary path and flags) through a temporary socket [default: SIGUSR2 only]",
         "PATH",
+    );
+    o.optopt(
+        "",
+        "backends-file",
+        "static backends, one -B value per line (URL[,weight=N,max_connections=M], # comments), added to the -B ones and re-read on SIGHUP; run-time changes made through the admin API do not survive a restart, this file does [default: none]",
+        "FILE",
     );
     o.optopt(
         "",
@@ -871,6 +883,7 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
     let mut parts = v.split(',');
     let url = parts.next().unwrap_or_default().trim();
     let mut weight = 1u32;
+    let mut max_connections = 0u32;
     for opt in parts {
         match opt.trim().split_once('=') {
             Some(("weight", w)) => {
@@ -879,7 +892,12 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
                     _ => return Err("weight must be an integer from 1 to 1000"),
                 }
             }
-            _ => return Err("unknown backend option; expected weight=N"),
+            Some(("max_connections", m)) => {
+                max_connections = m
+                    .parse::<u32>()
+                    .map_err(|_| "max_connections must be a non-negative integer")?;
+            }
+            _ => return Err("unknown backend option; expected weight=N or max_connections=N"),
         }
     }
     let authority = parse_backend_url(url)?;
@@ -890,7 +908,26 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
         addr,
         weight,
         tls: is_tls_url(url),
+        max_connections,
     })
+}
+
+/// `--backends-file`: one `-B` value per line; blank lines and `#` comments are skipped.
+/// The first bad line fails the whole file (a reload then keeps the backends it had).
+pub fn parse_backends_file(text: &str) -> Result<Vec<BackendSpec>, String> {
+    let mut specs: Vec<BackendSpec> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let spec = parse_backend(line).map_err(|why| format!("line {}: {why}", i + 1))?;
+        if specs.iter().any(|s| s.url == spec.url) {
+            return Err(format!("line {}: {} is listed twice", i + 1, spec.url));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
 }
 
 /// Is this a `wss://` or `https://` URL (TLS to the backend)?
@@ -1080,5 +1117,21 @@ mod tests {
             let e = run(&[flag, "10.0.0.1/8"]).unwrap_err();
             assert!(e.to_string().contains(flag), "{e}");
         }
+    }
+
+    #[test]
+    fn backends_file_lines() {
+        let specs = parse_backends_file(
+            "# pool A\nws://127.0.0.1:9001\n\n  http://127.0.0.1:9002,weight=3,max_connections=50  # big\n",
+        )
+        .unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!((specs[1].weight, specs[1].max_connections), (3, 50));
+        let e = parse_backends_file("ws://127.0.0.1:9001\nws://nohost\n").unwrap_err();
+        assert!(e.starts_with("line 2: "), "{e}");
+        let e = parse_backends_file("ws://127.0.0.1:1\nws://127.0.0.1:1,weight=2\n").unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        assert!(parse_backends_file("ws://127.0.0.1:1,weight=0").is_err());
+        assert!(parse_backends_file("").unwrap().is_empty());
     }
 }

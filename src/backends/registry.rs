@@ -44,6 +44,31 @@ impl BackendState {
     }
 }
 
+/// Where a backend came from; only registered ones leave by themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `-B` on the command line.
+    Flag,
+    /// `--backends-file`, re-read on SIGHUP.
+    File,
+    /// `POST /api/backends`.
+    Api,
+    /// A control connection announced it.
+    Registration,
+}
+
+impl Source {
+    /// Name in `GET /api/backends`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Flag => "flag",
+            Source::File => "file",
+            Source::Api => "api",
+            Source::Registration => "registration",
+        }
+    }
+}
+
 /// A control connection, by slab key and generation.
 pub type Owner = (usize, u64);
 
@@ -66,6 +91,8 @@ pub struct Backend {
     connect_failed_log: log::Repeated,
     /// Registered (not `-B`) backends have a guid.
     pub guid: Option<String>,
+    /// Flag, file, API or registration.
+    pub source: Source,
     /// Id used by sticky sessions: the guid, or a hash of the `-B` URL (same on every
     /// balancer given the same flags).
     pub sticky_id: String,
@@ -138,15 +165,53 @@ impl Registry {
             ..Registry::default()
         };
         for s in specs {
-            r.backends.insert(Backend::new(
-                s.url.clone(),
-                None,
-                vec![s.url.clone()],
-                vec![s.addr],
-                s.weight,
-            ));
+            r.add_static(s, Source::Flag);
         }
         r
+    }
+
+    /// Adds a static backend (flag, file or API); refuses a URL already in use.
+    pub fn add_static(&mut self, s: &BackendSpec, source: Source) -> Option<usize> {
+        if self.find(&s.url).is_some() {
+            return None;
+        }
+        let mut b = Backend::new(
+            s.url.clone(),
+            None,
+            vec![s.url.clone()],
+            vec![s.addr],
+            s.weight,
+        );
+        b.max_connections = s.max_connections;
+        b.source = source;
+        Some(self.backends.insert(b))
+    }
+
+    /// The live (not gone) backend named `name` (URL) or with that guid.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.backends
+            .iter()
+            .find(|(_, b)| {
+                b.state != BackendState::Gone && (b.name == name || b.guid.as_deref() == Some(name))
+            })
+            .map(|(id, _)| id)
+    }
+
+    /// New weight (1..=1000) and/or connection cap (0 = none) for a backend.
+    pub fn update(&mut self, id: usize, weight: Option<u32>, max_connections: Option<u32>) {
+        if let Some(b) = self.backends.get_mut(id) {
+            if let Some(w) = weight {
+                b.weight = w;
+            }
+            if let Some(m) = max_connections {
+                b.max_connections = m;
+            }
+        }
+    }
+
+    /// The backend as the admin API and logs describe it.
+    pub fn get(&self, id: usize) -> Option<&Backend> {
+        self.backends.get(id)
     }
 
     /// Caps the idle pooled connections over all backends.
@@ -477,6 +542,7 @@ impl Backend {
                 .unwrap_or_else(|| crate::backends::sticky::static_backend_id(&name)),
             name,
             guid,
+            source: Source::Registration,
             tls_names: bindings.iter().map(|u| tls_name(u)).collect(),
             bindings,
             addrs,

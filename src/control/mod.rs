@@ -1,5 +1,6 @@
 //! The control listener: backend self-registration (the protocol codec, pure, and the
 //! session state machine), credentials, and the status page and JSON views of the admin API.
+pub mod admin;
 pub mod auth;
 pub mod protocol;
 pub(crate) mod session;

@@ -30,6 +30,10 @@ pub struct BackendRow {
     pub down: bool,
     /// Tags.
     pub tags: Vec<(String, String)>,
+    /// flag / file / api / registration.
+    pub source: &'static str,
+    /// Most connections at once; 0 = no limit.
+    pub max_connections: u32,
 }
 
 fn esc(s: &str) -> String {
@@ -48,7 +52,8 @@ pub fn backends_json(rows: &[BackendRow]) -> Value {
                     "id": b.id, "name": b.name, "guid": b.guid, "state": b.state,
                     "bindings": b.bindings, "weight": b.weight, "active": b.active,
                     "selected": b.selected, "last_heartbeat_secs_ago": b.heard_secs_ago,
-                    "down": b.down,
+                    "down": b.down, "source": b.source,
+                    "max_connections": b.max_connections,
                     "tags": b.tags.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str())))
                         .collect::<serde_json::Map<String, Value>>(),
                 })
@@ -124,6 +129,8 @@ mod tests {
             heard_secs_ago: Some(1),
             down: false,
             tags: vec![("zone".into(), "a".into())],
+            source: "registration",
+            max_connections: 0,
         }];
         let html = status_html(&rows, 5, 1, 9, "0.1.0", (Some(42), 1024));
         assert!(html.contains("g&lt;1&gt;") && !html.contains("g<1>"));
@@ -132,5 +139,6 @@ mod tests {
         let j = backends_json(&rows);
         assert_eq!(j[0]["tags"]["zone"], "a");
         assert_eq!(j[0]["active"], 3);
+        assert_eq!(j[0]["source"], "registration");
     }
 }

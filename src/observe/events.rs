@@ -141,6 +141,8 @@ pub enum Event<'a> {
     },
     /// A registered backend left.
     ServerDisconnect { guid: &'a str, backend: usize },
+    /// The backend set was changed at run time (admin API, `--backends-file` reload).
+    BackendChanged { backend: &'a str, change: &'a str },
 }
 
 impl Event<'_> {
@@ -159,6 +161,7 @@ impl Event<'_> {
             Event::ServerReady { .. } => "server_ready",
             Event::RegistrationRefused { .. } => "registration_refused",
             Event::ServerDisconnect { .. } => "server_disconnect",
+            Event::BackendChanged { .. } => "backend_changed",
         }
     }
 
@@ -264,6 +267,9 @@ impl Event<'_> {
             ],
             Event::ServerDisconnect { guid, backend } => {
                 vec![("guid", json!(guid)), ("backend", json!(backend))]
+            }
+            Event::BackendChanged { backend, change } => {
+                vec![("backend", json!(backend)), ("change", json!(change))]
             }
         }
     }

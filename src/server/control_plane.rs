@@ -123,7 +123,7 @@ impl Server {
                 }
             }
             ControlEvent::Admin(req) => {
-                let (status, ctype, body) = self.handle_admin(&req);
+                let (status, ctype, body) = crate::control::admin::route(self, &req);
                 if let Some(c) = self.controls.get_mut(key) {
                     c.respond(Instant::now(), status, ctype, &body);
                 }

@@ -3,31 +3,7 @@
 
 use super::*;
 
-/// Which WebSocket clients a broadcast reaches.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Every WebSocket client.
-    All,
-    /// Clients paired with the backend of this guid (or static backend URL).
-    Backend(String),
-    /// Clients paired with backends carrying this tag `key=value`.
-    Tag(String, String),
-    /// One client by id.
-    Client(u64),
-}
-
-/// A message from the balancer itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outgoing {
-    /// A text message.
-    Text(String),
-    /// A binary message.
-    Binary(Vec<u8>),
-    /// A ping whose pong is consumed by the balancer.
-    Ping,
-    /// A close frame with this code.
-    Close(u16),
-}
+pub use crate::control::admin::{Outgoing, Target};
 
 /// Work handed to the loop from another thread or the admin API.
 #[derive(Debug)]

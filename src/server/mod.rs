@@ -15,15 +15,15 @@ use rand::SeedableRng;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::backends::registry::{BackendState, Registry};
+use crate::backends::registry::{BackendState, Registry, Source};
 use crate::config::{Config, OnBackendLost};
+use crate::control::admin::{AdminApi, BackendChange, ChangeError};
 use crate::control::status::{self as admin, BackendRow};
 use handle::Command;
 pub use handle::{Outgoing, ServerHandle, Target};
 
 use crate::control::auth::{ControlAuth, Identity};
 use crate::control::protocol::{self as control_protocol, ControlError};
-use crate::control::session::AdminRequest;
 use crate::control::session::{ControlConn, ControlDrive, ControlEvent};
 use crate::hooks::Hooks;
 use crate::net::fdlimit;
@@ -292,6 +292,7 @@ impl Server {
                 if reload {
                     self.reload_tls();
                     self.reload_token_file();
+                    self.reload_backends_file();
                 }
                 if stop {
                     if self.draining {

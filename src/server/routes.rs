@@ -1,4 +1,5 @@
-//! The admin API routes and the operator's messages to clients (broadcast, send, drain).
+//! The balancer's side of the admin API (`control::admin` routes the requests): messages
+//! to clients, the backend set changed at run time, the snapshots the pages show.
 
 use super::*;
 
@@ -57,15 +58,10 @@ impl Server {
 
     /// Admin/handle drain of one backend by guid or static URL.
     pub(super) fn drain_named(&mut self, name: &str) -> Result<usize, String> {
-        let id = self
-            .backends
-            .iter()
-            .find(|(_, b)| b.name == name || b.guid.as_deref() == Some(name))
-            .map(|(id, _)| id)
-            .ok_or_else(|| format!("no backend {name}"))?;
-        self.backends.set_state(id, BackendState::Draining);
-        log::info("server draining", &[("backend", &name), ("by", &"admin")]);
-        Ok(1)
+        match self.change_backend(BackendChange::Drain(name.to_string())) {
+            Ok(_) => Ok(1),
+            Err(ChangeError::NotFound(why) | ChangeError::Invalid(why)) => Err(why),
+        }
     }
 
     pub(super) fn backend_rows(&self) -> Vec<BackendRow> {
@@ -89,205 +85,211 @@ impl Server {
                 }),
                 down: b.down_until.is_some_and(|t| t > now),
                 tags: b.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                source: b.source.as_str(),
+                max_connections: b.max_connections,
             })
             .collect()
     }
+}
 
-    /// Routes one admin API request; returns status, content type and body.
-    pub(super) fn handle_admin(&mut self, req: &AdminRequest) -> (u16, &'static str, Vec<u8>) {
-        const JSON: &str = "application/json";
-        let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
-        let param = |name: &str| {
-            req.query.split('&').find_map(|kv| {
-                kv.split_once('=')
-                    .filter(|(k, _)| *k == name)
-                    .map(|(_, v)| percent_decode(v))
-            })
-        };
-        let sent = |r: Result<usize, String>| match r {
-            Ok(n) => (200, JSON, json!({ "sent": n }).to_string().into_bytes()),
-            Err(e) => (404, JSON, json!({ "error": e }).to_string().into_bytes()),
-        };
-        let message = || -> Result<Outgoing, String> {
-            let ct = req.content_type.to_ascii_lowercase();
-            // Only an explicit binary type makes a binary frame: `curl -d` sends a form type,
-            // and a page would then show "[object Blob]" for a plain word.
-            let text = ct.is_empty()
-                || ct.starts_with("text/")
-                || ct.starts_with("application/json")
-                || ct.starts_with("application/x-www-form-urlencoded");
-            if text {
-                String::from_utf8(req.body.clone())
-                    .map(Outgoing::Text)
-                    .map_err(|_| "text message is not UTF-8".to_string())
-            } else {
-                Ok(Outgoing::Binary(req.body.clone()))
-            }
-        };
-        let method = req.method.as_str();
-        let uptime = self.started.elapsed().as_secs();
+impl AdminApi for Server {
+    fn status_page(&self) -> String {
         let tunnels = self.conns.iter().filter(|(_, c)| c.is_websocket()).count();
-        match (method, segments.as_slice()) {
-            ("GET", [""]) => {
-                let html = admin::status_html(
-                    &self.backend_rows(),
-                    self.conns.len(),
-                    tunnels,
-                    uptime,
-                    env!("CARGO_PKG_VERSION"),
-                    (fdlimit::open_fds(), self.fd_limit),
-                );
-                (200, "text/html; charset=utf-8", html.into_bytes())
-            }
-            ("GET", ["metrics"]) => {
-                let rows = self.backend_rows();
-                let samples: Vec<BackendSample<'_>> = rows
-                    .iter()
-                    .map(|r| BackendSample {
-                        name: r.guid.as_deref().unwrap_or(&r.name),
-                        state: r.state,
-                        active: r.active,
-                        selected: r.selected,
-                    })
-                    .collect();
-                let mut text =
-                    metrics::render(&self.stats, self.conns.len(), tunnels, uptime, &samples);
-                metrics::render_fds(
-                    &mut text,
-                    self.fd_limit,
-                    fdlimit::open_fds(),
-                    self.stats.fd_exhausted,
-                );
-                (200, "text/plain; version=0.0.4", text.into_bytes())
-            }
-            ("GET", ["api", "backends"]) => (
-                200,
-                JSON,
-                admin::backends_json(&self.backend_rows())
-                    .to_string()
-                    .into_bytes(),
-            ),
-            ("GET", ["api", "clients"]) => {
-                let now = Instant::now();
-                let list: Vec<_> = self
-                    .conns
-                    .iter()
-                    .map(|(_, c)| {
-                        let s = c.summary(now);
-                        json!({"id": s.id, "peer": s.peer.to_string(), "backend": s.backend,
-                               "websocket": s.websocket, "age_secs": s.age_secs,
-                               "bytes_up": s.bytes.0, "bytes_down": s.bytes.1})
-                    })
-                    .collect();
-                (
-                    200,
-                    JSON,
-                    serde_json::Value::Array(list).to_string().into_bytes(),
-                )
-            }
-            ("POST", ["api", "broadcast"]) => {
-                let target = match (param("backend"), param("tag")) {
-                    (Some(b), _) => Target::Backend(b),
-                    (None, Some(t)) => match t.split_once('=') {
-                        Some((k, v)) => Target::Tag(k.to_string(), v.to_string()),
-                        None => {
-                            return (400, JSON, br#"{"error":"tag must be KEY=VALUE"}"#.to_vec())
-                        }
-                    },
-                    (None, None) => Target::All,
-                };
-                match message() {
-                    Ok(m) => sent(Ok(self.send_to(&target, &m))),
-                    Err(e) => (400, JSON, json!({ "error": e }).to_string().into_bytes()),
-                }
-            }
-            ("POST", ["api", "ping"]) => sent(Ok(self.send_to(&Target::All, &Outgoing::Ping))),
-            ("POST", ["api", "clients", id, action @ ("send" | "ping")]) => {
-                let Ok(id) = id.parse::<u64>() else {
-                    return (404, JSON, br#"{"error":"no such client"}"#.to_vec());
-                };
-                let msg = if *action == "ping" {
-                    Ok(Outgoing::Ping)
-                } else {
-                    message()
-                };
-                match msg {
-                    Ok(m) => match self.send_to(&Target::Client(id), &m) {
-                        0 => (
-                            404,
-                            JSON,
-                            br#"{"error":"no such websocket client"}"#.to_vec(),
-                        ),
-                        n => sent(Ok(n)),
-                    },
-                    Err(e) => (400, JSON, json!({ "error": e }).to_string().into_bytes()),
-                }
-            }
-            ("DELETE", ["api", "clients", id]) => {
-                let code = match param("code").map(|c| c.parse::<u16>()) {
-                    None => 1000,
-                    Some(Ok(c))
-                        if (1000..=4999).contains(&c) && !matches!(c, 1004..=1006 | 1015) =>
-                    {
-                        c
-                    }
-                    Some(_) => {
-                        return (
-                            400,
-                            JSON,
-                            br#"{"error":"code must be a valid close code"}"#.to_vec(),
-                        )
-                    }
-                };
-                match id
-                    .parse::<u64>()
-                    .map(|id| self.send_to(&Target::Client(id), &Outgoing::Close(code)))
+        admin::status_html(
+            &self.backend_rows(),
+            self.conns.len(),
+            tunnels,
+            self.started.elapsed().as_secs(),
+            env!("CARGO_PKG_VERSION"),
+            (fdlimit::open_fds(), self.fd_limit),
+        )
+    }
+
+    fn metrics(&self) -> String {
+        let tunnels = self.conns.iter().filter(|(_, c)| c.is_websocket()).count();
+        let rows = self.backend_rows();
+        let samples: Vec<BackendSample<'_>> = rows
+            .iter()
+            .map(|r| BackendSample {
+                name: r.guid.as_deref().unwrap_or(&r.name),
+                state: r.state,
+                active: r.active,
+                selected: r.selected,
+            })
+            .collect();
+        let uptime = self.started.elapsed().as_secs();
+        let mut text = metrics::render(&self.stats, self.conns.len(), tunnels, uptime, &samples);
+        metrics::render_fds(
+            &mut text,
+            self.fd_limit,
+            fdlimit::open_fds(),
+            self.stats.fd_exhausted,
+        );
+        text
+    }
+
+    fn backends(&self) -> Vec<BackendRow> {
+        self.backend_rows()
+    }
+
+    fn clients(&self) -> Vec<crate::proxy::ClientSummary> {
+        let now = Instant::now();
+        self.conns.iter().map(|(_, c)| c.summary(now)).collect()
+    }
+
+    fn send(&mut self, to: &Target, msg: &Outgoing) -> usize {
+        self.send_to(to, msg)
+    }
+
+    fn change_backend(&mut self, change: BackendChange) -> Result<serde_json::Value, ChangeError> {
+        let found = |name: &str| -> Result<usize, ChangeError> {
+            self.backends
+                .find(name)
+                .ok_or_else(|| ChangeError::NotFound(format!("no backend {name}")))
+        };
+        let (id, what) = match &change {
+            BackendChange::Add(spec) => (self.add_backend(spec, Source::Api)?, "backend added"),
+            BackendChange::Remove(name) => {
+                let id = found(name)?;
+                if self
+                    .backends
+                    .get(id)
+                    .is_some_and(|b| b.source == Source::Registration)
                 {
-                    Ok(n) if n > 0 => sent(Ok(n)),
-                    _ => (
-                        404,
-                        JSON,
-                        br#"{"error":"no such websocket client"}"#.to_vec(),
-                    ),
+                    return Err(ChangeError::Invalid(format!(
+                        "{name} registered itself: it leaves by deregistering (or drain it)"
+                    )));
                 }
+                self.backends.set_state(id, BackendState::Gone);
+                (id, "backend removed")
             }
-            ("POST", ["api", "backends", guid, "drain"]) => {
-                sent(self.drain_named(&percent_decode(guid)))
+            BackendChange::Drain(name) => {
+                let id = found(name)?;
+                self.backends.set_state(id, BackendState::Draining);
+                (id, "server draining")
             }
-            (_, [""] | ["metrics"] | ["api", ..])
-                if !matches!(method, "GET" | "POST" | "DELETE") =>
-            {
-                (405, JSON, br#"{"error":"method not allowed"}"#.to_vec())
+            BackendChange::Undrain(name) => {
+                let id = found(name)?;
+                self.backends.set_state(id, BackendState::Ready);
+                (id, "server undrained")
             }
-            _ => (404, JSON, br#"{"error":"not found"}"#.to_vec()),
-        }
+            BackendChange::Update {
+                name,
+                weight,
+                max_connections,
+            } => {
+                let id = found(name)?;
+                self.backends.update(id, *weight, *max_connections);
+                (id, "backend updated")
+            }
+        };
+        let row = self.backend_rows().into_iter().find(|r| r.id == id);
+        let name = row.as_ref().map_or(String::new(), |r| r.name.clone());
+        log::info(what, &[("backend", &name), ("by", &"admin")]);
+        self.events.emit(Event::BackendChanged {
+            backend: &name,
+            change: what,
+        });
+        Ok(match row {
+            Some(r) => admin::backends_json(&[r])
+                .get(0)
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
+            None => serde_json::json!({ "name": name, "state": "gone" }),
+        })
     }
 }
 
-/// Decodes `%XX` escapes (and `+` as space) in a query value; invalid escapes stay as-is.
-fn percent_decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b, hex) {
-            (b'%', Some(x)) => {
-                out.push(x);
-                i += 3;
+impl Server {
+    /// A static backend from `-B` syntax (API or `--backends-file`), with the checks the
+    /// flags get: the URL parses and resolves, and it is not one of wslb's own listeners.
+    pub(super) fn add_backend(&mut self, spec: &str, source: Source) -> Result<usize, ChangeError> {
+        let parsed = crate::config::parse_backend(spec)
+            .map_err(|why| ChangeError::Invalid(why.to_string()))?;
+        if startup::is_own_listener(parsed.addr, &self.own_addrs) {
+            return Err(ChangeError::Invalid(format!(
+                "{} is wslb's own listener",
+                parsed.url
+            )));
+        }
+        self.backends
+            .add_static(&parsed, source)
+            .ok_or_else(|| ChangeError::Invalid(format!("{} is already a backend", parsed.url)))
+    }
+}
+
+impl Server {
+    /// SIGHUP: makes the `--backends-file` backends what the file says now: new lines are
+    /// added, changed weights and limits applied, missing lines removed (their open
+    /// connections finish). A file that fails to load changes nothing.
+    pub(super) fn reload_backends_file(&mut self) {
+        let Some(path) = self.cfg.backends_file.clone() else {
+            return;
+        };
+        let specs = match startup::load_backends_file(&path) {
+            Ok(specs) => specs,
+            Err(e) => {
+                log::error(
+                    "SIGHUP: backends file reload failed, keeping the backends",
+                    &[("error", &e)],
+                );
+                return;
             }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
+        };
+        let mut changes: Vec<(String, &'static str)> = Vec::new();
+        let from_file: Vec<(usize, String)> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.source == Source::File && b.state != BackendState::Gone)
+            .map(|(id, b)| (id, b.name.clone()))
+            .collect();
+        for (id, name) in &from_file {
+            if !specs.iter().any(|s| s.url == *name) {
+                self.backends.set_state(*id, BackendState::Gone);
+                changes.push((name.clone(), "backend removed"));
             }
         }
+        for spec in &specs {
+            match self.backends.find(&spec.url) {
+                Some(id)
+                    if self
+                        .backends
+                        .get(id)
+                        .is_some_and(|b| b.source == Source::File) =>
+                {
+                    let same = self.backends.get(id).is_some_and(|b| {
+                        b.weight == spec.weight && b.max_connections == spec.max_connections
+                    });
+                    if !same {
+                        self.backends
+                            .update(id, Some(spec.weight), Some(spec.max_connections));
+                        changes.push((spec.url.clone(), "backend updated"));
+                    }
+                }
+                Some(_) => log::warn(
+                    "--backends-file lists a backend added otherwise; left as it is",
+                    &[("backend", &spec.url)],
+                ),
+                None if startup::is_own_listener(spec.addr, &self.own_addrs) => log::error(
+                    "--backends-file: skipped wslb's own listener",
+                    &[("backend", &spec.url)],
+                ),
+                None => {
+                    self.backends.add_static(spec, Source::File);
+                    changes.push((spec.url.clone(), "backend added"));
+                }
+            }
+        }
+        for (name, what) in &changes {
+            log::info(what, &[("backend", name), ("by", &"backends file")]);
+            self.events.emit(Event::BackendChanged {
+                backend: name,
+                change: what,
+            });
+        }
+        log::info(
+            "SIGHUP: backends file reloaded",
+            &[("backends", &specs.len()), ("changes", &changes.len())],
+        );
     }
-    String::from_utf8_lossy(&out).into_owned()
 }

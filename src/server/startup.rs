@@ -55,17 +55,16 @@ struct Validated {
     control_tls: Option<Arc<rustls::ServerConfig>>,
     backend_tls: Option<Arc<rustls::ClientConfig>>,
     token_file: Option<Vec<(String, String)>>,
+    backends_file: Vec<crate::config::BackendSpec>,
 }
 
 /// Static `-B` backends may point anywhere the operator likes, except back at wslb: one
 /// request to such a backend would dial again, and again.
-fn static_backends_avoid(cfg: &Config, own: &[SocketAddr]) -> Result<(), Error> {
-    let own: Vec<SocketAddr> = own.iter().copied().filter(|a| a.port() != 0).collect();
-    match cfg
-        .backends
-        .iter()
-        .find(|b| crate::netpolicy::hits_own_listener(b.addr, &own, &crate::netpolicy::is_local_ip))
-    {
+fn static_backends_avoid(
+    specs: &[crate::config::BackendSpec],
+    own: &[SocketAddr],
+) -> Result<(), Error> {
+    match specs.iter().find(|b| is_own_listener(b.addr, own)) {
         Some(b) => Err(Error::Config(format!(
             "invalid value {:?} for --backend: that is wslb's own listener; requests would loop",
             b.url
@@ -75,6 +74,22 @@ fn static_backends_avoid(cfg: &Config, own: &[SocketAddr]) -> Result<(), Error> 
 }
 
 /// Reads and parses `--token-file`; the error is the one line printed.
+/// Would dialling `addr` reach one of wslb's own listeners (`own`, port 0 = not bound yet)?
+pub(super) fn is_own_listener(addr: SocketAddr, own: &[SocketAddr]) -> bool {
+    let own: Vec<SocketAddr> = own.iter().copied().filter(|a| a.port() != 0).collect();
+    crate::netpolicy::hits_own_listener(addr, &own, &crate::netpolicy::is_local_ip)
+}
+
+/// Reads and parses `--backends-file`.
+pub(super) fn load_backends_file(
+    path: &std::path::Path,
+) -> Result<Vec<crate::config::BackendSpec>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --backends-file {}: {e}", path.display()))?;
+    crate::config::parse_backends_file(&text)
+        .map_err(|e| format!("--backends-file {}: {e}", path.display()))
+}
+
 pub(super) fn load_token_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;
@@ -92,7 +107,7 @@ impl Server {
             .chain(&cfg.control)
             .copied()
             .collect();
-        static_backends_avoid(cfg, &configured)?;
+        static_backends_avoid(&cfg.backends, &configured)?;
         let server_tls = if cfg.certs.is_empty() {
             None
         } else {
@@ -129,11 +144,16 @@ impl Server {
             Some(path) => Some(load_token_file(path).map_err(Error::Config)?),
             None => None,
         };
+        let backends_file = match &cfg.backends_file {
+            Some(path) => load_backends_file(path).map_err(Error::Config)?,
+            None => Vec::new(),
+        };
         Ok(Validated {
             server_tls,
             control_tls,
             backend_tls,
             token_file,
+            backends_file,
         })
     }
 
@@ -149,6 +169,7 @@ impl Server {
             control_tls,
             backend_tls,
             token_file,
+            backends_file,
         } = Server::validate(&cfg)?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -168,7 +189,8 @@ impl Server {
         upgrade.takeover = inherited.and_then(upgrade::Inherited::into_takeover);
         let own_addrs: Vec<SocketAddr> = local_addrs.iter().copied().chain(control_addr).collect();
         // Again with the bound addresses: a port-0 listener may have drawn a -B port.
-        static_backends_avoid(&cfg, &own_addrs)?;
+        static_backends_avoid(&cfg.backends, &own_addrs)?;
+        static_backends_avoid(&backends_file, &own_addrs)?;
         let control_auth = ControlAuth::new(cfg.token.as_deref(), token_file.as_deref())
             .map_err(|_| io::Error::other("no system randomness for the token MAC key"))?;
         let events = EventSink::open(cfg.events.as_deref()).map_err(|e| {
@@ -182,6 +204,14 @@ impl Server {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut backends = Registry::from_specs(&cfg.backends);
+        for spec in &backends_file {
+            if backends.add_static(spec, Source::File).is_none() {
+                log::warn(
+                    "--backends-file lists a -B backend again; the flag's wins",
+                    &[("backend", &spec.url)],
+                );
+            }
+        }
         if backends.len() == 0 {
             say_where_backends_come_from(&cfg);
         }
