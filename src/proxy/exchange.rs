@@ -444,19 +444,13 @@ impl Conn {
                 Some(key) => handshake::validate_response(&resp, key),
                 None => Err(handshake::HandshakeError::BadUpgradeResponse),
             };
-            if let Err(e) = verdict {
-                log::error(
-                    "bad upgrade response",
-                    &[("client", &self.id), ("error", &e)],
-                );
-                self.fail(ctx, 502);
-                return Next::Return(Step::Progress);
+            if verdict.is_ok() {
+                let head = self.to_client.head_vec();
+                rewrite::write_response(&resp, false, true, head);
+                add_sticky_cookie(head, &ex.sticky, Some(leg.backend), tls, ctx);
+                leg.from_backend.consume(resp.head_len);
             }
-            let head = self.to_client.head_vec();
-            rewrite::write_response(&resp, false, true, head);
-            add_sticky_cookie(head, &ex.sticky, Some(leg.backend), tls, ctx);
-            leg.from_backend.consume(resp.head_len);
-            return Next::Return(self.open_tunnel(ctx));
+            return Next::Return(self.upgraded(ctx, verdict.err()));
         }
         if resp.status < 200 {
             // Interim answers (100 Continue, 103) go straight through.
@@ -485,6 +479,21 @@ impl Conn {
         leg.from_backend.consume(resp.head_len);
         ex.answered = true;
         Next::Again
+    }
+
+    /// The backend's 101 was relayed (or, with `refused`, failed its checks: 502).
+    fn upgraded(&mut self, ctx: &mut Ctx<'_>, refused: Option<handshake::HandshakeError>) -> Step {
+        match refused {
+            None => self.open_tunnel(ctx),
+            Some(e) => {
+                log::error(
+                    "bad upgrade response",
+                    &[("client", &self.id), ("error", &e)],
+                );
+                self.fail(ctx, 502);
+                Step::Progress
+            }
+        }
     }
 
     /// The response body: backend → client, bounded by the client's outbox; the end of
