@@ -24,6 +24,10 @@ pub enum TimerKind {
     Sweep,
     /// A control connection's deadline (handshake, heartbeat).
     Control,
+    /// The next spread close of a drain or of rebalancing is due (`server/drain.rs`).
+    SpreadClose,
+    /// Rebalancing looks at the backends' loads (`--rebalance`).
+    Rebalance,
 }
 
 /// Identifies the owner of a deadline.

@@ -204,7 +204,6 @@ impl Server {
             }
             ControlEvent::Drain => match owned {
                 Some(id) => {
-                    self.backends.set_state(id, BackendState::Draining);
                     c.send_text(control_protocol::ack("drained"));
                     log::info(
                         "server draining",
@@ -213,6 +212,7 @@ impl Server {
                             ("state", &BackendState::Draining.as_str()),
                         ],
                     );
+                    self.drain_backend(id);
                 }
                 None => c.refuse(&ControlError::NotRegistered),
             },

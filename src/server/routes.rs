@@ -63,7 +63,7 @@ impl Server {
             .find(|(_, b)| b.name == name || b.guid.as_deref() == Some(name))
             .map(|(id, _)| id)
             .ok_or_else(|| format!("no backend {name}"))?;
-        self.backends.set_state(id, BackendState::Draining);
+        self.drain_backend(id);
         log::info("server draining", &[("backend", &name), ("by", &"admin")]);
         Ok(1)
     }
@@ -136,6 +136,7 @@ impl Server {
                     uptime,
                     env!("CARGO_PKG_VERSION"),
                     (fdlimit::open_fds(), self.fd_limit),
+                    &self.status_notes(),
                 );
                 (200, "text/html; charset=utf-8", html.into_bytes())
             }

@@ -222,6 +222,8 @@ impl Server {
             finished: false,
             yielded: Vec::new(),
             to_flush: Vec::new(),
+            closes: Default::default(),
+            drain_watches: Vec::new(),
         })
     }
 }

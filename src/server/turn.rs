@@ -46,6 +46,8 @@ impl Server {
                         self.drive_control(t.key);
                     }
                 }
+                TimerKind::SpreadClose => self.fire_spread_closes(now),
+                TimerKind::Rebalance => self.rebalance_tick(now),
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
                     self.backends
@@ -151,5 +153,6 @@ impl Server {
         for key in keys {
             self.with_conn(key, |c, ctx| c.begin_drain(ctx));
         }
+        self.spread_shutdown_closes();
     }
 }
