@@ -357,6 +357,9 @@ struct Board {
     stop: bool,
     drain: bool,
     links: Vec<LinkState>,
+    /// Per link: `drain_complete` heard on its current connection (the balancer has no
+    /// client of ours left).
+    drained: Vec<bool>,
     /// Link threads not yet finished: [`Agent::stop`] waits for 0.
     running: usize,
 }
@@ -397,6 +400,7 @@ pub fn spawn(cfg: AgentConfig) -> Result<Agent, AgentError> {
             stop: false,
             drain: false,
             links: vec![LinkState::Connecting; n],
+            drained: vec![false; n],
             running: 0,
         }),
         changed: Condvar::new(),
@@ -465,6 +469,26 @@ impl Agent {
         self.shared.update(|b| b.drain = true);
     }
 
+    /// After [`Agent::drain`]: waits until every registered link has heard `drain_complete`
+    /// (the balancer closed or saw off all our clients), at most `timeout`; `false` if it
+    /// passed first. Links not registered now are not waited for: no balancer counts
+    /// clients of ours there.
+    pub fn wait_drained(&self, timeout: Duration) -> bool {
+        let done = |b: &Board| {
+            b.links
+                .iter()
+                .zip(&b.drained)
+                .all(|(s, d)| *s != LinkState::Registered || *d)
+        };
+        let board = self.shared.lock();
+        let (board, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(board, timeout, |b| !done(b))
+            .unwrap_or_else(PoisonError::into_inner);
+        done(&board)
+    }
+
     /// Sends `deregister` and a close 1000 on every registered link, then waits (at most a
     /// few seconds) for the link threads to end.
     pub fn stop(mut self) {
@@ -505,6 +529,8 @@ enum BalancerMsg {
     /// whatever its interval, and ours draw pongs at our own.
     Registered,
     Drained,
+    /// The last client of ours is gone from that balancer.
+    DrainComplete,
     Deregistered,
     Unreachable {
         binding: String,
@@ -524,6 +550,7 @@ fn parse_balancer_msg(text: &str) -> Option<BalancerMsg> {
     Some(match v.get("type")?.as_str()? {
         "registered" => BalancerMsg::Registered,
         "drained" => BalancerMsg::Drained,
+        "drain_complete" => BalancerMsg::DrainComplete,
         "deregistered" => BalancerMsg::Deregistered,
         "unreachable" => BalancerMsg::Unreachable {
             binding: field("binding"),
@@ -719,6 +746,14 @@ impl Link {
         });
     }
 
+    fn set_drained(&self, drained: bool) {
+        self.shared.update(|b| {
+            if let Some(slot) = b.drained.get_mut(self.index) {
+                *slot = drained;
+            }
+        });
+    }
+
     /// Waits `d`; `true` if a stop was requested meanwhile (the wait ends at once).
     fn sleep_unless_stopped(&self, d: Duration) -> bool {
         let board = self.shared.lock();
@@ -888,6 +923,7 @@ impl Link {
                 // Only the first `registered` of a connection is a state change.
                 if registered_at.is_none() {
                     *registered_at = Some(Instant::now());
+                    self.set_drained(false);
                     self.set_state(LinkState::Registered);
                     log(format_args!("registered with {url} as {}", self.guid));
                 }
@@ -895,6 +931,11 @@ impl Link {
             }
             Some(BalancerMsg::Drained) => {
                 log(format_args!("draining on {url}"));
+                Ok(())
+            }
+            Some(BalancerMsg::DrainComplete) => {
+                log(format_args!("drained on {url}: no client left"));
+                self.set_drained(true);
                 Ok(())
             }
             Some(BalancerMsg::Deregistered) | Some(BalancerMsg::Other) => Ok(()),
@@ -1070,6 +1111,10 @@ mod tests {
         assert_eq!(
             parse_balancer_msg(&protocol::ack("drained")),
             Some(BalancerMsg::Drained)
+        );
+        assert_eq!(
+            parse_balancer_msg(&protocol::drain_complete(7)),
+            Some(BalancerMsg::DrainComplete)
         );
         assert_eq!(
             parse_balancer_msg(&protocol::error(&protocol::ControlError::Replaced)),

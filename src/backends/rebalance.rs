@@ -12,8 +12,13 @@ use std::time::{Duration, Instant};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-/// Rebalancing acts only while [`imbalance`] is above this (20 %).
+/// Rebalancing starts when [`imbalance`] is above this (20 %)...
 pub const THRESHOLD: f64 = 0.2;
+/// ...and, once started, goes on until it is down to this (5 %): stopping as soon as it
+/// dips under 20 % would leave the new backend at the low edge of its share (measured:
+/// 450 / 500 / 550 of 1,500), while a threshold this low to start with would keep
+/// closing clients over ordinary churn.
+pub const SETTLED: f64 = 0.05;
 
 /// A connection younger than this is never a candidate. A client closed by rebalancing
 /// comes back as a new, young connection, so it is not closed again within this window;
@@ -58,34 +63,46 @@ pub fn imbalance(loads: &[Load]) -> f64 {
     (max - min) / mean
 }
 
-/// How many connections each backend should give up this round: when [`imbalance`] is
-/// over [`THRESHOLD`], each backend's excess over its fair share (`Σ open × weight / Σ
-/// weight`, rounded down so a backend never drops below it), taken from the most loaded
-/// first, `budget` in all. Backends that give up nothing are left out.
+/// Whether to act this round, given the [`imbalance`] and whether the last round acted
+/// (hysteresis between [`THRESHOLD`] and [`SETTLED`]).
+pub fn acting(imbalance: f64, was_acting: bool) -> bool {
+    imbalance > if was_acting { SETTLED } else { THRESHOLD }
+}
+
+/// How many connections each backend should give up this round, `budget` in all, by id:
+/// one at a time from whichever backend is then the most loaded per unit of weight, never
+/// taking a backend below its fair share (`Σ open × weight / Σ weight`, rounded up). Equally
+/// loaded backends so give up equally. Backends that give up nothing are left out.
 pub fn quotas(loads: &[Load], budget: u32) -> Vec<(usize, u32)> {
-    if budget == 0 || imbalance(loads) <= THRESHOLD {
-        return Vec::new();
-    }
     let total: u64 = loads.iter().map(|l| u64::from(l.open)).sum();
     let weight: u64 = loads.iter().map(|l| u64::from(l.weight.max(1))).sum();
-    let mut order: Vec<&Load> = loads.iter().collect();
-    order.sort_by(|a, b| b.per_weight().total_cmp(&a.per_weight()));
-    let mut left = budget;
-    let mut out = Vec::new();
-    for l in order {
-        if left == 0 {
-            break;
-        }
-        // Ceiling of the fair share: the excess is what can go without undershooting.
-        let fair = (total * u64::from(l.weight.max(1))).div_ceil(weight);
-        let excess = u64::from(l.open).saturating_sub(fair);
-        let take = u32::try_from(excess).unwrap_or(u32::MAX).min(left);
-        if take > 0 {
-            out.push((l.id, take));
-            left -= take;
-        }
+    if weight == 0 {
+        return Vec::new();
     }
-    out
+    // (load after this round's closes, fair share, closes) per backend.
+    let mut left: Vec<(Load, u64, u32)> = loads
+        .iter()
+        .map(|l| {
+            let fair = (total * u64::from(l.weight.max(1))).div_ceil(weight);
+            (*l, fair, 0)
+        })
+        .collect();
+    // O(budget × backends): both are small (a rate per second, a pool of backends).
+    for _ in 0..budget {
+        let most = left
+            .iter_mut()
+            .filter(|(l, fair, _)| u64::from(l.open) > *fair)
+            .max_by(|a, b| a.0.per_weight().total_cmp(&b.0.per_weight()));
+        let Some((l, _, taken)) = most else {
+            break;
+        };
+        l.open -= 1;
+        *taken += 1;
+    }
+    left.into_iter()
+        .filter(|(_, _, taken)| *taken > 0)
+        .map(|(l, _, taken)| (l.id, taken))
+        .collect()
 }
 
 /// A connection that might be closed, with the loop's handle on it.
@@ -151,15 +168,23 @@ mod tests {
     }
 
     #[test]
+    fn acting_starts_over_20_percent_and_stops_at_5() {
+        assert!(!acting(0.2, false) && acting(0.21, false));
+        assert!(acting(0.1, true) && !acting(0.05, true));
+    }
+
+    #[test]
     fn quotas_take_the_excess_from_the_most_loaded_within_the_budget() {
-        // Balanced enough: nothing.
-        assert!(quotas(&[load(0, 1, 110), load(1, 1, 90)], 50).is_empty());
+        // At the fair share: nothing.
+        assert!(quotas(&[load(0, 1, 100), load(1, 1, 100)], 50).is_empty());
         // A new backend: fair share 100 each, 50 excess on each old one.
         let q = quotas(&[load(0, 1, 150), load(1, 1, 150), load(2, 1, 0)], 1000);
         assert_eq!(q, vec![(0, 50), (1, 50)]);
-        // The budget caps the round and goes to the most loaded first.
+        // The budget caps the round; the most loaded gives up first, then both alike.
         let q = quotas(&[load(0, 1, 140), load(1, 1, 160), load(2, 1, 0)], 70);
-        assert_eq!(q, vec![(1, 60), (0, 10)]);
+        assert_eq!(q, vec![(0, 25), (1, 45)]);
+        let q = quotas(&[load(0, 1, 150), load(1, 1, 150), load(2, 1, 0)], 50);
+        assert_eq!(q, vec![(0, 25), (1, 25)]);
         // Weights: fair shares 200 and 100 of 300.
         let q = quotas(&[load(0, 2, 150), load(1, 1, 150)], 1000);
         assert_eq!(q, vec![(1, 50)]);

@@ -278,8 +278,9 @@ impl Server {
     }
 
     /// The [`TimerKind::Rebalance`] timer (only armed with `--rebalance`): when the Ready
-    /// backends' loads are more than [`rebalance::THRESHOLD`] apart, schedules up to RATE
-    /// closes (1012) from the most loaded, spread over the next period.
+    /// backends' loads are more than [`rebalance::THRESHOLD`] apart, and until they are
+    /// within [`rebalance::SETTLED`], schedules up to RATE closes (1012) from the most
+    /// loaded, spread over the next period.
     pub(super) fn rebalance_tick(&mut self, now: Instant) {
         let rate = self.cfg.rebalance;
         if rate == 0 || self.draining {
@@ -326,16 +327,18 @@ impl Server {
                 });
             }
         }
-        let quotas = rebalance::quotas(&loads, rate);
-        if quotas.is_empty() {
+        let imbalance = rebalance::imbalance(&loads);
+        self.rebalancing = rebalance::acting(imbalance, self.rebalancing);
+        if !self.rebalancing {
             return;
         }
+        let quotas = rebalance::quotas(&loads, rate);
         let chosen = rebalance::choose(&candidates, &quotas, now, &mut self.rng);
         if !chosen.is_empty() {
             log::info(
                 "rebalancing",
                 &[
-                    ("imbalance", &format!("{:.2}", rebalance::imbalance(&loads))),
+                    ("imbalance", &format!("{imbalance:.2}")),
                     ("closing", &chosen.len()),
                 ],
             );

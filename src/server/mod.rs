@@ -145,6 +145,8 @@ pub struct Server {
     closes: drain::Closes,
     /// Drained backends waiting for their last client to go.
     drain_watches: Vec<drain::DrainWatch>,
+    /// Rebalancing is under way (between its start and settle thresholds).
+    rebalancing: bool,
 }
 
 /// Why the balancer could not start or stopped with an error.

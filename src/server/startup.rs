@@ -224,6 +224,7 @@ impl Server {
             to_flush: Vec::new(),
             closes: Default::default(),
             drain_watches: Vec::new(),
+            rebalancing: false,
         })
     }
 }
