@@ -307,7 +307,12 @@ fn drained_backend_clients_get_1012_reconnect_elsewhere_and_it_hears_drain_compl
     let t0 = unix_now();
     let ctl = &mut controls[0];
     ctl.send(Message::text(r#"{"type":"drain"}"#)).unwrap();
-    assert_eq!(next_control(ctl, Duration::from_secs(5))["type"], "drained");
+    let ack = next_control(ctl, Duration::from_secs(5));
+    assert_eq!(
+        (ack["type"].as_str(), ack["clients"].as_u64()),
+        (Some("drained"), Some(on_a as u64)),
+        "{ack}"
+    );
     let done = next_control(ctl, Duration::from_secs(15));
     let finished = unix_now() - t0;
     assert_eq!(done["type"], "drain_complete", "{done}");

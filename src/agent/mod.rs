@@ -528,7 +528,10 @@ enum BalancerMsg {
     /// Its `heartbeat_ms` is not needed: the balancer's pings are answered within a tick
     /// whatever its interval, and ours draw pongs at our own.
     Registered,
-    Drained,
+    /// `clients` present: the balancer will send `drain_complete` (older ones do not).
+    Drained {
+        clients: Option<u64>,
+    },
     /// The last client of ours is gone from that balancer.
     DrainComplete,
     Deregistered,
@@ -549,7 +552,9 @@ fn parse_balancer_msg(text: &str) -> Option<BalancerMsg> {
     let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     Some(match v.get("type")?.as_str()? {
         "registered" => BalancerMsg::Registered,
-        "drained" => BalancerMsg::Drained,
+        "drained" => BalancerMsg::Drained {
+            clients: v.get("clients").and_then(Value::as_u64),
+        },
         "drain_complete" => BalancerMsg::DrainComplete,
         "deregistered" => BalancerMsg::Deregistered,
         "unreachable" => BalancerMsg::Unreachable {
@@ -929,8 +934,16 @@ impl Link {
                 }
                 Ok(())
             }
-            Some(BalancerMsg::Drained) => {
-                log(format_args!("draining on {url}"));
+            Some(BalancerMsg::Drained { clients }) => {
+                match clients {
+                    Some(n) => log(format_args!("draining on {url}: {n} clients to move")),
+                    None => {
+                        // A balancer that will not say when our clients are gone: nothing
+                        // to wait for.
+                        log(format_args!("draining on {url}"));
+                        self.set_drained(true);
+                    }
+                }
                 Ok(())
             }
             Some(BalancerMsg::DrainComplete) => {
@@ -1110,7 +1123,11 @@ mod tests {
         );
         assert_eq!(
             parse_balancer_msg(&protocol::ack("drained")),
-            Some(BalancerMsg::Drained)
+            Some(BalancerMsg::Drained { clients: None })
+        );
+        assert_eq!(
+            parse_balancer_msg(&protocol::drained(3)),
+            Some(BalancerMsg::Drained { clients: Some(3) })
         );
         assert_eq!(
             parse_balancer_msg(&protocol::drain_complete(7)),

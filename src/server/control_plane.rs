@@ -204,7 +204,6 @@ impl Server {
             }
             ControlEvent::Drain => match owned {
                 Some(id) => {
-                    c.send_text(control_protocol::ack("drained"));
                     log::info(
                         "server draining",
                         &[
@@ -212,7 +211,10 @@ impl Server {
                             ("state", &BackendState::Draining.as_str()),
                         ],
                     );
-                    self.drain_backend(id);
+                    let clients = self.drain_backend(id);
+                    if let Some(c) = self.controls.get_mut(key) {
+                        c.send_text(control_protocol::drained(clients));
+                    }
                 }
                 None => c.refuse(&ControlError::NotRegistered),
             },

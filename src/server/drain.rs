@@ -197,13 +197,14 @@ impl Server {
     /// Puts backend `id` in draining state: no new clients; its WebSocket clients get 1012
     /// spread over `--backend-drain-window` (unless off); its control connection, if any,
     /// hears `drain_complete` once its last connection is gone. Draining a backend already
-    /// draining changes nothing.
-    pub(super) fn drain_backend(&mut self, id: usize) {
+    /// draining changes nothing. Returns its connections when the drain began.
+    pub(super) fn drain_backend(&mut self, id: usize) -> u32 {
         let Some(b) = self.backend(id) else {
-            return;
+            return 0;
         };
         if b.state != BackendState::Ready {
-            return;
+            let watched = self.drain_watches.iter().find(|w| w.backend == id);
+            return watched.map_or(b.active, |w| w.clients);
         }
         let (owner, clients) = (b.owner, b.active);
         self.backends.set_state(id, BackendState::Draining);
@@ -219,6 +220,7 @@ impl Server {
                 clients,
             });
         }
+        clients
     }
 
     /// End of a turn: tells each drained backend whose last connection is gone, and forgets
