@@ -418,3 +418,90 @@ fn rebalance_evens_out_a_new_backend_without_closing_anyone_twice() {
         "rebalance: {n} clients, {closed} moved, settled {settled:.1?} after c registered: {finals:?}"
     );
 }
+
+#[test]
+fn agent_on_sigterm_keeps_its_backend_up_until_the_balancer_moved_every_client() {
+    if !python_usable() {
+        return;
+    }
+    let n = 40;
+    let other = Backend::start("b");
+    let lb = Balancer::start(
+        &[
+            "--control",
+            "127.0.0.1:0",
+            "--heartbeat",
+            "60s",
+            "--backend-drain-window",
+            "2s",
+        ],
+        &[],
+    );
+    let _b = register(&lb, "g-b", &other);
+    let port = free_port();
+    let mut agent = Command::new(wslb_bin().expect("wslb"))
+        .arg("agent")
+        .args([
+            "--balancer",
+            &format!("ws://{}/register", lb.control_addr()),
+        ])
+        .args([
+            "--binding",
+            &format!("ws://127.0.0.1:{port}"),
+            "--guid",
+            "g-a",
+        ])
+        .arg("--")
+        .arg(echo_backend_bin())
+        .args(["--name", "a", "--listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wslb agent");
+    let registered = wait_until(Duration::from_secs(10), || {
+        actives(&lb).contains_key("g-a") && TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(registered, "agent did not register");
+    let mut clients = Clients::start(lb.addr(), n, true);
+    let on_a = clients.ready().get("a").copied().unwrap_or(0);
+    assert!(on_a > 0);
+
+    let t0 = unix_now();
+    let kill = Command::new("kill").arg(agent.id().to_string()).status();
+    assert!(kill.is_ok_and(|s| s.success()));
+    let mut status = None;
+    wait_until(Duration::from_secs(15), || {
+        status = agent.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    let exited = unix_now() - t0;
+    let Some(status) = status else {
+        let _ = agent.kill();
+        panic!("agent still running 15 s after SIGTERM");
+    };
+    let mut err = String::new();
+    if let Some(mut e) = agent.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("no client left"), "{err}");
+
+    let stories = clients.report(true, Duration::from_secs(10));
+    let mut last = 0.0f64;
+    for s in stories.iter().filter(|s| s.first == "a") {
+        // Stopped only after the balancer moved its clients: each got 1012 from the
+        // balancer, none the 1001 of a backend that went away under it.
+        let [(code, at, _)] = s.closes.as_slice() else {
+            panic!("expected one close: {s:?}");
+        };
+        assert_eq!(*code, 1012, "{s:?}");
+        assert_eq!(s.now.as_deref(), Some("b"), "{s:?}");
+        last = last.max(at - t0);
+    }
+    assert!(
+        exited >= last,
+        "agent exited {exited:.2}s after SIGTERM, before its last client moved ({last:.2}s)"
+    );
+    eprintln!("agent: {on_a} clients moved, last at {last:.2}s, agent exited at {exited:.2}s");
+}
