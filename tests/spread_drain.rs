@@ -505,3 +505,41 @@ fn agent_on_sigterm_keeps_its_backend_up_until_the_balancer_moved_every_client()
     );
     eprintln!("agent: {on_a} clients moved, last at {last:.2}s, agent exited at {exited:.2}s");
 }
+
+#[test]
+fn admin_drain_of_a_static_backend_moves_its_clients_with_1012() {
+    if !python_usable() {
+        return;
+    }
+    let n = 30;
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = Balancer::start(
+        &["--control", "127.0.0.1:0", "--backend-drain-window", "1s"],
+        &[&a, &b],
+    );
+    let mut clients = Clients::start(lb.addr(), n, true);
+    let on_a = clients.ready().get("a").copied().unwrap_or(0);
+    assert!(on_a > 0);
+    let name = a.url().replace(':', "%3A").replace('/', "%2F");
+    let r = http_request(
+        lb.control_addr(),
+        format!(
+            "POST /api/backends/{name}/drain HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let url = a.url();
+    assert!(wait_until(Duration::from_secs(5), || {
+        let act = actives(&lb);
+        act.get(&url) == Some(&0) && act.get(&b.url()) == Some(&(n as u64))
+    }));
+    let stories = clients.report(true, Duration::from_secs(10));
+    for s in &stories {
+        let codes: Vec<u64> = s.closes.iter().map(|c| c.0).collect();
+        let expected: &[u64] = if s.first == "a" { &[1012] } else { &[] };
+        assert_eq!(codes, expected, "{s:?}");
+        assert_eq!(s.now.as_deref(), Some("b"), "{s:?}");
+    }
+    assert_eq!(metric(&lb, "wslb_backend_drain_closes_total"), on_a as u64);
+}
