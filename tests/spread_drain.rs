@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +26,14 @@ fn clients() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600)
+}
+
+/// One test at a time: each runs hundreds of Python clients and measures close times, which
+/// two cores shared with the other tests would skew.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn python_usable() -> bool {
@@ -232,6 +240,7 @@ fn sigterm_spreads_1001_closes_evenly_over_the_drain_window() {
     if !python_usable() {
         return;
     }
+    let _turn = exclusive();
     const WINDOW: f64 = 6.0;
     const BINS: usize = 6;
     let n = clients();
@@ -277,6 +286,7 @@ fn drained_backend_clients_get_1012_reconnect_elsewhere_and_it_hears_drain_compl
     if !python_usable() {
         return;
     }
+    let _turn = exclusive();
     const WINDOW: f64 = 3.0;
     let n = clients() / 2;
     let backends = [
@@ -337,7 +347,7 @@ fn drained_backend_clients_get_1012_reconnect_elsewhere_and_it_hears_drain_compl
                 panic!("a client of a must be closed exactly once: {s:?}");
             };
             assert_eq!((*code, from.as_str()), (1012, "a"), "{s:?}");
-            assert!(at - t0 < WINDOW + 0.5, "closed {:.2}s after drain", at - t0);
+            assert!(at - t0 < WINDOW + 1.0, "closed {:.2}s after drain", at - t0);
             assert!(
                 matches!(s.now.as_deref(), Some("b" | "c")),
                 "did not land on b or c: {s:?}"
@@ -358,6 +368,7 @@ fn rebalance_evens_out_a_new_backend_without_closing_anyone_twice() {
     if !python_usable() {
         return;
     }
+    let _turn = exclusive();
     let n = clients() / 2;
     let (a, b, c) = (
         Backend::start("a"),
@@ -424,6 +435,7 @@ fn agent_on_sigterm_keeps_its_backend_up_until_the_balancer_moved_every_client()
     if !python_usable() {
         return;
     }
+    let _turn = exclusive();
     let n = 40;
     let other = Backend::start("b");
     let lb = Balancer::start(
@@ -511,6 +523,7 @@ fn admin_drain_of_a_static_backend_moves_its_clients_with_1012() {
     if !python_usable() {
         return;
     }
+    let _turn = exclusive();
     let n = 30;
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let lb = Balancer::start(
