@@ -556,3 +556,34 @@ fn admin_drain_of_a_static_backend_moves_its_clients_with_1012() {
     }
     assert_eq!(metric(&lb, "wslb_backend_drain_closes_total"), on_a as u64);
 }
+
+#[test]
+fn rebalance_leaves_clients_a_sticky_session_placed_alone() {
+    if !python_usable() {
+        return;
+    }
+    let _turn = exclusive();
+    let n = 40;
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    // Every client comes from 127.0.0.1: `--sticky ip` puts them all on one backend, as
+    // uneven as it gets, and none of them may be moved.
+    let lb = Balancer::start(
+        &[
+            "--control",
+            "127.0.0.1:0",
+            "--sticky",
+            "ip",
+            "--rebalance",
+            "50",
+        ],
+        &[&a, &b],
+    );
+    let mut clients = Clients::start(lb.addr(), n, true);
+    let counts = clients.ready();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    // Past the 10 s after which unpinned connections would be candidates, plus two rounds.
+    thread::sleep(Duration::from_secs(13));
+    let stories = clients.report(true, Duration::from_secs(10));
+    assert!(stories.iter().all(|s| s.closes.is_empty()), "{stories:?}");
+    assert_eq!(metric(&lb, "wslb_rebalance_closes_total"), 0);
+}
