@@ -232,23 +232,35 @@ pub fn run(cfg: AgentConfig, child: Vec<String>, drain_wait: Duration) -> Result
     }
     let agent = agent::spawn(cfg).map_err(|e| e.to_string())?;
     let mut sup = (!child.is_empty()).then(|| Supervisor::new(child));
-    while !term.load(Ordering::Relaxed) {
-        if let Some(s) = sup.as_mut() {
-            s.tick(Instant::now());
+    // Signal delivery only sets the flag; a short poll keeps shutdown prompt.
+    let mut until = |stop: &mut dyn FnMut() -> bool| {
+        while !stop() {
+            if let Some(s) = sup.as_mut() {
+                s.tick(Instant::now());
+            }
+            thread::sleep(POLL);
         }
-        // Signal delivery only sets the flag; a short poll keeps shutdown prompt.
-        thread::sleep(POLL);
-    }
-    eprintln!("wslb agent: stopping: drain, deregister, then stop the command");
+    };
+    until(&mut || term.load(Ordering::Relaxed));
+    eprintln!("wslb agent: stopping: drain, wait for our clients to move, deregister, then stop the command");
     agent.drain();
-    // The child keeps serving while the balancers move its clients away (1012 spread over
-    // their --backend-drain-window): stopping it before would drop them all at once.
-    if !drain_wait.is_zero() && !agent.wait_drained(drain_wait) {
-        eprintln!(
-            "wslb agent: clients still connected after {}s; stopping anyway",
-            drain_wait.as_secs()
-        );
-    }
+    // The child keeps serving (and is restarted if it dies) while the balancers move its
+    // clients away (1012 spread over their --backend-drain-window): stopping it before
+    // would drop them all at once. A second signal stops waiting.
+    term.store(false, Ordering::Relaxed);
+    let deadline = Instant::now() + drain_wait;
+    until(&mut || {
+        agent.wait_drained(Duration::ZERO) || term.load(Ordering::Relaxed) || {
+            let late = Instant::now() >= deadline;
+            if late && !drain_wait.is_zero() {
+                eprintln!(
+                    "wslb agent: clients still connected after {}s; stopping anyway",
+                    drain_wait.as_secs()
+                );
+            }
+            late
+        }
+    });
     agent.stop();
     if let Some(s) = sup {
         s.shutdown();
