@@ -128,8 +128,14 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Keep-alive / no-progress deadline for HTTP connections.
     pub idle_timeout: Duration,
-    /// Grace period for WebSocket clients after SIGTERM.
+    /// Grace period for WebSocket clients after SIGTERM; their 1001 closes are spread over it.
     pub drain_timeout: Duration,
+    /// A drained backend's WebSocket clients get 1012 spread over this; `None` (`off`) =
+    /// they stay until they leave.
+    pub backend_drain_window: Option<Duration>,
+    /// `--rebalance RATE`: most connections closed per second to even out the backends;
+    /// 0 = off.
+    pub rebalance: u32,
     /// Largest number of client connections held at once; 0 = as many as the descriptor
     /// limit allows (the server works it out at start, and lowers a larger value to it).
     pub max_connections: usize,
@@ -218,6 +224,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            backend_drain_window: Some(Duration::from_secs(60)),
+            rebalance: 0,
             max_connections: 0,
             max_frame_size: u64::MAX,
             max_connections_per_ip: 0,
@@ -343,8 +351,20 @@ fn options() -> getopts::Options {
     o.optopt(
         "",
         "drain-timeout",
-        "after SIGTERM, WebSocket clients get close 1001 after this [default: 10s]",
+        "after SIGTERM, WebSocket clients get close 1001 spread over this [default: 10s]",
         "DUR",
+    );
+    o.optopt(
+        "",
+        "backend-drain-window",
+        "a drained backend's WebSocket clients get close 1012 spread over this; off = they stay until they leave [default: 60s]",
+        "DUR|off",
+    );
+    o.optopt(
+        "",
+        "rebalance",
+        "close up to RATE WebSockets per second (1012) from the most loaded backends while loads per weight are over 20% apart [default: off]",
+        "RATE",
     );
     o.optopt(
         "",
@@ -610,6 +630,30 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
         if let Some(v) = m.opt_str(name) {
             *slot = parse_duration(&v).map_err(|why| bad(flag_name(name), &v, why))?;
         }
+    }
+    if let Some(v) = m.opt_str("backend-drain-window") {
+        cfg.backend_drain_window = if v.trim().eq_ignore_ascii_case("off") {
+            None
+        } else {
+            Some(parse_duration(&v).map_err(|why| bad("--backend-drain-window", &v, why))?)
+        };
+    }
+    if let Some(v) = m.opt_str("rebalance") {
+        cfg.rebalance = if v.trim().eq_ignore_ascii_case("off") {
+            0
+        } else {
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    bad(
+                        "--rebalance",
+                        &v,
+                        "expected connections per second (a positive integer) or off",
+                    )
+                })?
+        };
     }
     if let Some(v) = m.opt_str("max-connections") {
         // 0 = as many as the descriptor limit allows (the default).
@@ -1133,5 +1177,31 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         assert!(parse_backends_file("ws://127.0.0.1:1,weight=0").is_err());
         assert!(parse_backends_file("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn spread_close_flags() {
+        let c = run(&[]).unwrap();
+        assert_eq!(
+            (c.backend_drain_window, c.rebalance),
+            (Some(Duration::from_secs(60)), 0)
+        );
+        let c = run(&["--backend-drain-window", "off", "--rebalance", "50"]).unwrap();
+        assert_eq!((c.backend_drain_window, c.rebalance), (None, 50));
+        let c = run(&["--backend-drain-window", "5s", "--rebalance", "off"]).unwrap();
+        assert_eq!(
+            (c.backend_drain_window, c.rebalance),
+            (Some(Duration::from_secs(5)), 0)
+        );
+        for (flag, value) in [
+            ("--backend-drain-window", "0"),
+            ("--backend-drain-window", "soon"),
+            ("--rebalance", "0"),
+            ("--rebalance", "-3"),
+            ("--rebalance", "1.5"),
+        ] {
+            let e = run(&[flag, value]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
     }
 }

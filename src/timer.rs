@@ -26,6 +26,10 @@ pub enum TimerKind {
     Control,
     /// Binary upgrade, new side: accept clients even if not every backend came back.
     Takeover,
+    /// The next spread close of a drain or of rebalancing is due (`server/drain.rs`).
+    SpreadClose,
+    /// Rebalancing looks at the backends' loads (`--rebalance`).
+    Rebalance,
 }
 
 /// Identifies the owner of a deadline.

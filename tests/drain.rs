@@ -1,5 +1,5 @@
-//! SIGTERM: stop accepting, finish HTTP exchanges, close WebSockets with 1001 after
-//! `--drain-timeout`, exit 0.
+//! SIGTERM: stop accepting, finish HTTP exchanges, close WebSockets with 1001 within
+//! `--drain-timeout` (spread over it), exit 0.
 
 mod common;
 
@@ -34,7 +34,7 @@ fn assert_exits_0(lb: &mut Balancer) {
 }
 
 #[test]
-fn websocket_gets_1001_after_drain_timeout_and_process_exits_0() {
+fn websocket_gets_1001_within_drain_timeout_and_process_exits_0() {
     let a = Backend::start("a");
     let mut lb = Balancer::start(&["--drain-timeout", "1s"], &[&a]);
     let mut ws = ws_connect(lb.addr(), "/");
@@ -43,22 +43,22 @@ fn websocket_gets_1001_after_drain_timeout_and_process_exits_0() {
 
     lb.sigterm();
     let signalled = Instant::now();
-    ws.send(Message::text("during drain")).unwrap();
-    assert_eq!(ws.read().unwrap(), Message::text("during drain"));
     assert!(
         wait_until(Duration::from_secs(3), || not_serving(lb.addr())),
         "still accepting"
     );
 
-    match ws.read() {
-        Ok(Message::Close(Some(frame))) => assert_eq!(frame.code, CloseCode::Away, "{frame:?}"),
-        other => panic!("expected a close frame with code 1001, got {other:?}"),
-    }
+    // The 1001 closes are spread over the drain timeout (tests/spread_drain.rs): the one
+    // client's comes at a random point of it, after any echo still on its way.
+    let frame = loop {
+        match ws.read() {
+            Ok(Message::Close(Some(frame))) => break frame,
+            Ok(Message::Text(_)) => {}
+            other => panic!("expected a close frame with code 1001, got {other:?}"),
+        }
+    };
+    assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
     let waited = signalled.elapsed();
-    assert!(
-        waited >= Duration::from_millis(800),
-        "closed after {waited:?}, before the drain timeout"
-    );
     assert!(
         waited <= Duration::from_secs(3),
         "closed only after {waited:?}"

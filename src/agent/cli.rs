@@ -23,9 +23,14 @@ const RESTART_MAX: Duration = Duration::from_secs(10);
 const RESTART_RESET: Duration = Duration::from_secs(10);
 /// After SIGTERM the child gets this long to exit before SIGKILL.
 const CHILD_GRACE: Duration = Duration::from_secs(5);
+/// `--drain-wait` default: the balancer's default `--backend-drain-window` (60 s) plus
+/// room for the last clients' closing handshakes.
+const DRAIN_WAIT: Duration = Duration::from_secs(70);
 
 /// What `wslb agent ...` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Built once per process at start-up: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum AgentCommand {
     /// Print this text and exit 0.
     Help(String),
@@ -35,6 +40,9 @@ pub enum AgentCommand {
         cfg: AgentConfig,
         /// The command after `--`, if any.
         child: Vec<String>,
+        /// On SIGTERM, how long to wait for `drain_complete` before deregistering (zero =
+        /// not at all).
+        drain_wait: Duration,
     },
 }
 
@@ -78,6 +86,12 @@ fn options() -> getopts::Options {
         "heartbeat",
         "ping interval; 3 silent intervals = link lost [default: 5s]",
         "DUR",
+    );
+    o.optopt(
+        "",
+        "drain-wait",
+        "on SIGTERM, wait this long for the balancers to report our last client gone (drain_complete) before deregistering; off = do not wait [default: 70s]",
+        "DUR|off",
     );
     o.optflag("h", "help", "print this help and exit");
     o
@@ -127,7 +141,8 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
         return Ok(AgentCommand::Help(opts.usage(
             "Usage: wslb agent --balancer URL --binding URL [OPTIONS] [-- CMD ARGS...]\n\n\
              Registers a backend with wslb balancers and keeps it registered; with -- CMD,\n\
-             also runs CMD and restarts it when it exits. SIGTERM: drain, deregister, stop CMD.",
+             also runs CMD and restarts it when it exits. SIGTERM: drain, wait until the\n\
+             balancers report no client left (--drain-wait), deregister, stop CMD.",
         )));
     }
     if let Some(extra) = m.free.first() {
@@ -168,8 +183,17 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
     if let Some(v) = m.opt_str("heartbeat") {
         cfg.heartbeat = parse_duration(&v).map_err(|why| bad("--heartbeat", &v, why))?;
     }
+    let drain_wait = match m.opt_str("drain-wait") {
+        None => DRAIN_WAIT,
+        Some(v) if v.trim().eq_ignore_ascii_case("off") => Duration::ZERO,
+        Some(v) => parse_duration(&v).map_err(|why| bad("--drain-wait", &v, why))?,
+    };
     agent::validate(&cfg).map_err(flag_error)?;
-    Ok(AgentCommand::Run { cfg, child })
+    Ok(AgentCommand::Run {
+        cfg,
+        child,
+        drain_wait,
+    })
 }
 
 /// Entry point of `wslb agent`; `args` are the words after `agent`.
@@ -180,7 +204,11 @@ pub fn main(args: &[String]) -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Ok(AgentCommand::Run { cfg, child }) => match run(cfg, child) {
+        Ok(AgentCommand::Run {
+            cfg,
+            child,
+            drain_wait,
+        }) => match run(cfg, child, drain_wait) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wslb agent: {e}");
@@ -194,8 +222,9 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then shuts down in order: drain, deregister, stop the child.
-pub fn run(cfg: AgentConfig, child: Vec<String>) -> Result<(), String> {
+/// Runs until SIGTERM or SIGINT, then shuts down in order: drain, wait (at most
+/// `drain_wait`) until the balancers report our last client gone, deregister, stop the child.
+pub fn run(cfg: AgentConfig, child: Vec<String>, drain_wait: Duration) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&term))
@@ -203,15 +232,35 @@ pub fn run(cfg: AgentConfig, child: Vec<String>) -> Result<(), String> {
     }
     let agent = agent::spawn(cfg).map_err(|e| e.to_string())?;
     let mut sup = (!child.is_empty()).then(|| Supervisor::new(child));
-    while !term.load(Ordering::Relaxed) {
-        if let Some(s) = sup.as_mut() {
-            s.tick(Instant::now());
+    // Signal delivery only sets the flag; a short poll keeps shutdown prompt.
+    let mut until = |stop: &mut dyn FnMut() -> bool| {
+        while !stop() {
+            if let Some(s) = sup.as_mut() {
+                s.tick(Instant::now());
+            }
+            thread::sleep(POLL);
         }
-        // Signal delivery only sets the flag; a short poll keeps shutdown prompt.
-        thread::sleep(POLL);
-    }
-    eprintln!("wslb agent: stopping: drain, deregister, then stop the command");
+    };
+    until(&mut || term.load(Ordering::Relaxed));
+    eprintln!("wslb agent: stopping: drain, wait for our clients to move, deregister, then stop the command");
     agent.drain();
+    // The child keeps serving (and is restarted if it dies) while the balancers move its
+    // clients away (1012 spread over their --backend-drain-window): stopping it before
+    // would drop them all at once. A second signal stops waiting.
+    term.store(false, Ordering::Relaxed);
+    let deadline = Instant::now() + drain_wait;
+    until(&mut || {
+        agent.wait_drained(Duration::ZERO) || term.load(Ordering::Relaxed) || {
+            let late = Instant::now() >= deadline;
+            if late && !drain_wait.is_zero() {
+                eprintln!(
+                    "wslb agent: clients still connected after {}s; stopping anyway",
+                    drain_wait.as_secs()
+                );
+            }
+            late
+        }
+    });
     agent.stop();
     if let Some(s) = sup {
         s.shutdown();
@@ -341,7 +390,8 @@ mod tests {
             "-c",
             "exec backend --port 1",
         ]));
-        let AgentCommand::Run { cfg, child } = parse_args(&a, Some("env".into())).unwrap() else {
+        let AgentCommand::Run { cfg, child, .. } = parse_args(&a, Some("env".into())).unwrap()
+        else {
             panic!()
         };
         assert_eq!(cfg.guid, "api-1");
@@ -352,7 +402,8 @@ mod tests {
         assert_eq!(child, ["sh", "-c", "exec backend --port 1"]);
         let mut a = args(&BASE);
         a.extend(args(&["--token", "flag"]));
-        let AgentCommand::Run { cfg, child } = parse_args(&a, Some("env".into())).unwrap() else {
+        let AgentCommand::Run { cfg, child, .. } = parse_args(&a, Some("env".into())).unwrap()
+        else {
             panic!()
         };
         assert_eq!((cfg.token.as_deref(), child.len()), (Some("flag"), 0));
@@ -381,6 +432,7 @@ mod tests {
             (&["--max-connections", "-1"], "--max-connections"),
             (&["--tag", "novalue"], "--tag"),
             (&["--heartbeat", "0s"], "--heartbeat"),
+            (&["--drain-wait", "soon"], "--drain-wait"),
             (&["--guid", "a b"], "--guid"),
             (&["--bogus"], "bogus"),
             (&["stray"], "stray"),

@@ -357,6 +357,9 @@ struct Board {
     stop: bool,
     drain: bool,
     links: Vec<LinkState>,
+    /// Per link: `drain_complete` heard on its current connection (the balancer has no
+    /// client of ours left).
+    drained: Vec<bool>,
     /// Link threads not yet finished: [`Agent::stop`] waits for 0.
     running: usize,
 }
@@ -397,6 +400,7 @@ pub fn spawn(cfg: AgentConfig) -> Result<Agent, AgentError> {
             stop: false,
             drain: false,
             links: vec![LinkState::Connecting; n],
+            drained: vec![false; n],
             running: 0,
         }),
         changed: Condvar::new(),
@@ -465,6 +469,26 @@ impl Agent {
         self.shared.update(|b| b.drain = true);
     }
 
+    /// After [`Agent::drain`]: waits until every registered link has heard `drain_complete`
+    /// (the balancer closed or saw off all our clients), at most `timeout`; `false` if it
+    /// passed first. Links not registered now are not waited for: no balancer counts
+    /// clients of ours there.
+    pub fn wait_drained(&self, timeout: Duration) -> bool {
+        let done = |b: &Board| {
+            b.links
+                .iter()
+                .zip(&b.drained)
+                .all(|(s, d)| *s != LinkState::Registered || *d)
+        };
+        let board = self.shared.lock();
+        let (board, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(board, timeout, |b| !done(b))
+            .unwrap_or_else(PoisonError::into_inner);
+        done(&board)
+    }
+
     /// Sends `deregister` and a close 1000 on every registered link, then waits (at most a
     /// few seconds) for the link threads to end.
     pub fn stop(mut self) {
@@ -504,7 +528,12 @@ enum BalancerMsg {
     /// Its `heartbeat_ms` is not needed: the balancer's pings are answered within a tick
     /// whatever its interval, and ours draw pongs at our own.
     Registered,
-    Drained,
+    /// `clients` present: the balancer will send `drain_complete` (older ones do not).
+    Drained {
+        clients: Option<u64>,
+    },
+    /// The last client of ours is gone from that balancer.
+    DrainComplete,
     Deregistered,
     Unreachable {
         binding: String,
@@ -523,7 +552,10 @@ fn parse_balancer_msg(text: &str) -> Option<BalancerMsg> {
     let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     Some(match v.get("type")?.as_str()? {
         "registered" => BalancerMsg::Registered,
-        "drained" => BalancerMsg::Drained,
+        "drained" => BalancerMsg::Drained {
+            clients: v.get("clients").and_then(Value::as_u64),
+        },
+        "drain_complete" => BalancerMsg::DrainComplete,
         "deregistered" => BalancerMsg::Deregistered,
         "unreachable" => BalancerMsg::Unreachable {
             binding: field("binding"),
@@ -719,6 +751,14 @@ impl Link {
         });
     }
 
+    fn set_drained(&self, drained: bool) {
+        self.shared.update(|b| {
+            if let Some(slot) = b.drained.get_mut(self.index) {
+                *slot = drained;
+            }
+        });
+    }
+
     /// Waits `d`; `true` if a stop was requested meanwhile (the wait ends at once).
     fn sleep_unless_stopped(&self, d: Duration) -> bool {
         let board = self.shared.lock();
@@ -888,13 +928,27 @@ impl Link {
                 // Only the first `registered` of a connection is a state change.
                 if registered_at.is_none() {
                     *registered_at = Some(Instant::now());
+                    self.set_drained(false);
                     self.set_state(LinkState::Registered);
                     log(format_args!("registered with {url} as {}", self.guid));
                 }
                 Ok(())
             }
-            Some(BalancerMsg::Drained) => {
-                log(format_args!("draining on {url}"));
+            Some(BalancerMsg::Drained { clients }) => {
+                match clients {
+                    Some(n) => log(format_args!("draining on {url}: {n} clients to move")),
+                    None => {
+                        // A balancer that will not say when our clients are gone: nothing
+                        // to wait for.
+                        log(format_args!("draining on {url}"));
+                        self.set_drained(true);
+                    }
+                }
+                Ok(())
+            }
+            Some(BalancerMsg::DrainComplete) => {
+                log(format_args!("drained on {url}: no client left"));
+                self.set_drained(true);
                 Ok(())
             }
             Some(BalancerMsg::Deregistered) | Some(BalancerMsg::Other) => Ok(()),
@@ -1069,7 +1123,15 @@ mod tests {
         );
         assert_eq!(
             parse_balancer_msg(&protocol::ack("drained")),
-            Some(BalancerMsg::Drained)
+            Some(BalancerMsg::Drained { clients: None })
+        );
+        assert_eq!(
+            parse_balancer_msg(&protocol::drained(3)),
+            Some(BalancerMsg::Drained { clients: Some(3) })
+        );
+        assert_eq!(
+            parse_balancer_msg(&protocol::drain_complete(7)),
+            Some(BalancerMsg::DrainComplete)
         );
         assert_eq!(
             parse_balancer_msg(&protocol::error(&protocol::ControlError::Replaced)),

@@ -4,6 +4,7 @@
 
 pub mod balance;
 pub(crate) mod pool;
+pub mod rebalance;
 pub(crate) mod registry;
 pub(crate) mod route;
 pub mod sticky;

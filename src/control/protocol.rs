@@ -287,6 +287,19 @@ pub fn ack(what: &str) -> String {
     json!({ "type": what }).to_string()
 }
 
+/// `drained`, the answer to `drain`, with the backend's client connections when the drain
+/// began. The count also says that `drain_complete` will follow: balancers before it
+/// answered a bare `{"type":"drained"}` and sent nothing more.
+pub fn drained(clients: u32) -> String {
+    json!({ "type": "drained", "clients": clients }).to_string()
+}
+
+/// `drain_complete`: the drained backend's last client connection is gone (it had
+/// `clients` when the drain began); the backend may stop now.
+pub fn drain_complete(clients: u32) -> String {
+    json!({ "type": "drain_complete", "clients": clients }).to_string()
+}
+
 /// `error` answer (the connection is closed after it).
 pub fn error(e: &ControlError) -> String {
     let mut v = json!({"type": "error", "code": e.code(), "message": e.to_string()});

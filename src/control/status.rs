@@ -70,6 +70,7 @@ pub fn status_html(
     uptime_secs: u64,
     version: &str,
     fds: (Option<u64>, u64),
+    notes: &[String],
 ) -> String {
     let mut o = String::with_capacity(4096);
     let _ = write!(
@@ -78,14 +79,19 @@ pub fn status_html(
 <title>wslb status</title><style>body{{font:14px system-ui,sans-serif;margin:2em}}\
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}\
 .ready{{color:#070}}.draining{{color:#a60}}.gone{{color:#a00}}</style></head><body>\
-<h1>wslb {ver}</h1><p id=\"totals\">uptime {up}s · {clients} client connections · {tunnels} WebSockets · {n} backends · descriptors {used} of {limit}</p>\
-<table id=\"backends\"><tr><th>state</th><th>name / guid</th><th>bindings</th><th>weight</th>\
-<th>active</th><th>selected</th><th>last heartbeat</th></tr>",
+<h1>wslb {ver}</h1><p id=\"totals\">uptime {up}s · {clients} client connections · {tunnels} WebSockets · {n} backends · descriptors {used} of {limit}</p>",
         ver = esc(version),
         up = uptime_secs,
         n = rows.len(),
         used = fds.0.map_or("?".to_string(), |n| n.to_string()),
         limit = fds.1,
+    );
+    for n in notes {
+        let _ = write!(o, "<p class=\"note\">{}</p>", esc(n));
+    }
+    o.push_str(
+        "<table id=\"backends\"><tr><th>state</th><th>name / guid</th><th>bindings</th><th>weight</th>\
+<th>active</th><th>selected</th><th>last heartbeat</th></tr>",
     );
     for b in rows {
         let heard = b
@@ -132,7 +138,9 @@ mod tests {
             source: "registration",
             max_connections: 0,
         }];
-        let html = status_html(&rows, 5, 1, 9, "0.1.0", (Some(42), 1024));
+        let note = ["rebalancing on: up to 50 closes/s, 7 so far".to_string()];
+        let html = status_html(&rows, 5, 1, 9, "0.1.0", (Some(42), 1024), &note);
+        assert!(html.contains("<p class=\"note\">rebalancing on: up to 50 closes/s, 7 so far</p>"));
         assert!(html.contains("g&lt;1&gt;") && !html.contains("g<1>"));
         assert!(html.contains("descriptors 42 of 1024"));
         assert!(html.contains("http-equiv=\"refresh\""));

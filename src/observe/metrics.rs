@@ -43,6 +43,10 @@ pub struct Stats {
     pub registrations_refused: std::collections::BTreeMap<&'static str, u64>,
     /// Accepted connections that wslb itself had opened (a self-loop), refused.
     pub self_connections_refused: u64,
+    /// WebSockets closed (1012) because their backend was drained.
+    pub backend_drain_closes: u64,
+    /// WebSockets closed (1012) by `--rebalance`.
+    pub rebalance_closes: u64,
 }
 
 impl Stats {
@@ -118,7 +122,17 @@ pub fn render(
     backends: &[BackendSample<'_>],
 ) -> String {
     let mut o = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 15] = [
+        (
+            "wslb_backend_drain_closes_total",
+            "WebSockets closed with 1012 because their backend was drained.",
+            s.backend_drain_closes,
+        ),
+        (
+            "wslb_rebalance_closes_total",
+            "WebSockets closed with 1012 to rebalance the backends.",
+            s.rebalance_closes,
+        ),
         (
             "wslb_backend_pool_evicted_total",
             "Idle keep-alive backend connections dropped because the backend closed them.",

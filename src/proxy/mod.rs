@@ -182,6 +182,18 @@ pub struct ClientSummary {
     pub bytes: (u64, u64),
 }
 
+/// An open WebSocket tunnel that nobody has started closing, as the spread closes of a
+/// drain and rebalancing see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTunnel {
+    /// Its backend.
+    pub backend: usize,
+    /// When the 101 went out.
+    pub opened: Instant,
+    /// The backend was chosen by a sticky session.
+    pub pinned: bool,
+}
+
 /// A client connection.
 #[derive(Debug)]
 pub struct Conn {
@@ -339,6 +351,22 @@ impl Conn {
     /// An open WebSocket tunnel.
     pub fn is_websocket(&self) -> bool {
         matches!(self.phase, Phase::Tunnel(_))
+    }
+
+    /// The tunnel, unless it is closing (the balancer owes a close, or either side sent
+    /// one): closing it again would add nothing, and counting it would count it twice.
+    pub fn live_tunnel(&self) -> Option<OpenTunnel> {
+        let (Phase::Tunnel(t), Some(leg)) = (&self.phase, &self.leg) else {
+            return None;
+        };
+        if t.pending_close.is_some() || t.up.close_seen() || t.down.close_seen() {
+            return None;
+        }
+        Some(OpenTunnel {
+            backend: leg.backend,
+            opened: t.opened,
+            pinned: t.pinned,
+        })
     }
 
     /// Counts and logs a client that goes away while its TLS handshake is unfinished.

@@ -3,6 +3,7 @@
 //! the closing rules (docs/LIFECYCLE.md).
 
 use super::*;
+use crate::backends::route::Sticky;
 
 /// After 101: frames relayed both ways, tracked header by header.
 #[derive(Debug)]
@@ -34,6 +35,11 @@ pub(super) struct Tunnel {
     pub(super) next_ping: Option<Instant>,
     /// `--inspect` reassembly of client messages.
     pub(super) inspect: Option<Inspect>,
+    /// When the 101 went out: rebalancing leaves young tunnels alone.
+    pub(super) opened: Instant,
+    /// The backend was chosen by a sticky session (a valid cookie naming it, or the ip or
+    /// header key): rebalancing never moves such a client while that backend is healthy.
+    pub(super) pinned: bool,
 }
 
 impl Tunnel {
@@ -180,6 +186,18 @@ impl Conn {
 
     pub(super) fn open_tunnel(&mut self, ctx: &mut Ctx<'_>) -> Step {
         let max = ctx.cfg.max_frame_size;
+        let pinned = match (&self.phase, &self.leg) {
+            (Phase::Exchange(ex), Some(leg)) => match &ex.sticky {
+                Sticky::Off => false,
+                // A cookie naming a backend that could not take the client fell through to
+                // the algorithm: only a cookie naming the very backend chosen pins it.
+                Sticky::Cookie(id) => {
+                    id.is_some() && id.as_deref() == ctx.backends.sticky_id(leg.backend)
+                }
+                Sticky::Key(_) => true,
+            },
+            _ => false,
+        };
         let mut t = Tunnel {
             up: FrameTracker::new(Direction::ClientToServer, max),
             down: FrameTracker::new(Direction::ServerToClient, max),
@@ -195,6 +213,8 @@ impl Conn {
             up_hold: Vec::new(),
             next_ping: ctx.cfg.ws_ping.map(|i| ctx.now + i),
             inspect: ctx.cfg.inspect.then(Inspect::default),
+            opened: ctx.now,
+            pinned,
         };
         ctx.stats.ws_opened += 1;
         ctx.stats.response(101);

@@ -205,8 +205,6 @@ impl Server {
             }
             ControlEvent::Drain => match owned {
                 Some(id) => {
-                    self.backends.set_state(id, BackendState::Draining);
-                    c.send_text(control_protocol::ack("drained"));
                     log::info(
                         "server draining",
                         &[
@@ -214,6 +212,10 @@ impl Server {
                             ("state", &BackendState::Draining.as_str()),
                         ],
                     );
+                    let clients = self.drain_backend(id);
+                    if let Some(c) = self.controls.get_mut(key) {
+                        c.send_text(control_protocol::drained(clients));
+                    }
                 }
                 None => c.refuse(&ControlError::NotRegistered),
             },

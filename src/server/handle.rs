@@ -51,7 +51,8 @@ impl ServerHandle {
         self.send(Target::All, Outgoing::Text(text.to_string()))
     }
 
-    /// Puts a backend (guid or static URL) in draining state: no new clients.
+    /// Puts a backend (guid or static URL) in draining state: no new clients, and its
+    /// WebSocket clients get 1012 spread over `--backend-drain-window`.
     pub fn drain_backend(&self, name: &str) -> Result<usize, String> {
         self.call(|tx| Command::Drain(name.to_string(), tx))
     }

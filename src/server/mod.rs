@@ -31,7 +31,7 @@ use crate::net::transport::{TlsStream, Transport};
 use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::{self, BackendSample, Stats};
-use crate::proxy::{key_of, Conn, Ctx, Drive, RepeatedLogs, Side, CLOSE_GOING_AWAY};
+use crate::proxy::{key_of, Conn, Ctx, Drive, OpenTunnel, RepeatedLogs, Side, CLOSE_GOING_AWAY};
 use crate::slots::{Slots, CLIENT_TOKENS, CONTROL_TOKENS, RESERVED_TOKENS};
 use crate::timer::{TimerKey, TimerKind, Timers};
 use serde_json::json;
@@ -82,6 +82,7 @@ macro_rules! ctx {
 
 mod accept;
 mod control_plane;
+mod drain;
 mod handle;
 mod routes;
 mod startup;
@@ -143,6 +144,12 @@ pub struct Server {
     to_flush: Vec<usize>,
     /// Binary upgrade, either side (SIGUSR2, `--upgrade-socket`, `--takeover`).
     upgrade: upgrade::Upgrade,
+    /// Spread closes of drains and rebalancing (`drain.rs`).
+    closes: drain::Closes,
+    /// Drained backends waiting for their last client to go.
+    drain_watches: Vec<drain::DrainWatch>,
+    /// Rebalancing is under way (between its start and settle thresholds).
+    rebalancing: bool,
 }
 
 /// Why the balancer could not start or stopped with an error.
@@ -225,6 +232,16 @@ impl Server {
                 kind: TimerKind::Sweep,
             },
         );
+        if self.cfg.rebalance > 0 {
+            self.timers.add(
+                Instant::now() + drain::REBALANCE_EVERY,
+                TimerKey {
+                    key: 0,
+                    gen: 0,
+                    kind: TimerKind::Rebalance,
+                },
+            );
+        }
         while !self.finished {
             let now = Instant::now();
             let timeout = if self.yielded.is_empty() {
@@ -247,6 +264,7 @@ impl Server {
             self.send_unreachable_notices();
             self.reap();
             self.reap_controls();
+            self.check_drains();
             if self.accept_blocked && !self.draining {
                 self.accept_all();
             }

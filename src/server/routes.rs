@@ -102,6 +102,7 @@ impl AdminApi for Server {
             self.started.elapsed().as_secs(),
             env!("CARGO_PKG_VERSION"),
             (fdlimit::open_fds(), self.fd_limit),
+            &self.status_notes(),
         )
     }
 
@@ -165,7 +166,7 @@ impl AdminApi for Server {
             }
             BackendChange::Drain(name) => {
                 let id = found(name)?;
-                self.backends.set_state(id, BackendState::Draining);
+                self.drain_backend(id);
                 (id, "server draining")
             }
             BackendChange::Undrain(name) => {

@@ -259,6 +259,9 @@ impl Server {
             yielded: Vec::new(),
             to_flush: Vec::new(),
             upgrade,
+            closes: Default::default(),
+            drain_watches: Vec::new(),
+            rebalancing: false,
         })
     }
 }

@@ -47,6 +47,8 @@ impl Server {
                     }
                 }
                 TimerKind::Takeover => self.check_takeover(now),
+                TimerKind::SpreadClose => self.fire_spread_closes(now),
+                TimerKind::Rebalance => self.rebalance_tick(now),
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
                     self.backends
@@ -152,5 +154,6 @@ impl Server {
         for key in keys {
             self.with_conn(key, |c, ctx| c.begin_drain(ctx));
         }
+        self.spread_shutdown_closes();
     }
 }
