@@ -4,5 +4,6 @@
 pub(crate) mod buffer;
 pub(crate) mod endpoint;
 pub(crate) mod fdlimit;
+pub mod proxy_protocol;
 pub mod tls;
 pub(crate) mod transport;
