@@ -182,6 +182,9 @@ pub struct Config {
     pub backend_allow: Vec<crate::netpolicy::Cidr>,
     /// `--trusted-proxy`: peers whose X-Forwarded-For / Forwarded values are kept.
     pub trusted_proxies: Vec<crate::netpolicy::Cidr>,
+    /// `--proxy-protocol`: every proxy listener (plain and TLS) expects a PROXY v1/v2
+    /// header first, from `--trusted-proxy` peers only; its source address is the client.
+    pub proxy_protocol: bool,
     /// `--forwarded`: emit RFC 7239 `Forwarded` instead of `X-Forwarded-For`.
     pub forwarded: bool,
     /// `--token-file`: per-backend tokens, lines `guid token`, re-read on SIGHUP.
@@ -234,6 +237,7 @@ impl Default for Config {
             on_backend_lost: OnBackendLost::Keep,
             backend_allow: Vec::new(),
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             forwarded: false,
             token_file: None,
             control_client_ca: None,
@@ -722,8 +726,13 @@ fn security_options(o: &mut getopts::Options) {
     o.optmulti(
         "",
         "trusted-proxy",
-        "keep X-Forwarded-For/Forwarded from peers in this block, e.g. 10.0.0.0/8 (repeatable) [default: none, they are replaced]",
+        "keep X-Forwarded-For/Forwarded from peers in this block, e.g. 10.0.0.0/8; with --proxy-protocol, the peers allowed to send the PROXY header (repeatable) [default: none, they are replaced]",
         "CIDR",
+    );
+    o.optflag(
+        "",
+        "proxy-protocol",
+        "listeners expect a PROXY protocol v1/v2 header (from an L4 balancer) before anything else, from --trusted-proxy peers only; its source address is the client's",
     );
     o.optflag(
         "",
@@ -754,6 +763,13 @@ fn security_flags(m: &getopts::Matches, cfg: &mut Config) -> Result<(), ConfigEr
             .push(crate::netpolicy::parse_cidr(&v).map_err(|why| bad("--trusted-proxy", &v, why))?);
     }
     cfg.forwarded = m.opt_present("forwarded");
+    cfg.proxy_protocol = m.opt_present("proxy-protocol");
+    if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() {
+        // Without a trusted peer every connection would be refused.
+        return Err(ConfigError::Usage(
+            "--proxy-protocol needs --trusted-proxy CIDR (the L4 balancers allowed to send the header)".into(),
+        ));
+    }
     cfg.token_file = m.opt_str("token-file").map(Into::into);
     cfg.control_client_ca = m.opt_str("control-client-ca").map(Into::into);
     if cfg.control_client_ca.is_some() && !cfg.control_tls {

@@ -24,6 +24,8 @@ pub enum TimerKind {
     Sweep,
     /// A control connection's deadline (handshake, heartbeat).
     Control,
+    /// `--proxy-protocol`: an accepted socket's PROXY header is overdue.
+    ProxyHeader,
 }
 
 /// Identifies the owner of a deadline.

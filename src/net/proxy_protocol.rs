@@ -192,7 +192,7 @@ fn parse_v1(buf: &[u8]) -> Result<Status<Header>, PpError> {
                 dst: SocketAddr::new(dst, v1_port(dport)?),
             })
         }
-        Some("TCP4" | "TCP6" | "") | None => return Err(PpError::Malformed),
+        Some("") | None => return Err(PpError::Malformed),
         Some(_) => return Err(PpError::BadFamily),
     };
     Ok(Status::Complete(Header {

@@ -87,6 +87,7 @@ macro_rules! ctx {
 mod accept;
 mod control_plane;
 mod handle;
+mod proxy_header;
 mod routes;
 mod turn;
 
@@ -109,6 +110,8 @@ pub struct Server {
     /// Every address wslb listens on (proxy, TLS, control): never a backend.
     own_addrs: Vec<SocketAddr>,
     conns: Slab<Conn>,
+    /// `--proxy-protocol`: accepted sockets whose PROXY header has not arrived yet.
+    awaiting_header: Slab<proxy_header::Awaiting>,
     /// Open client connections per address, for `--max-connections-per-ip`.
     per_ip: HashMap<IpAddr, u32>,
     control_listener: Option<TcpListener>,
@@ -449,6 +452,7 @@ impl Server {
             own_addrs,
             conns: Slab::with_capacity(1024),
             per_ip: HashMap::new(),
+            awaiting_header: Slab::new(),
             control_listener,
             control_addr,
             controls: Slab::new(),
@@ -587,6 +591,9 @@ impl Server {
             CONTROL_LISTENER => self.accept_controls(),
             Token(t) if (FIRST_LISTENER..RESERVED_TOKENS).contains(&t) => {
                 self.accept(t - FIRST_LISTENER);
+            }
+            Token(t) if t >= proxy_header::HEADER_BASE => {
+                self.read_proxy_header(t - proxy_header::HEADER_BASE, ev.is_read_closed());
             }
             Token(t) if t >= CONTROL_BASE => {
                 let key = t - CONTROL_BASE;

@@ -160,6 +160,21 @@ impl Server {
                 );
                 (200, "text/plain; version=0.0.4", text.into_bytes())
             }
+            // For the L4 tier's health checks: send new clients here only while at least
+            // one backend can take them (and not while draining).
+            ("GET", ["ready"]) => {
+                let now = Instant::now();
+                let ready = !self.draining
+                    && self.backends.iter().any(|(_, b)| {
+                        b.state == BackendState::Ready && b.down_until.is_none_or(|t| t <= now)
+                    });
+                let (status, body) = if ready {
+                    (200, &br#"{"ready":true}"#[..])
+                } else {
+                    (503, &br#"{"ready":false}"#[..])
+                };
+                (status, JSON, body.to_vec())
+            }
             ("GET", ["api", "backends"]) => (
                 200,
                 JSON,
@@ -254,7 +269,7 @@ impl Server {
             ("POST", ["api", "backends", guid, "drain"]) => {
                 sent(self.drain_named(&percent_decode(guid)))
             }
-            (_, [""] | ["metrics"] | ["api", ..])
+            (_, [""] | ["metrics"] | ["ready"] | ["api", ..])
                 if !matches!(method, "GET" | "POST" | "DELETE") =>
             {
                 (405, JSON, br#"{"error":"method not allowed"}"#.to_vec())

@@ -56,6 +56,7 @@ impl Server {
                         self.drive_control(t.key);
                     }
                 }
+                TimerKind::ProxyHeader => self.expire_proxy_header(t.key, t.gen),
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
                     self.backends
