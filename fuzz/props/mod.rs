@@ -2115,7 +2115,10 @@ pub fn proxy_header(data: &[u8]) {
         }
     }
     if let Some((k, v)) = prefix_verdict {
-        assert_eq!(v, whole, "verdict at prefix {k} differs from the whole input's");
+        assert_eq!(
+            v, whole,
+            "verdict at prefix {k} differs from the whole input's"
+        );
     }
     let Ok(Status::Complete(h)) = whole else {
         return;

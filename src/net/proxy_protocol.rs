@@ -400,7 +400,11 @@ mod tests {
     fn byte_by_byte(buf: &[u8]) -> Header {
         let h = complete(buf);
         for k in 0..h.len {
-            assert_eq!(parse(&buf[..k]), Ok(Status::Partial), "prefix {k} of {buf:?}");
+            assert_eq!(
+                parse(&buf[..k]),
+                Ok(Status::Partial),
+                "prefix {k} of {buf:?}"
+            );
         }
         let mut more = buf[..h.len].to_vec();
         more.extend_from_slice(b"\x16\x03\x01GET / HTTP/1.1\r\n");
@@ -462,7 +466,10 @@ mod tests {
             (b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n", PpError::Malformed),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", PpError::Malformed),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", PpError::Malformed),
-            (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", PpError::Malformed),
+            (
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+                PpError::Malformed,
+            ),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n", PpError::Malformed),
             (b"PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n", PpError::Malformed),
             (b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n", PpError::BadFamily),
@@ -477,7 +484,12 @@ mod tests {
             (b"\x16\x03\x01", PpError::UnknownVersion),
         ];
         for (input, want) in cases {
-            assert_eq!(parse(input), Err(*want), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                parse(input),
+                Err(*want),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -525,10 +537,7 @@ mod tests {
             (v2(0x21, 0x11, &[0; 11]), PpError::BadAddressLength),
             (v2(0x21, 0x21, &[0; 12]), PpError::BadAddressLength),
             (v2(0x21, 0x31, &[0; 36]), PpError::BadAddressLength),
-            (
-                v2(0x21, 0x11, &[0; V2_MAX_PAYLOAD + 1]),
-                PpError::Oversized,
-            ),
+            (v2(0x21, 0x11, &[0; V2_MAX_PAYLOAD + 1]), PpError::Oversized),
             (b"\r\n\r\n\0\r\nQUIX".to_vec(), PpError::UnknownVersion),
             (b"\r\nGET".to_vec(), PpError::UnknownVersion),
         ];

@@ -109,7 +109,11 @@ impl Server {
                 if log::enabled(log::Level::Debug) {
                     log::debug(
                         "PROXY header",
-                        &[("version", &h.version), ("proxy", &peer), ("client", &client)],
+                        &[
+                            ("version", &h.version),
+                            ("proxy", &peer),
+                            ("client", &client),
+                        ],
                     );
                 }
                 self.admit(sock, client, tls);

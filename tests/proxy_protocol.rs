@@ -1,0 +1,496 @@
+//! Issue 19: `--proxy-protocol` listeners. Good headers (v1, v2, split anywhere, on plain
+//! and TLS listeners) make the header's source the client everywhere; bad ones (truncated,
+//! oversized, unknown version, spoofed family or length, untrusted sender, too late) close
+//! the connection, are counted by reason, and reach no backend. Third-party senders: curl
+//! (`--haproxy-protocol`, v1, over TLS) and HAProxy (`send-proxy`, `send-proxy-v2`).
+mod common;
+#[path = "common/recorder.rs"]
+mod recorder;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use recorder::{Mode, Recorder};
+
+const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const V2_SIG: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+const GET_HEADERS: &[u8] = b"GET /headers HTTP/1.1\r\nHost: pp\r\nConnection: close\r\n\r\n";
+
+/// A balancer expecting PROXY headers from 127.0.0.1, with an admin listener for metrics.
+fn pp_balancer(extra: &[&str], backends: &[&Backend]) -> Balancer {
+    let mut args = vec![
+        "--proxy-protocol",
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--control",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Balancer::start(&args, backends)
+}
+
+/// One sample of `/metrics` (0 when absent).
+fn metric(lb: &Balancer, series: &str) -> u64 {
+    get(lb.control_addr(), "/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn error_count(lb: &Balancer, reason: &str) -> u64 {
+    metric(
+        lb,
+        &format!("wslb_proxy_protocol_errors_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// A v2 PROXY TCP/IPv4 header.
+fn v2_inet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut v = V2_SIG.to_vec();
+    v.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    v.extend_from_slice(&src);
+    v.extend_from_slice(&dst);
+    v.extend_from_slice(&sport.to_be_bytes());
+    v.extend_from_slice(&dport.to_be_bytes());
+    v
+}
+
+fn v2_raw(ver_cmd: u8, fam: u8, len: u16, body: &[u8]) -> Vec<u8> {
+    let mut v = V2_SIG.to_vec();
+    v.extend_from_slice(&[ver_cmd, fam]);
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// The X-Forwarded-For values the echo backend saw in a response to GET /headers.
+fn xff(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+        .map(|(_, v)| v.to_string())
+        .collect()
+}
+
+/// Sends `bytes` then reads the whole answer (the request says `Connection: close`).
+fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut c = connect(addr);
+    c.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn with(header: &[u8], request: &[u8]) -> Vec<u8> {
+    [header, request].concat()
+}
+
+/// The balancer closed the connection (EOF or reset) without answering anything.
+fn closed_silently(c: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    let started = Instant::now();
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => return false,
+            Err(e) if is_timeout(&e) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return started.elapsed() < TIMEOUT,
+        }
+    }
+}
+
+#[test]
+fn v1_and_v2_headers_make_the_header_source_the_client() {
+    let a = Backend::start("pp");
+    let lb = pp_balancer(&[], &[&a]);
+
+    // Header and request in one segment: the request behind the header must survive.
+    let v1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 80\r\n";
+    let body = exchange(lb.addr(), &with(v1, GET_HEADERS));
+    assert_eq!(xff(&body), ["192.0.2.7"], "{body}");
+    let v2 = v2_inet([198, 51, 100, 9], 40001, [10, 0, 0, 1], 80);
+    let body = exchange(lb.addr(), &with(&v2, GET_HEADERS));
+    assert_eq!(xff(&body), ["198.51.100.9"], "{body}");
+    // IPv6 in v1, and a header dribbled one byte per segment.
+    let mut c = connect(lb.addr());
+    c.set_nodelay(true).unwrap();
+    for b in b"PROXY TCP6 2001:db8::5 2001:db8::1 40002 80\r\n" {
+        c.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.write_all(GET_HEADERS).unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert_eq!(xff(&out), ["2001:db8::5"], "{out}");
+    // LOCAL (the L4 tier's own health check) and UNKNOWN: the socket's peer is the client.
+    let body = exchange(lb.addr(), &with(&v2_raw(0x20, 0, 0, &[]), GET_HEADERS));
+    assert_eq!(xff(&body), ["127.0.0.1"], "{body}");
+    let body = exchange(lb.addr(), &with(b"PROXY UNKNOWN\r\n", GET_HEADERS));
+    assert_eq!(xff(&body), ["127.0.0.1"], "{body}");
+    assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 5);
+
+    // --max-connections-per-ip counts header sources, not the L4 balancer's address.
+    let lb = pp_balancer(&["--max-connections-per-ip", "1"], &[&a]);
+    let mut held = connect(lb.addr());
+    held.write_all(b"PROXY TCP4 192.0.2.50 10.0.0.1 1 80\r\nGET /hea")
+        .unwrap();
+    let clients = get(lb.control_addr(), "/api/clients").text();
+    assert!(
+        wait_until(TIMEOUT, || get(lb.control_addr(), "/api/clients")
+            .text()
+            .contains("\"192.0.2.50:1\"")),
+        "{clients}"
+    );
+    let second = exchange(
+        lb.addr(),
+        &with(b"PROXY TCP4 192.0.2.50 10.0.0.1 2 80\r\n", GET_HEADERS),
+    );
+    assert!(second.starts_with("HTTP/1.1 429"), "{second}");
+    let other = exchange(
+        lb.addr(),
+        &with(b"PROXY TCP4 192.0.2.51 10.0.0.1 3 80\r\n", GET_HEADERS),
+    );
+    assert_eq!(xff(&other), ["192.0.2.51"], "{other}");
+    held.write_all(b"ders HTTP/1.1\r\nHost: pp\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = held.read_to_string(&mut out);
+    assert_eq!(xff(&out), ["192.0.2.50"], "{out}");
+}
+
+#[test]
+fn bad_headers_are_closed_counted_and_reach_no_backend() {
+    let rec = Recorder::start(Mode::Ok);
+    let url = rec.url();
+    let lb = pp_balancer(&["-B", &url, "--header-timeout", "400ms"], &[]);
+    let mut long_v1 = b"PROXY UNKNOWN ".to_vec();
+    long_v1.resize(120, b'x');
+    // (what is sent, then half-close?, reason counted)
+    let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
+        (
+            "truncated v1",
+            b"PROXY TCP4 192.0.2.1 ".to_vec(),
+            true,
+            "truncated",
+        ),
+        (
+            "truncated v2",
+            v2_inet([192, 0, 2, 1], 1, [10, 0, 0, 1], 2)[..20].to_vec(),
+            true,
+            "truncated",
+        ),
+        ("v1 over 107 bytes", long_v1, false, "oversized"),
+        (
+            "v2 length 2000",
+            v2_raw(0x21, 0x11, 2000, &[0; 64]),
+            false,
+            "oversized",
+        ),
+        ("plain HTTP", GET_HEADERS.to_vec(), false, "unknown_version"),
+        (
+            "TLS ClientHello",
+            b"\x16\x03\x01\x02\x00\x01".to_vec(),
+            false,
+            "unknown_version",
+        ),
+        (
+            "v2 version 3",
+            v2_raw(0x31, 0x11, 12, &[0; 12]),
+            false,
+            "unknown_version",
+        ),
+        (
+            "v1 TCP4 with an IPv6 source",
+            b"PROXY TCP4 ::1 10.0.0.1 1 2\r\n".to_vec(),
+            false,
+            "bad_family",
+        ),
+        (
+            "v2 family 4",
+            v2_raw(0x21, 0x41, 12, &[0; 12]),
+            false,
+            "bad_family",
+        ),
+        (
+            "v2 INET6 in 12 bytes",
+            v2_raw(0x21, 0x21, 12, &[0; 12]),
+            false,
+            "bad_address_length",
+        ),
+        (
+            "v2 command 2",
+            v2_raw(0x22, 0x11, 12, &[0; 12]),
+            false,
+            "bad_command",
+        ),
+        (
+            "v1 port with a leading zero",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 01 2\r\n".to_vec(),
+            false,
+            "malformed",
+        ),
+        ("nothing at all", Vec::new(), false, "timeout"),
+    ];
+    let mut expected = std::collections::BTreeMap::<&str, u64>::new();
+    for (what, bytes, half_close, reason) in &cases {
+        let mut c = connect(lb.addr());
+        // A request behind the bad header: it must never reach the backend.
+        if !bytes.is_empty() {
+            c.write_all(&with(bytes, if *half_close { b"" } else { GET_HEADERS }))
+                .unwrap();
+        }
+        if *half_close {
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        assert!(closed_silently(&mut c), "{what}: not closed");
+        *expected.entry(reason).or_default() += 1;
+        for (r, n) in &expected {
+            assert!(
+                wait_until(TIMEOUT, || error_count(&lb, r) == *n),
+                "{what}: reason {r} counted {} times, want {n}",
+                error_count(&lb, r)
+            );
+        }
+    }
+    assert_eq!(rec.count(), 0, "a backend connection was opened");
+
+    // Nothing else was affected: the next good header is served.
+    let body = exchange(
+        lb.addr(),
+        &with(b"PROXY TCP4 192.0.2.9 10.0.0.1 5 80\r\n", GET_HEADERS),
+    );
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        rec.all_text()
+            .to_ascii_lowercase()
+            .contains("x-forwarded-for: 192.0.2.9"),
+        "{}",
+        rec.all_text()
+    );
+}
+
+/// A connection to `addr` from `source` (any 127/8 address is local on Linux).
+fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::new(source, 0).into()).unwrap();
+    s.connect(&addr.into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+#[test]
+fn untrusted_peers_are_refused_even_with_a_valid_header() {
+    let rec = Recorder::start(Mode::Ok);
+    let url = rec.url();
+    let lb = Balancer::start(
+        &[
+            "--proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.2",
+            "--control",
+            "127.0.0.1:0",
+            "-B",
+            &url,
+        ],
+        &[],
+    );
+    let good = with(b"PROXY TCP4 192.0.2.3 10.0.0.1 5 80\r\n", GET_HEADERS);
+    let mut c = connect_from(LO, lb.addr());
+    c.write_all(&good).unwrap();
+    assert!(closed_silently(&mut c), "untrusted peer not closed");
+    assert_eq!(error_count(&lb, "untrusted"), 1);
+    assert_eq!(rec.count(), 0);
+    let mut c = connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), lb.addr());
+    c.write_all(&good).unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(rec.count(), 1);
+}
+
+#[test]
+fn proxy_protocol_without_trusted_proxy_exits_2() {
+    let (status, _, err) = run_wslb(&["--proxy-protocol", "-B", "ws://127.0.0.1:9"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--trusted-proxy"), "{err}");
+}
+
+/// Self-signed certificate and key for `localhost`, in a temp dir removed on drop.
+struct TempCert(std::path::PathBuf);
+
+impl TempCert {
+    fn new() -> TempCert {
+        let dir = std::env::temp_dir().join(format!("wslb-pp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.join("c.pem"), c.cert.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), c.signing_key.serialize_pem()).unwrap();
+        TempCert(dir)
+    }
+
+    fn args(&self) -> Vec<String> {
+        let p = |f: &str| self.0.join(f).to_string_lossy().into_owned();
+        ["--tls-listen", "127.0.0.1:0", "--cert"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([p("c.pem"), "--key".into(), p("k.pem")])
+            .collect()
+    }
+}
+
+impl Drop for TempCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// curl -k [--haproxy-protocol] URL: (exit ok, body).
+fn curl(url: &str, extra: &[&str]) -> (bool, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "10"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn tls_listener_reads_the_header_before_the_client_hello() {
+    let a = Backend::start("tls-pp");
+    let cert = TempCert::new();
+    let args = cert.args();
+    let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    extra.extend(["--trusted-proxy", "127.0.0.0/8"]);
+    let lb = pp_balancer(&extra, &[&a]);
+    let url = format!("https://localhost:{}/headers", lb.tls_addr().port());
+    let resolve = format!("localhost:{}:127.0.0.1", lb.tls_addr().port());
+    // curl writes `PROXY TCP4 <its address> ...` on the raw socket, then its ClientHello.
+    let (ok, body) = curl(
+        &url,
+        &[
+            "--haproxy-protocol",
+            "--resolve",
+            &resolve,
+            "--interface",
+            "127.0.0.3",
+        ],
+    );
+    assert!(ok, "{body}");
+    assert_eq!(xff(&body), ["127.0.0.3"], "{body}");
+    // Without the header the ClientHello is not a PROXY header: refused and counted.
+    let (ok, body) = curl(&url, &["--resolve", &resolve]);
+    assert!(!ok, "{body}");
+    assert_eq!(error_count(&lb, "unknown_version"), 1);
+    assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 1);
+}
+
+/// HAProxy in TCP mode, killed on drop.
+struct Haproxy {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Haproxy {
+    /// `routes`: (frontend port, server address, server options).
+    fn start(routes: &[(u16, SocketAddr, &str)]) -> Option<Haproxy> {
+        if Command::new("haproxy").arg("-v").output().is_err() {
+            println!("SKIPPED: haproxy is not installed (make test-deps installs it)");
+            return None;
+        }
+        let mut cfg = String::from(
+            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
+             timeout client 20s\n  timeout server 20s\n",
+        );
+        for (i, (port, server, opts)) in routes.iter().enumerate() {
+            cfg += &format!(
+                "frontend f{i}\n  bind 127.0.0.1:{port}\n  default_backend b{i}\n\
+                 backend b{i}\n  server s{i} {server} {opts}\n"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("wslb-pp-haproxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("haproxy.cfg");
+        std::fs::write(&file, cfg).unwrap();
+        let child = Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn haproxy");
+        let h = Haproxy { child, dir };
+        for (port, _, _) in routes {
+            let addr = SocketAddr::new(LO, *port);
+            assert!(
+                wait_until(TIMEOUT, || TcpStream::connect(addr).is_ok()),
+                "haproxy did not listen on {addr}"
+            );
+        }
+        Some(h)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn haproxy_send_proxy_v1_and_v2_witness() {
+    let a = Backend::start("behind-haproxy");
+    let cert = TempCert::new();
+    let args = cert.args();
+    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lb = pp_balancer(&extra, &[&a]);
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let Some(_h) = Haproxy::start(&[
+        (p1, lb.addr(), "send-proxy"),
+        (p2, lb.addr(), "send-proxy-v2"),
+        (p3, lb.tls_addr(), "send-proxy-v2"),
+    ]) else {
+        return;
+    };
+    // Waiting for HAProxy to listen took one connection through each route.
+    assert!(wait_until(TIMEOUT, || metric(
+        &lb,
+        "wslb_proxy_protocol_headers_total"
+    ) == 3));
+    // The client's source (127.0.0.77) reaches wslb only inside HAProxy's header: HAProxy
+    // itself connects from 127.0.0.1.
+    let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 77));
+    for port in [p1, p2] {
+        let mut c = connect_from(client, SocketAddr::new(LO, port));
+        c.write_all(GET_HEADERS).unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        assert_eq!(xff(&out), ["127.0.0.77"], "port {port}: {out}");
+    }
+    // v2 in front of the TLS listener, with curl as the TLS client.
+    let (ok, body) = curl(
+        &format!("https://localhost:{p3}/headers"),
+        &[
+            "--resolve",
+            &format!("localhost:{p3}:127.0.0.1"),
+            "--interface",
+            "127.0.0.78",
+        ],
+    );
+    assert!(ok, "{body}");
+    assert_eq!(xff(&body), ["127.0.0.78"], "{body}");
+    assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 6);
+}
