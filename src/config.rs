@@ -105,6 +105,8 @@ pub struct BackendSpec {
     pub weight: u32,
     /// `wss://`/`https://`: speak TLS to it.
     pub tls: bool,
+    /// `proxy=v1|v2`: a PROXY header naming the client opens every connection to it.
+    pub proxy: Option<crate::net::proxy_protocol::Version>,
 }
 
 /// Everything the balancer needs to run.
@@ -861,6 +863,7 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
     let mut parts = v.split(',');
     let url = parts.next().unwrap_or_default().trim();
     let mut weight = 1u32;
+    let mut proxy = None;
     for opt in parts {
         match opt.trim().split_once('=') {
             Some(("weight", w)) => {
@@ -869,7 +872,13 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
                     _ => return Err("weight must be an integer from 1 to 1000"),
                 }
             }
-            _ => return Err("unknown backend option; expected weight=N"),
+            Some(("proxy", v)) => {
+                proxy = Some(
+                    crate::net::proxy_protocol::Version::parse(v)
+                        .ok_or("proxy must be v1 or v2")?,
+                )
+            }
+            _ => return Err("unknown backend option; expected weight=N or proxy=v1|v2"),
         }
     }
     let authority = parse_backend_url(url)?;
@@ -880,6 +889,7 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
         addr,
         weight,
         tls: is_tls_url(url),
+        proxy,
     })
 }
 
@@ -965,7 +975,15 @@ mod tests {
         assert_eq!(b.authority, "127.0.0.1:9001");
         assert_eq!(b.addr, "127.0.0.1:9001".parse().unwrap());
         assert!(parse_backend("http://127.0.0.1:9001/x").is_ok());
+        assert_eq!(b.proxy, None);
+        let p = parse_backend("ws://127.0.0.1:9001,proxy=v2,weight=2").unwrap();
+        assert_eq!(
+            (p.proxy, p.weight),
+            (Some(crate::net::proxy_protocol::Version::V2), 2)
+        );
         for bad in [
+            "ws://127.0.0.1:1,proxy=v3",
+            "ws://127.0.0.1:1,proxy=",
             "ftp://x:1",
             "ws://127.0.0.1",
             "ws://127.0.0.1:0",

@@ -403,23 +403,22 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    /// `routes`: (frontend port, server address, server options).
-    fn start(routes: &[(u16, SocketAddr, &str)]) -> Option<Haproxy> {
+    /// HAProxy with `body` after a common `global`/`defaults` section (`mode`), waiting
+    /// until it listens on every port of `ports`.
+    fn start(mode: &str, body: &str, ports: &[u16]) -> Option<Haproxy> {
         if Command::new("haproxy").arg("-v").output().is_err() {
             println!("SKIPPED: haproxy is not installed (make test-deps installs it)");
             return None;
         }
-        let mut cfg = String::from(
-            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
-             timeout client 20s\n  timeout server 20s\n",
+        let cfg = format!(
+            "global\n  maxconn 200\ndefaults\n  mode {mode}\n  timeout connect 2s\n  \
+             timeout client 20s\n  timeout server 20s\n{body}"
         );
-        for (i, (port, server, opts)) in routes.iter().enumerate() {
-            cfg += &format!(
-                "frontend f{i}\n  bind 127.0.0.1:{port}\n  default_backend b{i}\n\
-                 backend b{i}\n  server s{i} {server} {opts}\n"
-            );
-        }
-        let dir = std::env::temp_dir().join(format!("wslb-pp-haproxy-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "wslb-pp-haproxy-{}-{}",
+            std::process::id(),
+            ports.first().copied().unwrap_or(0)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("haproxy.cfg");
         std::fs::write(&file, cfg).unwrap();
@@ -431,7 +430,7 @@ impl Haproxy {
             .spawn()
             .expect("spawn haproxy");
         let h = Haproxy { child, dir };
-        for (port, _, _) in routes {
+        for port in ports {
             let addr = SocketAddr::new(LO, *port);
             assert!(
                 wait_until(TIMEOUT, || TcpStream::connect(addr).is_ok()),
@@ -439,6 +438,19 @@ impl Haproxy {
             );
         }
         Some(h)
+    }
+
+    /// TCP routes: (frontend port, server address, server options).
+    fn tcp(routes: &[(u16, SocketAddr, &str)]) -> Option<Haproxy> {
+        let mut body = String::new();
+        for (i, (port, server, opts)) in routes.iter().enumerate() {
+            body += &format!(
+                "frontend f{i}\n  bind 127.0.0.1:{port}\n  default_backend b{i}\n\
+                 backend b{i}\n  server s{i} {server} {opts}\n"
+            );
+        }
+        let ports: Vec<u16> = routes.iter().map(|r| r.0).collect();
+        Haproxy::start("tcp", &body, &ports)
     }
 }
 
@@ -458,7 +470,7 @@ fn haproxy_send_proxy_v1_and_v2_witness() {
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
     let lb = pp_balancer(&extra, &[&a]);
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
-    let Some(_h) = Haproxy::start(&[
+    let Some(_h) = Haproxy::tcp(&[
         (p1, lb.addr(), "send-proxy"),
         (p2, lb.addr(), "send-proxy-v2"),
         (p3, lb.tls_addr(), "send-proxy-v2"),
@@ -493,4 +505,48 @@ fn haproxy_send_proxy_v1_and_v2_witness() {
     assert!(ok, "{body}");
     assert_eq!(xff(&body), ["127.0.0.78"], "{body}");
     assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 6);
+}
+
+#[test]
+fn backends_with_proxy_option_get_a_header_haproxy_accepts() {
+    // HAProxy as the receiver: `accept-proxy` takes the client's address from the header,
+    // and the answer says which address that was.
+    let (p1, p2) = (free_port(), free_port());
+    let answer = "  http-request return status 200 content-type text/plain \
+                  lf-string \"src=%[src] port=%[src_port]\\n\"\n";
+    let body = format!(
+        "frontend v1\n  bind 127.0.0.1:{p1} accept-proxy\n{answer}\
+         frontend v2\n  bind 127.0.0.1:{p2} accept-proxy\n{answer}"
+    );
+    let Some(_h) = Haproxy::start("http", &body, &[p1, p2]) else {
+        return;
+    };
+    for (port, version) in [(p1, "v1"), (p2, "v2")] {
+        let backend = format!("http://127.0.0.1:{port},proxy={version}");
+        let lb = pp_balancer(&["-B", &backend, "--trusted-proxy", "127.0.0.0/8"], &[]);
+        // Directly from 127.0.0.9, then 127.0.0.10 on the same backend: each connection
+        // names its own client (no pooled connection carries someone else's header).
+        for last in [9u8, 10] {
+            let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+            let mut c = connect_from(client, lb.addr());
+            c.write_all(b"PROXY UNKNOWN\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            let port = c.local_addr().unwrap().port();
+            assert!(
+                out.contains(&format!("src=127.0.0.{last} port={port}\n")),
+                "{version}: {out}"
+            );
+        }
+        // Through a PROXY header of our own: the backend hears of the header's source.
+        let body = exchange(
+            lb.addr(),
+            b"PROXY TCP6 2001:db8::77 2001:db8::1 4321 80\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            body.contains("src=2001:db8::77 port=4321\n"),
+            "{version}: {body}"
+        );
+    }
 }

@@ -75,6 +75,12 @@ fn options() -> getopts::Options {
     o.optmulti("", "tag", "label K=V (repeatable)", "K=V");
     o.optopt(
         "",
+        "proxy-protocol",
+        "ask the balancers to open each connection to this backend with a PROXY header naming the client",
+        "v1|v2",
+    );
+    o.optopt(
+        "",
         "heartbeat",
         "ping interval; 3 silent intervals = link lost [default: 5s]",
         "DUR",
@@ -154,6 +160,12 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
         cfg.max_connections = v
             .parse()
             .map_err(|_| bad("--max-connections", &v, "expected a non-negative integer"))?;
+    }
+    if let Some(v) = m.opt_str("proxy-protocol") {
+        cfg.proxy_protocol = Some(
+            crate::net::proxy_protocol::Version::parse(&v)
+                .ok_or_else(|| bad("--proxy-protocol", &v, "expected v1 or v2"))?,
+        );
     }
     let mut tags = BTreeMap::new();
     for v in m.opt_strs("tag") {

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::backends::route;
+use std::io::Write;
 
 /// The backend half of a connection.
 #[derive(Debug)]
@@ -23,6 +24,33 @@ pub(super) struct Leg {
     pub(super) aborted: bool,
     /// Our FIN was sent to the backend.
     pub(super) fin_sent: bool,
+    /// PROXY header owed to the backend (`proxy=v1|v2`), sent as the connect completes.
+    pub(super) proxy_header: Option<Vec<u8>>,
+}
+
+impl Leg {
+    /// Connect outcome (`Ok(true)` = connected). The PROXY header, if any, is written then,
+    /// on the raw socket: before any byte of the request and before a TLS ClientHello,
+    /// which rustls only emits once the connect has completed.
+    pub(super) fn connected(&mut self) -> io::Result<bool> {
+        if !connect_result(self.stream.socket())? {
+            return Ok(false);
+        }
+        if let Some(header) = self.proxy_header.take() {
+            // A fresh connection's send buffer is empty and far larger than a header (at
+            // most 52 bytes here): a short write means the connection is unusable.
+            let written = loop {
+                match (&*self.stream.socket()).write(&header) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
+            if written != header.len() {
+                return Err(io::Error::other("short write of the PROXY header"));
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Starts a non-blocking connect, wrapped in TLS for `wss://`/`https://` bindings.
@@ -91,7 +119,7 @@ impl Conn {
                 ex.failed.push(id);
                 continue;
             };
-            let addr = dial.addr;
+            let (addr, proxy) = (dial.addr, dial.proxy);
             let pooled = if same_backend_fresh {
                 None
             } else {
@@ -132,9 +160,9 @@ impl Conn {
                 log::error("register failed", &[("error", &e)]);
                 break None;
             }
-            break Some((id, addr, stream, reused));
+            break Some((id, addr, stream, reused, proxy));
         };
-        let Some((id, addr, stream, reused)) = opened else {
+        let Some((id, addr, stream, reused, proxy)) = opened else {
             let (status, what, repeated) = if out_of_fds {
                 ctx.stats.fd_exhausted += 1;
                 (
@@ -177,6 +205,15 @@ impl Conn {
             );
         }
         to_backend.rewind_head();
+        // Pooled connections are never PROXY ones (the registry keeps none), so every
+        // connection that needs a header is a new one.
+        let proxy_header = proxy.map(|version| {
+            let dst =
+                (self.client.socket().local_addr()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let mut h = Vec::with_capacity(64);
+            crate::net::proxy_protocol::encode(version, self.peer, dst, &mut h);
+            h
+        });
         self.leg = Some(Leg {
             stream,
             // A pooled connection is usable now; a new one waits for its connect event.
@@ -194,6 +231,7 @@ impl Conn {
             eof: false,
             aborted: false,
             fin_sent: false,
+            proxy_header,
         });
     }
 

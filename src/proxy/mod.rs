@@ -731,7 +731,7 @@ impl Conn {
         // Balancer → backend, and backend connect completion.
         if let Some(leg) = &mut self.leg {
             if leg.connecting_since.is_some() && leg.ready.writable {
-                match connect_result(leg.stream.socket()) {
+                match leg.connected() {
                     Ok(true) => {
                         leg.connecting_since = None;
                         ctx.backends.connect_ok(leg.backend);
