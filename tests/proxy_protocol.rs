@@ -550,3 +550,34 @@ fn backends_with_proxy_option_get_a_header_haproxy_accepts() {
         );
     }
 }
+
+/// The L4 tier's health check (docs/SCALING.md): 503 until a backend is ready, 200 then,
+/// and failing (refused) as soon as a drain begins.
+#[test]
+fn ready_follows_backends_and_drain() {
+    let mut lb = Balancer::start(&["--control", "127.0.0.1:0"], &[]);
+    let ctl = lb.control_addr();
+    // 0 = refused: a drain closes the control listener too, which fails the check as well.
+    let ready = || match TcpStream::connect(ctl) {
+        Ok(_) => get(ctl, "/ready").status,
+        Err(_) => 0,
+    };
+    assert_eq!(ready(), 503);
+    let _agent = Agent::start(&["-b", &format!("ws://{ctl}/register")], "ready-1", "r1");
+    assert!(
+        wait_until(TIMEOUT, || ready() == 200),
+        "agent never made it ready"
+    );
+    // Keep a client open so the drain lasts; /ready must say 503 during it. (The agent
+    // registers as soon as it starts its backend, which may not listen yet.)
+    assert!(wait_until(TIMEOUT, || get(lb.addr(), "/").status == 200));
+    let mut ws = ws_connect(lb.addr(), "/");
+    assert_eq!(whoami(&mut ws), "r1");
+    lb.sigterm();
+    assert!(
+        wait_until(TIMEOUT, || ready() != 200),
+        "still ready while draining"
+    );
+    drop(ws);
+    assert!(lb.wait_exit(TIMEOUT).is_some());
+}
