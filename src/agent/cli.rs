@@ -31,8 +31,8 @@ pub enum AgentCommand {
     Help(String),
     /// Run the agent; supervise `child` (program and arguments) when it is not empty.
     Run {
-        /// Links to start.
-        cfg: AgentConfig,
+        /// Links to start (boxed: it dwarfs the other variant).
+        cfg: Box<AgentConfig>,
         /// The command after `--`, if any.
         child: Vec<String>,
     },
@@ -181,7 +181,10 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
         cfg.heartbeat = parse_duration(&v).map_err(|why| bad("--heartbeat", &v, why))?;
     }
     agent::validate(&cfg).map_err(flag_error)?;
-    Ok(AgentCommand::Run { cfg, child })
+    Ok(AgentCommand::Run {
+        cfg: Box::new(cfg),
+        child,
+    })
 }
 
 /// Entry point of `wslb agent`; `args` are the words after `agent`.
@@ -192,7 +195,7 @@ pub fn main(args: &[String]) -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Ok(AgentCommand::Run { cfg, child }) => match run(cfg, child) {
+        Ok(AgentCommand::Run { cfg, child }) => match run(*cfg, child) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wslb agent: {e}");

@@ -40,7 +40,7 @@ impl Leg {
             // A fresh connection's send buffer is empty and far larger than a header (at
             // most 52 bytes here): a short write means the connection is unusable.
             let written = loop {
-                match (&*self.stream.socket()).write(&header) {
+                match self.stream.socket().write(&header) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     other => break other?,
                 }
