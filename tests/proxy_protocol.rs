@@ -306,6 +306,12 @@ fn untrusted_peers_are_refused_even_with_a_valid_header() {
     c.write_all(&good).unwrap();
     assert!(closed_silently(&mut c), "untrusted peer not closed");
     assert_eq!(error_count(&lb, "untrusted"), 1);
+    // A --trusted-proxy that misses the L4 tier refuses everyone: it must show in the log.
+    assert!(
+        lb.wait_log("PROXY protocol: connections refused: 1 ", TIMEOUT),
+        "{:#?}",
+        lb.stderr_lines()
+    );
     assert_eq!(rec.count(), 0);
     let mut c = connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), lb.addr());
     c.write_all(&good).unwrap();

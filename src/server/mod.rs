@@ -111,7 +111,7 @@ pub struct Server {
     own_addrs: Vec<SocketAddr>,
     conns: Slab<Conn>,
     /// `--proxy-protocol`: accepted sockets whose PROXY header has not arrived yet.
-    awaiting_header: Slab<proxy_header::Awaiting>,
+    awaiting_header: proxy_header::AwaitingHeaders,
     /// Open client connections per address, for `--max-connections-per-ip`.
     per_ip: HashMap<IpAddr, u32>,
     control_listener: Option<TcpListener>,
@@ -452,7 +452,7 @@ impl Server {
             own_addrs,
             conns: Slab::with_capacity(1024),
             per_ip: HashMap::new(),
-            awaiting_header: Slab::new(),
+            awaiting_header: proxy_header::AwaitingHeaders::default(),
             control_listener,
             control_addr,
             controls: Slab::new(),

@@ -19,6 +19,31 @@ use crate::net::proxy_protocol::{self, PpError, Status};
 /// never reaches this far.
 pub(super) const HEADER_BASE: usize = CONTROL_BASE + usize::MAX / 4;
 
+/// Sockets waiting for their header, and the warning about refusals.
+#[derive(Debug)]
+pub(super) struct AwaitingHeaders {
+    slab: Slab<Awaiting>,
+    /// "refused N connections", at most once per interval: a `--trusted-proxy` that misses
+    /// the L4 tier's address refuses every client, which should not hide in metrics.
+    refused_log: log::Repeated,
+}
+
+impl Default for AwaitingHeaders {
+    fn default() -> Self {
+        AwaitingHeaders {
+            slab: Slab::new(),
+            refused_log: log::Repeated::every(REPEATED_LOG_INTERVAL),
+        }
+    }
+}
+
+impl AwaitingHeaders {
+    /// Sockets waiting (they count against `--max-connections`).
+    pub(super) fn len(&self) -> usize {
+        self.slab.len()
+    }
+}
+
 /// An accepted socket whose PROXY header has not fully arrived.
 #[derive(Debug)]
 pub(super) struct Awaiting {
@@ -43,7 +68,7 @@ impl Server {
             return;
         }
         self.next_gen += 1;
-        let entry = self.awaiting_header.vacant_entry();
+        let entry = self.awaiting_header.slab.vacant_entry();
         let key = entry.key();
         if let Err(e) =
             self.poll
@@ -74,7 +99,7 @@ impl Server {
     /// Readiness on an awaiting socket: parse what has arrived; admit, wait, or refuse.
     /// `closed` = the peer's FIN was reported, so a partial header will stay partial.
     pub(super) fn read_proxy_header(&mut self, key: usize, closed: bool) {
-        let Some(a) = self.awaiting_header.get_mut(key) else {
+        let Some(a) = self.awaiting_header.slab.get_mut(key) else {
             return;
         };
         let mut buf = [0u8; proxy_protocol::MAX_HEADER];
@@ -97,7 +122,7 @@ impl Server {
             peer,
             tls,
             ..
-        } = self.awaiting_header.remove(key);
+        } = self.awaiting_header.slab.remove(key);
         // The socket is registered anew under its connection's token by `admit`.
         let _ = self.poll.registry().deregister(&mut sock);
         match verdict {
@@ -124,10 +149,10 @@ impl Server {
 
     /// `--header-timeout` passed for an awaiting socket (unless it moved on already).
     pub(super) fn expire_proxy_header(&mut self, key: usize, gen: u64) {
-        if self.awaiting_header.get(key).is_none_or(|a| a.gen != gen) {
+        if (self.awaiting_header.slab.get(key)).is_none_or(|a| a.gen != gen) {
             return;
         }
-        let mut a = self.awaiting_header.remove(key);
+        let mut a = self.awaiting_header.slab.remove(key);
         let _ = self.poll.registry().deregister(&mut a.sock);
         self.proxy_header_failed(a.peer, PpError::Timeout);
     }
@@ -139,10 +164,20 @@ impl Server {
             .proxy_protocol_errors
             .entry(e.reason())
             .or_insert(0) += 1;
-        log::debug(
-            "PROXY protocol: connection refused",
-            &[("peer", &peer), ("error", &e)],
-        );
+        if let Some(times) = self.awaiting_header.refused_log.hit(Instant::now()) {
+            let secs = self.awaiting_header.refused_log.interval_secs();
+            log::warn(
+                &format!(
+                    "PROXY protocol: connections refused: {times} in the last {secs} s (wslb_proxy_protocol_errors_total has the reasons); the latest"
+                ),
+                &[("peer", &peer), ("error", &e)],
+            );
+        } else {
+            log::debug(
+                "PROXY protocol: connection refused",
+                &[("peer", &peer), ("error", &e)],
+            );
+        }
     }
 }
 
