@@ -107,7 +107,8 @@ fn closed_silently(c: &mut TcpStream) -> bool {
 #[test]
 fn v1_and_v2_headers_make_the_header_source_the_client() {
     let a = Backend::start("pp");
-    let lb = pp_balancer(&[], &[&a]);
+    let events = std::env::temp_dir().join(format!("wslb-pp-events-{}", std::process::id()));
+    let lb = pp_balancer(&["--events", events.to_str().unwrap()], &[&a]);
 
     // Header and request in one segment: the request behind the header must survive.
     let v1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 80\r\n";
@@ -133,6 +134,15 @@ fn v1_and_v2_headers_make_the_header_source_the_client() {
     let body = exchange(lb.addr(), &with(b"PROXY UNKNOWN\r\n", GET_HEADERS));
     assert_eq!(xff(&body), ["127.0.0.1"], "{body}");
     assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 5);
+    // Events name the header's source too.
+    assert!(
+        wait_until(TIMEOUT, || std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .contains(r#""peer":"192.0.2.7:40000""#)),
+        "{}",
+        std::fs::read_to_string(&events).unwrap_or_default()
+    );
+    let _ = std::fs::remove_file(&events);
 
     // --max-connections-per-ip counts header sources, not the L4 balancer's address.
     let lb = pp_balancer(&["--max-connections-per-ip", "1"], &[&a]);
@@ -402,16 +412,38 @@ fn tls_listener_reads_the_header_before_the_client_hello() {
     assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 1);
 }
 
-/// HAProxy in TCP mode, killed on drop.
+/// A listening socket made here and handed to HAProxy (`bind fd@N`): no port is picked
+/// and released first, so nothing else can take it before HAProxy binds.
+struct Front(std::net::TcpListener);
+
+impl Front {
+    fn new() -> Front {
+        Front(std::net::TcpListener::bind("127.0.0.1:0").expect("bind a front"))
+    }
+
+    fn port(&self) -> u16 {
+        self.0.local_addr().unwrap().port()
+    }
+
+    /// HAProxy's name for it.
+    fn bind(&self) -> String {
+        use std::os::fd::AsRawFd;
+        format!("fd@{}", self.0.as_raw_fd())
+    }
+}
+
+/// HAProxy, killed on drop.
 struct Haproxy {
     child: Child,
     dir: std::path::PathBuf,
 }
 
 impl Haproxy {
-    /// HAProxy with `body` after a common `global`/`defaults` section (`mode`), waiting
-    /// until it listens on every port of `ports`.
-    fn start(mode: &str, body: &str, ports: &[u16]) -> Option<Haproxy> {
+    /// HAProxy with `body` after a common `global`/`defaults` section (`mode`), listening
+    /// on `fronts` (which `body` names with [`Front::bind`]).
+    fn start(mode: &str, body: &str, fronts: &[&Front]) -> Option<Haproxy> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         if Command::new("haproxy").arg("-v").output().is_err() {
             println!("SKIPPED: haproxy is not installed (make test-deps installs it)");
             return None;
@@ -420,43 +452,45 @@ impl Haproxy {
             "global\n  maxconn 200\ndefaults\n  mode {mode}\n  timeout connect 2s\n  \
              timeout client 20s\n  timeout server 20s\n{body}"
         );
-        let dir = std::env::temp_dir().join(format!(
-            "wslb-pp-haproxy-{}-{}",
-            std::process::id(),
-            ports.first().copied().unwrap_or(0)
-        ));
+        let port = fronts.first().map_or(0, |f| f.port());
+        let dir = std::env::temp_dir().join(format!("wslb-pp-haproxy-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("haproxy.cfg");
         std::fs::write(&file, cfg).unwrap();
-        let child = Command::new("haproxy")
-            .args(["-db", "-f"])
+        let fds: Vec<i32> = fronts.iter().map(|f| f.0.as_raw_fd()).collect();
+        let mut cmd = Command::new("haproxy");
+        cmd.args(["-db", "-f"])
             .arg(&file)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn haproxy");
-        let h = Haproxy { child, dir };
-        for port in ports {
-            let addr = SocketAddr::new(LO, *port);
-            assert!(
-                wait_until(TIMEOUT, || TcpStream::connect(addr).is_ok()),
-                "haproxy did not listen on {addr}"
-            );
+            .stderr(Stdio::inherit());
+        // SAFETY: fcntl is async-signal-safe; it only clears close-on-exec on descriptors
+        // this process owns, in the child, so HAProxy inherits exactly these.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
-        Some(h)
+        let child = cmd.spawn().expect("spawn haproxy");
+        Some(Haproxy { child, dir })
     }
 
-    /// TCP routes: (frontend port, server address, server options).
-    fn tcp(routes: &[(u16, SocketAddr, &str)]) -> Option<Haproxy> {
+    /// TCP routes: (front, server address, server options).
+    fn tcp(routes: &[(&Front, SocketAddr, &str)]) -> Option<Haproxy> {
         let mut body = String::new();
-        for (i, (port, server, opts)) in routes.iter().enumerate() {
+        for (i, (front, server, opts)) in routes.iter().enumerate() {
             body += &format!(
-                "frontend f{i}\n  bind 127.0.0.1:{port}\n  default_backend b{i}\n\
-                 backend b{i}\n  server s{i} {server} {opts}\n"
+                "frontend f{i}\n  bind {}\n  default_backend b{i}\n\
+                 backend b{i}\n  server s{i} {server} {opts}\n",
+                front.bind()
             );
         }
-        let ports: Vec<u16> = routes.iter().map(|r| r.0).collect();
-        Haproxy::start("tcp", &body, &ports)
+        let fronts: Vec<&Front> = routes.iter().map(|r| r.0).collect();
+        Haproxy::start("tcp", &body, &fronts)
     }
 }
 
@@ -475,19 +509,15 @@ fn haproxy_send_proxy_v1_and_v2_witness() {
     let args = cert.args();
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
     let lb = pp_balancer(&extra, &[&a]);
-    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let (f1, f2, f3) = (Front::new(), Front::new(), Front::new());
+    let (p1, p2, p3) = (f1.port(), f2.port(), f3.port());
     let Some(_h) = Haproxy::tcp(&[
-        (p1, lb.addr(), "send-proxy"),
-        (p2, lb.addr(), "send-proxy-v2"),
-        (p3, lb.tls_addr(), "send-proxy-v2"),
+        (&f1, lb.addr(), "send-proxy"),
+        (&f2, lb.addr(), "send-proxy-v2"),
+        (&f3, lb.tls_addr(), "send-proxy-v2"),
     ]) else {
         return;
     };
-    // Waiting for HAProxy to listen took one connection through each route.
-    assert!(wait_until(TIMEOUT, || metric(
-        &lb,
-        "wslb_proxy_protocol_headers_total"
-    ) == 3));
     // The client's source (127.0.0.77) reaches wslb only inside HAProxy's header: HAProxy
     // itself connects from 127.0.0.1.
     let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 77));
@@ -510,24 +540,26 @@ fn haproxy_send_proxy_v1_and_v2_witness() {
     );
     assert!(ok, "{body}");
     assert_eq!(xff(&body), ["127.0.0.78"], "{body}");
-    assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 6);
+    assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 3);
 }
 
 #[test]
 fn backends_with_proxy_option_get_a_header_haproxy_accepts() {
     // HAProxy as the receiver: `accept-proxy` takes the client's address from the header,
     // and the answer says which address that was.
-    let (p1, p2) = (free_port(), free_port());
+    let (f1, f2) = (Front::new(), Front::new());
     let answer = "  http-request return status 200 content-type text/plain \
                   lf-string \"src=%[src] port=%[src_port]\\n\"\n";
     let body = format!(
-        "frontend v1\n  bind 127.0.0.1:{p1} accept-proxy\n{answer}\
-         frontend v2\n  bind 127.0.0.1:{p2} accept-proxy\n{answer}"
+        "frontend v1\n  bind {} accept-proxy\n{answer}\
+         frontend v2\n  bind {} accept-proxy\n{answer}",
+        f1.bind(),
+        f2.bind()
     );
-    let Some(_h) = Haproxy::start("http", &body, &[p1, p2]) else {
+    let Some(_h) = Haproxy::start("http", &body, &[&f1, &f2]) else {
         return;
     };
-    for (port, version) in [(p1, "v1"), (p2, "v2")] {
+    for (port, version) in [(f1.port(), "v1"), (f2.port(), "v2")] {
         let backend = format!("http://127.0.0.1:{port},proxy={version}");
         let lb = pp_balancer(&["-B", &backend, "--trusted-proxy", "127.0.0.0/8"], &[]);
         // Directly from 127.0.0.9, then 127.0.0.10 on the same backend: each connection
@@ -563,10 +595,19 @@ fn backends_with_proxy_option_get_a_header_haproxy_accepts() {
 fn ready_follows_backends_and_drain() {
     let mut lb = Balancer::start(&["--control", "127.0.0.1:0"], &[]);
     let ctl = lb.control_addr();
-    // 0 = refused: a drain closes the control listener too, which fails the check as well.
-    let ready = || match TcpStream::connect(ctl) {
-        Ok(_) => get(ctl, "/ready").status,
-        Err(_) => 0,
+    // 0 = refused or reset: a drain closes the control listener too, which fails the
+    // check as well (a connect may still land in the closing listener's backlog).
+    let ready = || -> u16 {
+        let Ok(mut c) = TcpStream::connect(ctl) else {
+            return 0;
+        };
+        let _ = c.set_read_timeout(Some(TIMEOUT));
+        let mut out = String::new();
+        let sent = c.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if sent.is_err() || c.read_to_string(&mut out).is_err() {
+            return 0;
+        }
+        out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
     };
     assert_eq!(ready(), 503);
     let _agent = Agent::start(&["-b", &format!("ws://{ctl}/register")], "ready-1", "r1");
@@ -586,4 +627,66 @@ fn ready_follows_backends_and_drain() {
     );
     drop(ws);
     assert!(lb.wait_exit(TIMEOUT).is_some());
+}
+
+/// The registration field (`wslb agent --proxy-protocol v2`) and a TLS backend: the header
+/// must come before the ClientHello, or HAProxy's `accept-proxy ssl` frontend refuses it.
+#[test]
+fn registered_and_tls_backends_get_the_header_before_anything_else() {
+    let cert = TempCert::new();
+    let pem = cert.0.join("both.pem");
+    let both = [
+        std::fs::read_to_string(cert.0.join("c.pem")).unwrap(),
+        std::fs::read_to_string(cert.0.join("k.pem")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(&pem, both).unwrap();
+    let (plain, tls) = (Front::new(), Front::new());
+    let answer = "  http-request return status 200 content-type text/plain \
+                  lf-string \"src=%[src] port=%[src_port]\\n\"\n";
+    let body = format!(
+        "frontend plain\n  bind {} accept-proxy\n{answer}\
+         frontend tls\n  bind {} accept-proxy ssl crt {}\n{answer}",
+        plain.bind(),
+        tls.bind(),
+        pem.display()
+    );
+    let Some(_h) = Haproxy::start("http", &body, &[&plain, &tls]) else {
+        return;
+    };
+    let check = |lb: &Balancer, what: &str| {
+        let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 21));
+        let mut c = connect_from(client, lb.addr());
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        let port = c.local_addr().unwrap().port();
+        assert!(
+            out.contains(&format!("src=127.0.0.21 port={port}\n")),
+            "{what}: {out}"
+        );
+    };
+
+    let tls_backend = format!("https://127.0.0.1:{},proxy=v1", tls.port());
+    let lb = Balancer::start(&["-B", &tls_backend, "--backend-insecure"], &[]);
+    check(&lb, "TLS backend, proxy=v1");
+
+    let lb = Balancer::start(&["--control", "127.0.0.1:0"], &[]);
+    let control = format!("ws://{}/register", lb.control_addr());
+    let binding = format!("http://127.0.0.1:{}", plain.port());
+    let mut agent = Command::new(wslb_bin().unwrap())
+        .args(["agent", "-b", &control, "--binding", &binding])
+        .args(["--guid", "pp-reg", "--proxy-protocol", "v2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let registered = wait_until(TIMEOUT, || get(lb.control_addr(), "/ready").status == 200);
+    if registered {
+        check(&lb, "registered backend, proxy_protocol v2");
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(registered, "the agent did not register");
 }
