@@ -8,6 +8,7 @@
 //!
 //! Strict by default: a header is refused as soon as a prefix shows it cannot become valid,
 //! so a peer gets no further than the first wrong byte.
+#![deny(clippy::indexing_slicing)]
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -382,6 +383,7 @@ pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr, out: &mut Vec<
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
