@@ -2156,6 +2156,15 @@ pub fn proxy_header(data: &[u8]) {
         };
         assert_eq!(h.addrs.map(|a| (a.src, a.dst)), want);
     }
+    if let (1, Some(a)) = (h.version, h.addrs) {
+        // IPv4 text has one spelling (dotted quad, no leading zeros, like the ports): an
+        // accepted TCP4 line is exactly what `encode` writes for its addresses.
+        if data.starts_with(b"PROXY TCP4 ") {
+            let mut out = Vec::new();
+            encode(Version::V1, a.src, a.dst, &mut out);
+            assert_eq!(&out[..], &data[..h.len], "TCP4 line is not canonical");
+        }
+    }
     if let Some(a) = h.addrs {
         for version in [Version::V1, Version::V2] {
             let mut out = Vec::new();
