@@ -543,13 +543,35 @@ fn haproxy_send_proxy_v1_and_v2_witness() {
     assert_eq!(metric(&lb, "wslb_proxy_protocol_headers_total"), 3);
 }
 
+/// An HAProxy HTTP frontend's answer: the client address it took from the PROXY header.
+const HAPROXY_SAYS_SRC: &str = "  http-request return status 200 content-type text/plain \
+                                lf-string \"src=%[src] port=%[src_port]\\n\"\n";
+
+/// A request from 127.0.0.`last` through `lb` (after `prefix`, e.g. a PROXY header) is
+/// answered by an HAProxy frontend behind it that names that address and port as the client.
+fn backend_heard_of(lb: &Balancer, last: u8, prefix: &[u8], what: &str) {
+    let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+    let mut c = connect_from(client, lb.addr());
+    c.write_all(&with(
+        prefix,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ))
+    .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let port = c.local_addr().unwrap().port();
+    assert!(
+        out.contains(&format!("src=127.0.0.{last} port={port}\n")),
+        "{what}: {out}"
+    );
+}
+
 #[test]
 fn backends_with_proxy_option_get_a_header_haproxy_accepts() {
     // HAProxy as the receiver: `accept-proxy` takes the client's address from the header,
     // and the answer says which address that was.
     let (f1, f2) = (Front::new(), Front::new());
-    let answer = "  http-request return status 200 content-type text/plain \
-                  lf-string \"src=%[src] port=%[src_port]\\n\"\n";
+    let answer = HAPROXY_SAYS_SRC;
     let body = format!(
         "frontend v1\n  bind {} accept-proxy\n{answer}\
          frontend v2\n  bind {} accept-proxy\n{answer}",
@@ -565,17 +587,7 @@ fn backends_with_proxy_option_get_a_header_haproxy_accepts() {
         // Directly from 127.0.0.9, then 127.0.0.10 on the same backend: each connection
         // names its own client (no pooled connection carries someone else's header).
         for last in [9u8, 10] {
-            let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
-            let mut c = connect_from(client, lb.addr());
-            c.write_all(b"PROXY UNKNOWN\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut out = String::new();
-            let _ = c.read_to_string(&mut out);
-            let port = c.local_addr().unwrap().port();
-            assert!(
-                out.contains(&format!("src=127.0.0.{last} port={port}\n")),
-                "{version}: {out}"
-            );
+            backend_heard_of(&lb, last, b"PROXY UNKNOWN\r\n", version);
         }
         // Through a PROXY header of our own: the backend hears of the header's source.
         let body = exchange(
@@ -642,8 +654,7 @@ fn registered_and_tls_backends_get_the_header_before_anything_else() {
     .concat();
     std::fs::write(&pem, both).unwrap();
     let (plain, tls) = (Front::new(), Front::new());
-    let answer = "  http-request return status 200 content-type text/plain \
-                  lf-string \"src=%[src] port=%[src_port]\\n\"\n";
+    let answer = HAPROXY_SAYS_SRC;
     let body = format!(
         "frontend plain\n  bind {} accept-proxy\n{answer}\
          frontend tls\n  bind {} accept-proxy ssl crt {}\n{answer}",
@@ -654,19 +665,7 @@ fn registered_and_tls_backends_get_the_header_before_anything_else() {
     let Some(_h) = Haproxy::start("http", &body, &[&plain, &tls]) else {
         return;
     };
-    let check = |lb: &Balancer, what: &str| {
-        let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 21));
-        let mut c = connect_from(client, lb.addr());
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        let _ = c.read_to_string(&mut out);
-        let port = c.local_addr().unwrap().port();
-        assert!(
-            out.contains(&format!("src=127.0.0.21 port={port}\n")),
-            "{what}: {out}"
-        );
-    };
+    let check = |lb: &Balancer, what: &str| backend_heard_of(lb, 21, b"", what);
 
     let tls_backend = format!("https://127.0.0.1:{},proxy=v1", tls.port());
     let lb = Balancer::start(&["-B", &tls_backend, "--backend-insecure"], &[]);
