@@ -332,11 +332,35 @@ fn untrusted_peers_are_refused_even_with_a_valid_header() {
 }
 
 #[test]
-fn proxy_protocol_without_trusted_proxy_exits_2() {
-    let (status, _, err) = run_wslb(&["--proxy-protocol", "-B", "ws://127.0.0.1:9"]);
-    assert_eq!(status.code(), Some(2), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("--trusted-proxy"), "{err}");
+fn bad_proxy_protocol_flags_exit_2_with_one_line() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--proxy-protocol", "-B", "ws://127.0.0.1:9"],
+            "--trusted-proxy",
+        ),
+        (
+            &["-B", "ws://127.0.0.1:9,proxy=v3"],
+            "proxy must be v1 or v2",
+        ),
+        (
+            &[
+                "agent",
+                "-b",
+                "ws://127.0.0.1:9/register",
+                "--binding",
+                "ws://127.0.0.1:8",
+                "--proxy-protocol",
+                "v9",
+            ],
+            "--proxy-protocol",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (status, _, err) = run_wslb(args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
 }
 
 /// Self-signed certificate and key for `localhost`, in a temp dir removed on drop.
