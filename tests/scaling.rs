@@ -254,15 +254,17 @@ fn two_balancers_behind_haproxy_in_namespaces() {
         );
     }
 
-    let mut py = lan
-        .command("cl", python().to_str().unwrap(), &["-c", CLIENTS, &l4])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python clients");
-    let mut stdin = py.stdin.take().unwrap();
-    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    // Killed on drop if an assertion fails first.
+    let mut py = netns::Proc(
+        lan.command("cl", python().to_str().unwrap(), &["-c", CLIENTS, &l4])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python clients"),
+    );
+    let mut stdin = py.0.stdin.take().unwrap();
+    let mut lines = BufReader::new(py.0.stdout.take().unwrap()).lines();
     let mut next = |what: &str| -> serde_json::Value {
         let line = lines
             .next()
@@ -327,6 +329,6 @@ fn two_balancers_behind_haproxy_in_namespaces() {
         clients.len(),
         ip["ip"]
     );
-    let _ = py.wait();
+    let _ = py.0.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
