@@ -18,6 +18,7 @@ run: build
 test: test-deps fmt-check clippy test-unit bench-smoke fuzz-ci autobahn-quick ws-witness
 
 # Real external peers the tests drive: curl, Node (its `http` server), headless Chromium,
+# HAProxy (the PROXY protocol sender and receiver, the L4 tier of docs/SCALING.md),
 # and Python packages (websockets, prometheus_client, gunicorn, uvicorn) in the project's
 # own virtual environment .venv, never the system Python. Installed only when missing.
 VENV ?= .venv
@@ -30,6 +31,7 @@ test-deps:
 		$(VENV)/bin/python3 -m pip install -q $(PY_TEST_DEPS)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 		($(APT) update -qq && $(APT) install -y -qq chromium)
+	@command -v haproxy >/dev/null || ($(APT) update -qq && $(APT) install -y -qq haproxy)
 
 # Unit tests, integration tests (real sockets on 127.0.0.1), fuzz corpus replay. Building
 # all targets first makes examples/echo_backend, which the integration tests start.

@@ -103,6 +103,8 @@ for t in $targets; do
         flags+=("-dict=http.dict")
     elif [ "$t" = control_message ]; then
         flags+=("-dict=json.dict")
+    elif [ "$t" = proxy_header ]; then
+        flags+=("-dict=proxy.dict")
     fi
     log="$work/$t.log"
     touch "$work/$t.start"

@@ -107,6 +107,8 @@ pub struct BackendSpec {
     pub tls: bool,
     /// Most connections at once (`max_connections=N`); 0 = no limit.
     pub max_connections: u32,
+    /// `proxy=v1|v2`: a PROXY header naming the client opens every connection to it.
+    pub proxy: Option<crate::net::proxy_protocol::Version>,
 }
 
 /// Everything the balancer needs to run.
@@ -190,6 +192,9 @@ pub struct Config {
     pub backend_allow: Vec<crate::netpolicy::Cidr>,
     /// `--trusted-proxy`: peers whose X-Forwarded-For / Forwarded values are kept.
     pub trusted_proxies: Vec<crate::netpolicy::Cidr>,
+    /// `--proxy-protocol`: every proxy listener (plain and TLS) expects a PROXY v1/v2
+    /// header first, from `--trusted-proxy` peers only; its source address is the client.
+    pub proxy_protocol: bool,
     /// `--forwarded`: emit RFC 7239 `Forwarded` instead of `X-Forwarded-For`.
     pub forwarded: bool,
     /// `--token-file`: per-backend tokens, lines `guid token`, re-read on SIGHUP.
@@ -251,6 +256,7 @@ impl Default for Config {
             on_backend_lost: OnBackendLost::Keep,
             backend_allow: Vec::new(),
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             forwarded: false,
             token_file: None,
             control_client_ca: None,
@@ -804,8 +810,13 @@ fn security_options(o: &mut getopts::Options) {
     o.optmulti(
         "",
         "trusted-proxy",
-        "keep X-Forwarded-For/Forwarded from peers in this block, e.g. 10.0.0.0/8 (repeatable) [default: none, they are replaced]",
+        "keep X-Forwarded-For/Forwarded from peers in this block, e.g. 10.0.0.0/8; with --proxy-protocol, the peers allowed to send the PROXY header (repeatable) [default: none, they are replaced]",
         "CIDR",
+    );
+    o.optflag(
+        "",
+        "proxy-protocol",
+        "listeners expect a PROXY protocol v1/v2 header (from an L4 balancer) before anything else, from --trusted-proxy peers only; its source address is the client's",
     );
     o.optflag(
         "",
@@ -836,6 +847,13 @@ fn security_flags(m: &getopts::Matches, cfg: &mut Config) -> Result<(), ConfigEr
             .push(crate::netpolicy::parse_cidr(&v).map_err(|why| bad("--trusted-proxy", &v, why))?);
     }
     cfg.forwarded = m.opt_present("forwarded");
+    cfg.proxy_protocol = m.opt_present("proxy-protocol");
+    if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() {
+        // Without a trusted peer every connection would be refused.
+        return Err(ConfigError::Usage(
+            "--proxy-protocol needs --trusted-proxy CIDR (the L4 balancers allowed to send the header)".into(),
+        ));
+    }
     cfg.token_file = m.opt_str("token-file").map(Into::into);
     cfg.control_client_ca = m.opt_str("control-client-ca").map(Into::into);
     if cfg.control_client_ca.is_some() && !cfg.control_tls {
@@ -928,6 +946,7 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
     let url = parts.next().unwrap_or_default().trim();
     let mut weight = 1u32;
     let mut max_connections = 0u32;
+    let mut proxy = None;
     for opt in parts {
         match opt.trim().split_once('=') {
             Some(("weight", w)) => {
@@ -941,7 +960,17 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
                     .parse::<u32>()
                     .map_err(|_| "max_connections must be a non-negative integer")?;
             }
-            _ => return Err("unknown backend option; expected weight=N or max_connections=N"),
+            Some(("proxy", v)) => {
+                proxy = Some(
+                    crate::net::proxy_protocol::Version::parse(v)
+                        .ok_or("proxy must be v1 or v2")?,
+                )
+            }
+            _ => {
+                return Err(
+                    "unknown backend option; expected weight=N, max_connections=N or proxy=v1|v2",
+                )
+            }
         }
     }
     let authority = parse_backend_url(url)?;
@@ -953,6 +982,7 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
         weight,
         tls: is_tls_url(url),
         max_connections,
+        proxy,
     })
 }
 
@@ -1056,7 +1086,15 @@ mod tests {
         assert_eq!(b.authority, "127.0.0.1:9001");
         assert_eq!(b.addr, "127.0.0.1:9001".parse().unwrap());
         assert!(parse_backend("http://127.0.0.1:9001/x").is_ok());
+        assert_eq!(b.proxy, None);
+        let p = parse_backend("ws://127.0.0.1:9001,proxy=v2,weight=2").unwrap();
+        assert_eq!(
+            (p.proxy, p.weight),
+            (Some(crate::net::proxy_protocol::Version::V2), 2)
+        );
         for bad in [
+            "ws://127.0.0.1:1,proxy=v3",
+            "ws://127.0.0.1:1,proxy=",
             "ftp://x:1",
             "ws://127.0.0.1",
             "ws://127.0.0.1:0",

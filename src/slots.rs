@@ -47,6 +47,12 @@ pub const CLIENT_TOKENS: TokenRange = TokenRange {
 /// Control connections (backends registering): one socket each.
 pub const CONTROL_TOKENS: TokenRange = TokenRange {
     start: usize::MAX / 2,
+    end: usize::MAX / 2 + usize::MAX / 4,
+    per_entry: 1,
+};
+/// `--proxy-protocol`: accepted sockets whose PROXY header has not arrived yet.
+pub const HEADER_TOKENS: TokenRange = TokenRange {
+    start: usize::MAX / 2 + usize::MAX / 4,
     end: usize::MAX,
     per_entry: 1,
 };
@@ -153,6 +159,11 @@ impl<T: Slotted> Slots<T> {
             .is_some_and(|c| c.generation() == gen && !c.marks().done)
     }
 
+    /// Removes a connection at once (one that moves on rather than finishes).
+    pub fn remove(&mut self, key: usize) -> Option<T> {
+        self.slab.try_remove(key)
+    }
+
     /// Marks the connection finished: it is ignored from now on and removed at the next
     /// [`Slots::take_finished`]. Finishing twice is harmless.
     pub fn finish(&mut self, key: usize) {
@@ -224,6 +235,10 @@ mod tests {
             let t = CONTROL_TOKENS.token(key, 0);
             assert_eq!(CONTROL_TOKENS.key_of(t), Some((key, 0)));
             assert_eq!(CLIENT_TOKENS.key_of(t), None);
+            assert_eq!(HEADER_TOKENS.key_of(t), None);
+            let t = HEADER_TOKENS.token(key, 0);
+            assert_eq!(HEADER_TOKENS.key_of(t), Some((key, 0)));
+            assert_eq!(CONTROL_TOKENS.key_of(t), None);
         }
         assert_eq!(CLIENT_TOKENS.key_of(Token(3)), None);
         assert_eq!(CONTROL_TOKENS.key_of(Token(3)), None);

@@ -30,6 +30,8 @@ pub enum TimerKind {
     SpreadClose,
     /// Rebalancing looks at the backends' loads (`--rebalance`).
     Rebalance,
+    /// `--proxy-protocol`: an accepted socket's PROXY header is overdue.
+    ProxyHeader,
 }
 
 /// Identifies the owner of a deadline.

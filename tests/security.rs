@@ -1,6 +1,8 @@
 //! Issue 15: each hole an attacker found, reproduced against the real `wslb` binary. Every
 //! test here failed on the code before the fix (see docs/SECURITY.md, "Threat model").
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 #[path = "common/recorder.rs"]
 mod recorder;
 
@@ -503,17 +505,7 @@ impl RemoteNet {
             vec!["-n", &net.ns, "link", "set", "lo", "up"],
         ];
         for args in steps {
-            let out = Command::new("ip")
-                .args(&args)
-                .output()
-                .map_err(|e| format!("ip: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+            netns::ip(&args)?;
         }
         Ok(net)
     }

@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("control_message", control_message),
     ("ws_inject", ws_inject),
     ("cidr", cidr),
+    ("proxy_header", proxy_header),
 ];
 
 /// A cheap deterministic hash, to derive choices (cut offsets, flags) from inputs that are
@@ -2088,5 +2089,94 @@ pub fn cidr(data: &[u8]) {
         }
         (Err(why), None) => assert!(!why.is_empty()),
         (got, want) => panic!("{block:?}: parse_cidr {got:?}, reference {want:?}"),
+    }
+}
+
+/// `wslb::proxy_protocol::parse`, the function the listener calls on the bytes it peeks at.
+/// Properties: a header found is no longer than the input and the caps (107 bytes for v1,
+/// `MAX_HEADER` for v2); the verdict is prefix-stable (every shorter prefix of a header is
+/// `Partial`, and a verdict reached on a prefix — header or error, reason included — is the
+/// verdict on the whole input, so peeking more bytes never changes an answer); and the
+/// addresses of a header, encoded again by `encode` (what wslb sends backends) in either
+/// version, parse back to themselves. A v2 reference reading (plain indexing of the fixed
+/// layout) must agree on the length and addresses.
+pub fn proxy_header(data: &[u8]) {
+    use std::net::SocketAddr;
+    use wslb::proxy_protocol::{encode, parse, Status, Version, MAX_HEADER, V1_MAX, V2_SIGNATURE};
+    let data = &data[..data.len().min(MAX_HEADER + 64)];
+    let whole = parse(data);
+    let mut prefix_verdict = None;
+    for k in 0..data.len() {
+        match parse(&data[..k]) {
+            Ok(Status::Partial) => {}
+            v => {
+                prefix_verdict.get_or_insert((k, v));
+            }
+        }
+    }
+    if let Some((k, v)) = prefix_verdict {
+        assert_eq!(
+            v, whole,
+            "verdict at prefix {k} differs from the whole input's"
+        );
+    }
+    let Ok(Status::Complete(h)) = whole else {
+        return;
+    };
+    assert!(h.len <= data.len() && h.len <= MAX_HEADER);
+    assert!(h.version == 2 || h.len <= V1_MAX);
+    if let Some((k, _)) = prefix_verdict {
+        assert_eq!(k, h.len, "complete before its own length");
+    }
+    assert_eq!(parse(&data[..h.len]), whole);
+    if h.version == 2 {
+        // Reference: the fixed 16 bytes as the specification draws them.
+        assert_eq!(&data[..12], &V2_SIGNATURE);
+        let len = 16 + usize::from(u16::from_be_bytes([data[14], data[15]]));
+        assert_eq!(h.len, len);
+        let (cmd, fam) = (data[12] & 0x0f, data[13]);
+        let b = &data[16..];
+        let want: Option<(SocketAddr, SocketAddr)> = match (cmd, fam) {
+            (1, 0x11) => Some((
+                SocketAddr::from(([b[0], b[1], b[2], b[3]], u16::from_be_bytes([b[8], b[9]]))),
+                SocketAddr::from(([b[4], b[5], b[6], b[7]], u16::from_be_bytes([b[10], b[11]]))),
+            )),
+            (1, 0x21) => {
+                let ip = |at: usize| {
+                    let mut o = [0u8; 16];
+                    o.copy_from_slice(&b[at..at + 16]);
+                    Ipv6Addr::from(o)
+                };
+                Some((
+                    SocketAddr::from((ip(0), u16::from_be_bytes([b[32], b[33]]))),
+                    SocketAddr::from((ip(16), u16::from_be_bytes([b[34], b[35]]))),
+                ))
+            }
+            _ => None,
+        };
+        assert_eq!(h.addrs.map(|a| (a.src, a.dst)), want);
+    }
+    if let (1, Some(a)) = (h.version, h.addrs) {
+        // IPv4 text has one spelling (dotted quad, no leading zeros, like the ports): an
+        // accepted TCP4 line is exactly what `encode` writes for its addresses.
+        if data.starts_with(b"PROXY TCP4 ") {
+            let mut out = Vec::new();
+            encode(Version::V1, a.src, a.dst, &mut out);
+            assert_eq!(&out[..], &data[..h.len], "TCP4 line is not canonical");
+        }
+    }
+    if let Some(a) = h.addrs {
+        for version in [Version::V1, Version::V2] {
+            let mut out = Vec::new();
+            encode(version, a.src, a.dst, &mut out);
+            let Ok(Status::Complete(back)) = parse(&out) else {
+                panic!("encode({version:?}) of {a:?} does not parse: {out:?}");
+            };
+            assert_eq!(back.len, out.len());
+            let b = back.addrs.expect("addresses");
+            let canon = |s: SocketAddr| (s.ip().to_canonical(), s.port());
+            assert_eq!(canon(b.src), canon(a.src));
+            assert_eq!(canon(b.dst), canon(a.dst));
+        }
     }
 }

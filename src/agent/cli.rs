@@ -36,8 +36,8 @@ pub enum AgentCommand {
     Help(String),
     /// Run the agent; supervise `child` (program and arguments) when it is not empty.
     Run {
-        /// Links to start.
-        cfg: AgentConfig,
+        /// Links to start (boxed: it dwarfs the other variant).
+        cfg: Box<AgentConfig>,
         /// The command after `--`, if any.
         child: Vec<String>,
         /// On SIGTERM, how long to wait for `drain_complete` before deregistering (zero =
@@ -81,6 +81,12 @@ fn options() -> getopts::Options {
         "N",
     );
     o.optmulti("", "tag", "label K=V (repeatable)", "K=V");
+    o.optopt(
+        "",
+        "proxy-protocol",
+        "ask the balancers to open each connection to this backend with a PROXY header naming the client",
+        "v1|v2",
+    );
     o.optopt(
         "",
         "heartbeat",
@@ -170,6 +176,12 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
             .parse()
             .map_err(|_| bad("--max-connections", &v, "expected a non-negative integer"))?;
     }
+    if let Some(v) = m.opt_str("proxy-protocol") {
+        cfg.proxy_protocol = Some(
+            crate::net::proxy_protocol::Version::parse(&v)
+                .ok_or_else(|| bad("--proxy-protocol", &v, "expected v1 or v2"))?,
+        );
+    }
     let mut tags = BTreeMap::new();
     for v in m.opt_strs("tag") {
         match v.split_once('=') {
@@ -190,7 +202,7 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
     };
     agent::validate(&cfg).map_err(flag_error)?;
     Ok(AgentCommand::Run {
-        cfg,
+        cfg: Box::new(cfg),
         child,
         drain_wait,
     })
@@ -208,7 +220,7 @@ pub fn main(args: &[String]) -> ExitCode {
             cfg,
             child,
             drain_wait,
-        }) => match run(cfg, child, drain_wait) {
+        }) => match run(*cfg, child, drain_wait) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wslb agent: {e}");

@@ -72,6 +72,8 @@ pub struct AgentConfig {
     pub max_connections: u32,
     /// Free-form labels (up to 32).
     pub tags: BTreeMap<String, String>,
+    /// PROXY header the balancers put before each connection to this backend.
+    pub proxy_protocol: Option<crate::net::proxy_protocol::Version>,
     /// Ping interval; 3 silent intervals mean the link is lost.
     pub heartbeat: Duration,
     /// First reconnect delay (and the floor of every jittered delay).
@@ -92,6 +94,7 @@ impl AgentConfig {
             token: None,
             weight: 1,
             max_connections: 0,
+            proxy_protocol: None,
             tags: BTreeMap::new(),
             heartbeat: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
@@ -316,6 +319,7 @@ fn prepare(cfg: &AgentConfig) -> Result<Prepared, AgentError> {
         weight: cfg.weight,
         max_connections: cfg.max_connections,
         tags: cfg.tags.clone(),
+        proxy_protocol: cfg.proxy_protocol,
     });
     let register = protocol::encode(&msg);
     // The balancer's own decoder is the final word: never send what it would refuse.

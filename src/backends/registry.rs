@@ -14,6 +14,7 @@ use crate::backends::balance::{Algorithm, Candidate, Selector};
 use crate::backends::pool::{IdlePool, POOL_PER_BACKEND};
 use crate::config::{authority_host, is_tls_url, parse_backend_url, BackendSpec};
 use crate::control::protocol::Registration;
+use crate::net::proxy_protocol::Version;
 use crate::net::transport::Transport;
 use crate::observe::log;
 
@@ -111,6 +112,9 @@ pub struct Backend {
     pub max_connections: u32,
     /// Labels from the registration.
     pub tags: BTreeMap<String, String>,
+    /// `proxy=v1|v2` / registration `proxy_protocol`: each connection names its client, so
+    /// none is pooled for another client.
+    pub proxy: Option<Version>,
     /// Relative weight.
     pub weight: u32,
     /// Active connections: WebSocket tunnels plus in-flight HTTP exchanges.
@@ -131,6 +135,8 @@ pub struct Dial {
     pub addr: SocketAddr,
     /// TLS server name; `None` = plain TCP.
     pub tls: Option<ServerName<'static>>,
+    /// PROXY header to open the connection with.
+    pub proxy: Option<Version>,
 }
 
 /// The TLS server name for a binding URL (`None` for plain ones).
@@ -183,6 +189,7 @@ impl Registry {
             s.weight,
         );
         b.max_connections = s.max_connections;
+        b.proxy = s.proxy;
         b.source = source;
         Some(self.backends.insert(b))
     }
@@ -267,6 +274,10 @@ impl Registry {
         b.weight = reg.weight;
         b.max_connections = reg.max_connections;
         b.tags = reg.tags.clone();
+        if b.proxy != reg.proxy_protocol {
+            b.idle.clear();
+            b.proxy = reg.proxy_protocol;
+        }
         b.state = BackendState::Ready;
         let previous = b.owner.replace(owner).filter(|&o| o != owner);
         (id, fresh, previous)
@@ -310,7 +321,11 @@ impl Registry {
         let addr = *b.addrs.get(i)?;
         let tls = b.tls_names.get(i).cloned().flatten();
         b.next_addr = b.next_addr.wrapping_add(1);
-        Some(Dial { addr, tls })
+        Some(Dial {
+            addr,
+            tls,
+            proxy: b.proxy,
+        })
     }
 
     /// Name of a backend (guid for registered ones).
@@ -482,7 +497,11 @@ impl Registry {
     /// its last exchange): reusing that one needs no `epoll_ctl`. Returns the connection
     /// and whether it is registered under `token` already.
     pub fn checkout(&mut self, id: usize, now: Instant, token: Token) -> Option<(Transport, bool)> {
-        self.backends.get_mut(id)?.idle.take(now, token)
+        self.backends
+            .get_mut(id)
+            .filter(|b| b.proxy.is_none())?
+            .idle
+            .take(now, token)
     }
 
     /// Returns a quiet keep-alive connection to `id`'s pool. It stays registered with the
@@ -497,7 +516,7 @@ impl Registry {
         if let Some(b) = self
             .backends
             .get_mut(id)
-            .filter(|b| b.state != BackendState::Gone)
+            .filter(|b| b.state != BackendState::Gone && b.proxy.is_none())
         {
             b.idle.put(stream, now, token);
         }
@@ -551,6 +570,7 @@ impl Backend {
             owner: None,
             max_connections: 0,
             tags: BTreeMap::new(),
+            proxy: None,
             weight,
             active: 0,
             failures: 0,

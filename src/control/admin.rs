@@ -6,6 +6,7 @@
 //! | --- | --- |
 //! | `GET /` | status page |
 //! | `GET /metrics` | Prometheus text |
+//! | `GET /ready` | 200 while a backend can take clients, else 503 (L4 health checks) |
 //! | `GET /api/backends`, `GET /api/clients` | JSON lists |
 //! | `POST /api/backends` `{"url", "weight"?, "max_connections"?}` | add a backend (201) |
 //! | `PATCH /api/backends/{name}` `{"weight"?, "max_connections"?}` | change it |
@@ -89,6 +90,8 @@ pub trait AdminApi {
     fn clients(&self) -> Vec<ClientSummary>;
     /// Queues `msg` for the clients `to` selects; how many took it.
     fn send(&mut self, to: &Target, msg: &Outgoing) -> usize;
+    /// At least one backend can take a client, and the balancer is not draining.
+    fn ready(&self) -> bool;
     /// Applies a change to the backend set; a JSON description of the result.
     fn change_backend(&mut self, change: BackendChange) -> Result<Value, ChangeError>;
 }
@@ -117,6 +120,10 @@ pub fn route(api: &mut dyn AdminApi, req: &AdminRequest) -> Reply {
             api.status_page().into_bytes(),
         ),
         ("GET", ["metrics"]) => (200, "text/plain; version=0.0.4", api.metrics().into_bytes()),
+        // For an L4 tier's health checks: send new clients here only while at least one
+        // backend can take them (and not while draining).
+        ("GET", ["ready"]) if api.ready() => json_reply(200, json!({ "ready": true })),
+        ("GET", ["ready"]) => json_reply(503, json!({ "ready": false })),
         ("GET", ["api", "backends"]) => {
             json_reply(200, super::status::backends_json(&api.backends()))
         }
@@ -142,7 +149,7 @@ pub fn route(api: &mut dyn AdminApi, req: &AdminRequest) -> Reply {
             }
         }
         ("DELETE", ["api", "clients", id]) => close_client(api, req, id),
-        (_, [""] | ["metrics"] | ["api", ..]) => error(405, "method not allowed"),
+        (_, [""] | ["metrics"] | ["ready"] | ["api", ..]) => error(405, "method not allowed"),
         _ => error(404, "not found"),
     }
 }

@@ -33,6 +33,9 @@ pub struct Registration {
     pub max_connections: u32,
     /// Free-form labels (used by admin filters).
     pub tags: BTreeMap<String, String>,
+    /// `proxy_protocol: "v1" | "v2"`: start every connection to this backend with a PROXY
+    /// header naming the client, so it sees client addresses without parsing HTTP.
+    pub proxy_protocol: Option<crate::net::proxy_protocol::Version>,
 }
 
 /// A message from a backend.
@@ -225,6 +228,16 @@ fn registration(obj: &Map<String, Value>) -> Result<Registration, ControlError> 
             ))
         }
     }
+    let proxy_protocol = match obj.get("proxy_protocol") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_str()
+                .and_then(crate::net::proxy_protocol::Version::parse)
+                .ok_or(ControlError::BadField(
+                    "proxy_protocol must be \"v1\" or \"v2\"",
+                ))?,
+        ),
+    };
     Ok(Registration {
         guid,
         bindings,
@@ -232,6 +245,7 @@ fn registration(obj: &Map<String, Value>) -> Result<Registration, ControlError> 
         weight,
         max_connections,
         tags,
+        proxy_protocol,
     })
 }
 
@@ -255,16 +269,22 @@ pub fn decode(text: &str) -> Result<BackendMsg, ControlError> {
 /// Encodes a backend message (used by the agent; the inverse of [`decode`]).
 pub fn encode(msg: &BackendMsg) -> String {
     match msg {
-        BackendMsg::Register(r) => json!({
-            "type": "register",
-            "version": VERSION,
-            "guid": r.guid,
-            "bindings": r.bindings,
-            "weight": r.weight,
-            "max_connections": r.max_connections,
-            "tags": r.tags,
-        })
-        .to_string(),
+        BackendMsg::Register(r) => {
+            let mut v = json!({
+                "type": "register",
+                "version": VERSION,
+                "guid": r.guid,
+                "bindings": r.bindings,
+                "weight": r.weight,
+                "max_connections": r.max_connections,
+                "tags": r.tags,
+            });
+            // Only when asked for: balancers that predate the field see the same message.
+            if let (Some(p), Some(o)) = (r.proxy_protocol, v.as_object_mut()) {
+                o.insert("proxy_protocol".into(), p.as_str().into());
+            }
+            v.to_string()
+        }
         BackendMsg::Drain => json!({"type": "drain"}).to_string(),
         BackendMsg::Deregister => json!({"type": "deregister"}).to_string(),
     }
@@ -338,9 +358,34 @@ mod tests {
         );
         assert_eq!((r.weight, r.max_connections), (3, 100));
         assert_eq!(r.tags.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(r.proxy_protocol, None);
+        assert!(!encode(&BackendMsg::Register(r.clone())).contains("proxy_protocol"));
         let again = decode(&encode(&BackendMsg::Register(r.clone()))).unwrap();
         assert_eq!(again, BackendMsg::Register(r));
         assert_eq!(decode(r#"{"type":"drain"}"#), Ok(BackendMsg::Drain));
+    }
+
+    #[test]
+    fn proxy_protocol_field() {
+        use crate::net::proxy_protocol::Version;
+        let with = |v: &str| {
+            GOOD.replace(
+                r#""weight":3"#,
+                &format!(r#""proxy_protocol":{v},"weight":3"#),
+            )
+        };
+        let Ok(BackendMsg::Register(r)) = decode(&with(r#""v2""#)) else {
+            panic!()
+        };
+        assert_eq!(r.proxy_protocol, Some(Version::V2));
+        let again = decode(&encode(&BackendMsg::Register(r.clone()))).unwrap();
+        assert_eq!(again, BackendMsg::Register(r));
+        for bad in [r#""v3""#, "2", r#""V1""#] {
+            assert!(
+                matches!(decode(&with(bad)), Err(ControlError::BadField(f)) if f.contains("proxy_protocol")),
+                "{bad}"
+            );
+        }
         assert_eq!(
             decode(&encode(&BackendMsg::Deregister)),
             Ok(BackendMsg::Deregister)

@@ -5,5 +5,6 @@ pub(crate) mod buffer;
 pub(crate) mod endpoint;
 pub(crate) mod fdlimit;
 pub(crate) mod fdpass;
+pub mod proxy_protocol;
 pub mod tls;
 pub(crate) mod transport;

@@ -47,6 +47,11 @@ pub struct Stats {
     pub backend_drain_closes: u64,
     /// WebSockets closed (1012) by `--rebalance`.
     pub rebalance_closes: u64,
+    /// `--proxy-protocol` connections closed before admission, by reason (`untrusted`,
+    /// `malformed`, `timeout`, ...).
+    pub proxy_protocol_errors: std::collections::BTreeMap<&'static str, u64>,
+    /// `--proxy-protocol` headers accepted.
+    pub proxy_protocol_headers: u64,
 }
 
 impl Stats {
@@ -248,6 +253,29 @@ pub fn render(
         "wslb_self_connections_refused_total {}",
         s.self_connections_refused
     );
+    metric(
+        &mut o,
+        "wslb_proxy_protocol_headers_total",
+        "counter",
+        "PROXY protocol headers accepted (--proxy-protocol).",
+    );
+    let _ = writeln!(
+        o,
+        "wslb_proxy_protocol_headers_total {}",
+        s.proxy_protocol_headers
+    );
+    metric(
+        &mut o,
+        "wslb_proxy_protocol_errors_total",
+        "counter",
+        "Connections closed for a missing, bad or untrusted PROXY protocol header.",
+    );
+    for (reason, n) in &s.proxy_protocol_errors {
+        let _ = writeln!(
+            o,
+            "wslb_proxy_protocol_errors_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
     metric(
         &mut o,
         "wslb_connections_active",

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::backends::route;
+use std::io::Write;
 
 /// The backend half of a connection.
 #[derive(Debug)]
@@ -23,6 +24,33 @@ pub(super) struct Leg {
     pub(super) aborted: bool,
     /// Our FIN was sent to the backend.
     pub(super) fin_sent: bool,
+    /// PROXY header owed to the backend (`proxy=v1|v2`), sent as the connect completes.
+    pub(super) proxy_header: Option<Vec<u8>>,
+}
+
+impl Leg {
+    /// Connect outcome (`Ok(true)` = connected). The PROXY header, if any, is written then,
+    /// on the raw socket: before any byte of the request and before a TLS ClientHello,
+    /// which rustls only emits once the connect has completed.
+    pub(super) fn connected(&mut self) -> io::Result<bool> {
+        if !connect_result(self.stream.socket())? {
+            return Ok(false);
+        }
+        if let Some(header) = self.proxy_header.take() {
+            // A fresh connection's send buffer is empty and far larger than a header (at
+            // most 52 bytes here): a short write means the connection is unusable.
+            let written = loop {
+                match self.stream.socket().write(&header) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
+            if written != header.len() {
+                return Err(io::Error::other("short write of the PROXY header"));
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Starts a non-blocking connect, wrapped in TLS for `wss://`/`https://` bindings.
@@ -67,7 +95,7 @@ impl Conn {
         mut to_backend: Outbox,
         same_backend_fresh: bool,
     ) {
-        let (id, addr, stream, reused) = match self.dial(ctx, same_backend_fresh) {
+        let (id, addr, stream, reused, proxy) = match self.dial(ctx, same_backend_fresh) {
             Ok(dialled) => dialled,
             Err(out_of_fds) => {
                 self.no_backend(ctx, out_of_fds);
@@ -76,6 +104,15 @@ impl Conn {
         };
         self.paired(ctx, id, reused);
         to_backend.rewind_head();
+        // Pooled connections are never PROXY ones (the registry keeps none), so every
+        // connection that needs a header is a new one.
+        let proxy_header = proxy.map(|version| {
+            let dst =
+                (self.client.socket().local_addr()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let mut h = Vec::with_capacity(64);
+            crate::net::proxy_protocol::encode(version, self.peer, dst, &mut h);
+            h
+        });
         self.leg = Some(Leg {
             stream,
             // A pooled connection is usable now; a new one waits for its connect event.
@@ -93,18 +130,28 @@ impl Conn {
             eof: false,
             aborted: false,
             fin_sent: false,
+            proxy_header,
         });
     }
 
     /// Picks backends until one gives a registered socket: `(backend, address, socket,
-    /// from the pool)`. `Err(true)` when our descriptors ran out, `Err(false)` when no
-    /// backend is left.
+    /// from the pool, PROXY header version owed)`. `Err(true)` when our descriptors ran
+    /// out, `Err(false)` when no backend is left.
     #[allow(clippy::type_complexity)]
     fn dial(
         &mut self,
         ctx: &mut Ctx<'_>,
         same_backend_fresh: bool,
-    ) -> Result<(usize, SocketAddr, Transport, bool), bool> {
+    ) -> Result<
+        (
+            usize,
+            SocketAddr,
+            Transport,
+            bool,
+            Option<crate::net::proxy_protocol::Version>,
+        ),
+        bool,
+    > {
         let Phase::Exchange(ex) = &mut self.phase else {
             return Err(false);
         };
@@ -127,7 +174,7 @@ impl Conn {
                 ex.failed.push(id);
                 continue;
             };
-            let addr = dial.addr;
+            let (addr, proxy) = (dial.addr, dial.proxy);
             let pooled = if same_backend_fresh {
                 None
             } else {
@@ -166,7 +213,7 @@ impl Conn {
                 log::error("register failed", &[("error", &e)]);
                 return Err(false);
             }
-            return Ok((id, addr, stream, reused));
+            return Ok((id, addr, stream, reused, proxy));
         }
     }
 

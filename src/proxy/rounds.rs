@@ -113,7 +113,7 @@ impl Conn {
             return Ok(());
         };
         if leg.connecting_since.is_some() && leg.ready.writable {
-            match connect_result(leg.stream.socket()) {
+            match leg.connected() {
                 Ok(true) => {
                     leg.connecting_since = None;
                     ctx.backends.connect_ok(leg.backend);

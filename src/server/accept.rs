@@ -16,7 +16,7 @@ impl Server {
             if self.draining {
                 return;
             }
-            if self.conns.len() >= self.cfg.max_connections {
+            if self.conns.len() + self.awaiting_header.len() >= self.cfg.max_connections {
                 // Leave the rest in the kernel backlog; reaping resumes accepting.
                 self.accept_blocked = true;
                 return;
@@ -68,62 +68,73 @@ impl Server {
                 continue;
             }
             let _ = stream.set_nodelay(true);
-            let Some(mut stream) = self.wrap(stream, tls) else {
-                continue;
-            };
-            self.next_gen += 1;
-            self.next_id += 1;
-            let key = self.conns.next_key();
-            if let Err(e) = self.poll.registry().register(
-                stream.socket_mut(),
-                token_for(key, Side::Client),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                log::error("register failed", &[("error", &e)]);
+            if self.cfg.proxy_protocol {
+                // The client's address comes in the PROXY header; admitted once it has.
+                self.await_proxy_header(stream, peer, tls);
                 continue;
             }
-            let now = Instant::now();
-            let over_ip_limit = self.cfg.max_connections_per_ip > 0 && {
-                let n = self.per_ip.entry(peer.ip()).or_insert(0);
-                *n >= self.cfg.max_connections_per_ip || {
-                    *n += 1;
-                    false
-                }
-            };
-            let (key, conn) = self.conns.insert(Conn::new(
-                self.cfg.throttle,
-                key,
-                self.next_gen,
-                self.next_id,
-                stream,
-                peer,
-                now,
-            ));
-            if over_ip_limit {
-                log::debug("too many connections from one address", &[("peer", &peer)]);
-                conn.refuse(now, 429);
-            } else {
-                conn.counts_for_ip = self.cfg.max_connections_per_ip > 0;
+            self.admit(stream, peer, tls);
+        }
+    }
+
+    /// Takes an accepted client socket into the slab: TLS wrapping, the per-address limit,
+    /// the head deadline. `peer` is the client (from the PROXY header if there was one).
+    pub(super) fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr, tls: bool) {
+        let Some(mut stream) = self.wrap(stream, tls) else {
+            return;
+        };
+        self.next_gen += 1;
+        self.next_id += 1;
+        let key = self.conns.next_key();
+        if let Err(e) = self.poll.registry().register(
+            stream.socket_mut(),
+            token_for(key, Side::Client),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::error("register failed", &[("error", &e)]);
+            return;
+        }
+        let now = Instant::now();
+        let over_ip_limit = self.cfg.max_connections_per_ip > 0 && {
+            let n = self.per_ip.entry(peer.ip()).or_insert(0);
+            *n >= self.cfg.max_connections_per_ip || {
+                *n += 1;
+                false
             }
-            if log::enabled(log::Level::Debug) {
-                log::debug("client connected", &[("client", &conn.id), ("peer", &peer)]);
-            }
-            if over_ip_limit {
-                self.stats.rejected += 1;
-            } else {
-                self.stats.accepted += 1;
-            }
-            self.events.emit(Event::ClientConnect {
-                client: conn.id,
-                peer,
-                tls,
-            });
-            if let Some(h) = &mut self.hooks {
-                h.on_client_connect(conn.id, peer);
-            }
-            if let Some(at) = conn.deadline(&self.cfg) {
-                self.conns.arm(&mut self.timers, key, at);
-            }
+        };
+        let (key, conn) = self.conns.insert(Conn::new(
+            self.cfg.throttle,
+            key,
+            self.next_gen,
+            self.next_id,
+            stream,
+            peer,
+            now,
+        ));
+        if over_ip_limit {
+            log::debug("too many connections from one address", &[("peer", &peer)]);
+            conn.refuse(now, 429);
+        } else {
+            conn.counts_for_ip = self.cfg.max_connections_per_ip > 0;
+        }
+        if log::enabled(log::Level::Debug) {
+            log::debug("client connected", &[("client", &conn.id), ("peer", &peer)]);
+        }
+        if over_ip_limit {
+            self.stats.rejected += 1;
+        } else {
+            self.stats.accepted += 1;
+        }
+        self.events.emit(Event::ClientConnect {
+            client: conn.id,
+            peer,
+            tls,
+        });
+        if let Some(h) = &mut self.hooks {
+            h.on_client_connect(conn.id, peer);
+        }
+        if let Some(at) = conn.deadline(&self.cfg) {
+            self.conns.arm(&mut self.timers, key, at);
         }
     }
 

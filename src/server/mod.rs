@@ -84,6 +84,7 @@ mod accept;
 mod control_plane;
 mod drain;
 mod handle;
+mod proxy_header;
 mod routes;
 mod startup;
 mod upgrade;
@@ -110,6 +111,8 @@ pub struct Server {
     /// Every address wslb listens on (proxy, TLS, control): never a backend.
     own_addrs: Vec<SocketAddr>,
     conns: Slots<Conn>,
+    /// `--proxy-protocol`: accepted sockets whose PROXY header has not arrived yet.
+    awaiting_header: proxy_header::AwaitingHeaders,
     /// Open client connections per address, for `--max-connections-per-ip`.
     per_ip: HashMap<IpAddr, u32>,
     control_listener: Option<TcpListener>,
@@ -327,6 +330,10 @@ impl Server {
                 self.accept(t - FIRST_LISTENER);
             }
             token => {
+                if let Some((key, _)) = self.awaiting_header.slots.tokens.key_of(token) {
+                    self.read_proxy_header(key, ev.is_read_closed());
+                    return;
+                }
                 if let Some((key, _)) = self.controls.tokens.key_of(token) {
                     if let Some(c) = self.controls.live(key) {
                         c.absorb(ev);

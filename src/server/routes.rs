@@ -142,6 +142,14 @@ impl AdminApi for Server {
         self.send_to(to, msg)
     }
 
+    fn ready(&self) -> bool {
+        let now = Instant::now();
+        !self.draining
+            && self.backends.iter().any(|(_, b)| {
+                b.state == BackendState::Ready && b.down_until.is_none_or(|t| t <= now)
+            })
+    }
+
     fn change_backend(&mut self, change: BackendChange) -> Result<serde_json::Value, ChangeError> {
         let found = |name: &str| -> Result<usize, ChangeError> {
             self.backends

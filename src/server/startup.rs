@@ -234,6 +234,7 @@ impl Server {
             own_addrs,
             conns: Slots::new(CLIENT_TOKENS, TimerKind::Conn, 1024),
             per_ip: HashMap::new(),
+            awaiting_header: proxy_header::AwaitingHeaders::default(),
             control_listener,
             control_addr,
             controls: Slots::new(CONTROL_TOKENS, TimerKind::Control, 16),

@@ -49,6 +49,7 @@ impl Server {
                 TimerKind::Takeover => self.check_takeover(now),
                 TimerKind::SpreadClose => self.fire_spread_closes(now),
                 TimerKind::Rebalance => self.rebalance_tick(now),
+                TimerKind::ProxyHeader => self.expire_proxy_header(&t),
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
                     self.backends

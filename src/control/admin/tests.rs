@@ -33,6 +33,9 @@ impl AdminApi for Fake {
         self.sent.push((to.clone(), msg.clone()));
         self.reach
     }
+    fn ready(&self) -> bool {
+        self.reach > 0
+    }
     fn change_backend(&mut self, change: BackendChange) -> Result<Value, ChangeError> {
         let name = match &change {
             BackendChange::Remove(n) | BackendChange::Drain(n) | BackendChange::Undrain(n) => {
@@ -83,6 +86,9 @@ fn pages_and_lists() {
     assert_eq!(clients[0]["peer"], "127.0.0.1:9");
     assert_eq!(clients[0]["bytes_down"], 4);
     assert_eq!(call(&mut api, "PUT", "/api/clients", "").0, 405);
+    assert_eq!(call(&mut api, "GET", "/ready", "").0, 503);
+    api.reach = 1;
+    assert_eq!(call(&mut api, "GET", "/ready", "").1["ready"], true);
     assert_eq!(call(&mut api, "GET", "/nope", "").0, 404);
 }
 
