@@ -21,7 +21,7 @@ use wslb::http::head::{
     downgrade_minor_version, header_storage, parse_request, parse_response, HeadError, Request,
     Response, MAX_HEAD, MAX_HEADERS,
 };
-use wslb::http::rewrite::{write_request, write_response, ClientInfo};
+use wslb::http::rewrite::{write_request, write_response, ClientId, ClientInfo};
 use wslb::ws::frames::{encode_close, encode_header, Direction, FrameError, FrameTracker};
 use wslb::ws::handshake::{validate_request, validate_response, WsKey};
 
@@ -491,6 +491,11 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
         tls: h & 2 != 0,
         trusted: h & 4 != 0,
         rfc7239: h & 8 != 0,
+        client_id: (h & 16 != 0).then_some(ClientId {
+            header: "X-Wslb-Client",
+            instance: "fz",
+            id: h,
+        }),
     };
     let mut out = Vec::new();
     write_request(req, client, websocket, &mut out);
@@ -499,7 +504,7 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
         Ok(Some(again)) => again,
         // Near the limits the three X-Forwarded-* fields may push the head over them.
         Err(HeadError::TooLarge) if out.len() > MAX_HEAD => return,
-        Err(HeadError::TooManyHeaders) if req.headers.len() + 3 > MAX_HEADERS => return,
+        Err(HeadError::TooManyHeaders) if req.headers.len() + 4 > MAX_HEADERS => return,
         other => panic!(
             "forwarded head does not parse: {other:?}\nin:  {}\nout: {}",
             show(&data[..req.head_len]),
@@ -601,6 +606,18 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
         assert_eq!(hosts, [authority.as_bytes()], "{}", ctx());
     }
     check_forwarding_chain(req, &again, client, &ctx);
+    // The client id field is the balancer's alone: exactly one, ours, when on; none of the
+    // client's otherwise survives either.
+    let ids: Vec<_> = named(again.headers, "x-wslb-client").collect();
+    match client.client_id {
+        Some(id) => assert_eq!(ids, [format!("fz.{}", id.id).as_bytes()], "{}", ctx()),
+        None => assert_eq!(
+            ids,
+            named(req.headers, "x-wslb-client").collect::<Vec<_>>(),
+            "{}",
+            ctx()
+        ),
+    }
 }
 
 /// Exactly one forwarding field reaches the backend: the client's own chain only from a
@@ -608,7 +625,7 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
 fn check_forwarding_chain(
     req: &Request<'_, '_>,
     again: &Request<'_, '_>,
-    client: ClientInfo,
+    client: ClientInfo<'_>,
     ctx: &dyn Fn() -> String,
 ) {
     let (field, node) = match (client.rfc7239, client.peer) {

@@ -20,13 +20,11 @@ use super::protocol::{self, BackendMsg, ControlError};
 /// frame; at or below it a too-large payload is a `failed` answer and the session goes on.
 pub const MAX_FRAME: usize = MAX_PAYLOAD_CEILING + 64 * 1024;
 /// Highest value `--message-max` accepts.
-pub const MAX_PAYLOAD_CEILING: usize = 1 << 20;
+pub const MAX_PAYLOAD_CEILING: usize = crate::config::MESSAGE_MAX_CEILING;
 /// Most client ids in one `send`.
 pub const MAX_RECIPIENTS: usize = 1024;
 /// Longest close reason: a close frame's payload is at most 125 bytes, 2 of them the code.
 pub const MAX_REASON: usize = 123;
-/// Longest balancer instance id (the part of a client id before the dot).
-pub const MAX_INSTANCE: usize = 32;
 
 /// A client as backends name it: `INSTANCE.N`, the balancer's instance id and its own
 /// connection number. Qualified so that ids stay unique across balancers: an agent sends
@@ -59,12 +57,7 @@ impl fmt::Display for ClientRef {
     }
 }
 
-/// 1-32 characters of `A-Z a-z 0-9 - _` (no dot: the dot separates the number).
-pub fn valid_instance(s: &str) -> bool {
-    (1..=MAX_INSTANCE).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-}
+pub use crate::config::valid_instance;
 
 /// What a message carries to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use super::auth::{ControlAuth, Identity};
-use super::protocol::{self, BackendMsg, ControlError, Registration, MAX_MESSAGE};
+use super::messaging::{self, Incoming, MsgError, RateBucket, Refusal, Request};
+use super::protocol::{self, BackendMsg, ControlError, Registration};
 use crate::http::head::{self, header};
 use crate::http::rewrite;
 use crate::net::buffer::Buffer;
@@ -37,6 +38,8 @@ pub enum ControlEvent {
     Deregister,
     /// An admin API request to answer with [`ControlConn::respond`].
     Admin(Box<AdminRequest>),
+    /// A messaging request (or why it could not be read), to answer with `sent`/`failed`.
+    Message(Box<Result<Request, (Option<u64>, MsgError)>>),
 }
 
 /// Largest admin request body (a broadcast message).
@@ -113,6 +116,10 @@ pub struct ControlConn {
     pub done: bool,
     /// We sent a close: stop processing messages, flush, then linger.
     closing: bool,
+    /// `--message-max`, for decoding messaging requests.
+    pub max_payload: usize,
+    /// `--message-rate` budget of this backend, made on its first request.
+    pub bucket: Option<RateBucket>,
 }
 
 /// How long a closing control connection waits for the peer to hang up.
@@ -123,8 +130,10 @@ fn ws_config() -> WebSocketConfig {
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+        // Registration messages keep their 64 KiB limit in the decoder; frames may be as
+        // large as the largest messaging request.
+        .max_message_size(Some(messaging::MAX_FRAME))
+        .max_frame_size(Some(messaging::MAX_FRAME))
 }
 
 /// Outcome of driving a control connection.
@@ -156,6 +165,8 @@ impl ControlConn {
             armed: None,
             done: false,
             closing: false,
+            max_payload: crate::config::Messaging::default().max_payload,
+            bucket: None,
         }
     }
 
@@ -571,18 +582,27 @@ impl ControlConn {
         match ws.read() {
             Ok(msg) => {
                 self.last_heard = now;
-                match msg {
-                    Message::Text(t) => match protocol::decode(t.as_str()) {
-                        Ok(BackendMsg::Register(r)) => {
-                            events.push(ControlEvent::Register(Box::new(r)))
-                        }
-                        Ok(BackendMsg::Drain) => events.push(ControlEvent::Drain),
-                        Ok(BackendMsg::Deregister) => events.push(ControlEvent::Deregister),
-                        Err(e) => self.refuse_on(ws, &e),
-                    },
-                    Message::Binary(_) => self.refuse_on(ws, &ControlError::Binary),
+                let decoded = match &msg {
+                    Message::Text(t) => messaging::decode_text(t.as_str(), self.max_payload),
+                    Message::Binary(b) => {
+                        messaging::decode_binary(b, self.max_payload).map(Incoming::Request)
+                    }
                     // Pings are answered by tungstenite; any frame proves the peer alive.
-                    _ => {}
+                    _ => return Ok(true),
+                };
+                match decoded {
+                    Ok(Incoming::Control(BackendMsg::Register(r))) => {
+                        events.push(ControlEvent::Register(Box::new(r)))
+                    }
+                    Ok(Incoming::Control(BackendMsg::Drain)) => events.push(ControlEvent::Drain),
+                    Ok(Incoming::Control(BackendMsg::Deregister)) => {
+                        events.push(ControlEvent::Deregister)
+                    }
+                    Ok(Incoming::Request(r)) => events.push(ControlEvent::Message(Box::new(Ok(r)))),
+                    Err(Refusal::Failed(id, e)) => {
+                        events.push(ControlEvent::Message(Box::new(Err((id, e)))))
+                    }
+                    Err(Refusal::Fatal(e)) => self.refuse_on(ws, &e),
                 }
                 Ok(true)
             }

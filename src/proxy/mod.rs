@@ -32,11 +32,13 @@ use std::collections::VecDeque;
 
 mod exchange;
 mod leg;
+mod messaging;
 mod throttle;
 mod tunnel;
 
 use exchange::*;
 use leg::*;
+pub use messaging::Injected;
 use throttle::*;
 use tunnel::*;
 

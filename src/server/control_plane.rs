@@ -65,6 +65,7 @@ impl Server {
             }
             let c = entry.insert(ControlConn::new(self.next_gen, stream, peer, now));
             c.via_proxy = via_proxy;
+            c.max_payload = self.cfg.messaging.max_payload;
             let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
             let timer = TimerKey {
                 key,
@@ -134,6 +135,7 @@ impl Server {
                     h.on_server_connect(peer);
                 }
             }
+            ControlEvent::Message(msg) => self.backend_message(key, gen, *msg),
             ControlEvent::Admin(req) => {
                 let (status, ctype, body) = self.handle_admin(&req);
                 if let Some(c) = self.controls.get_mut(key) {
