@@ -989,7 +989,7 @@ pub fn parse_size(v: &str) -> Result<u64, &'static str> {
     }
 }
 
-fn parse_addr(v: &str) -> Result<SocketAddr, &'static str> {
+pub fn parse_addr(v: &str) -> Result<SocketAddr, &'static str> {
     const WHY: &str = "expected host:port, e.g. 127.0.0.1:8080";
     if let Ok(a) = v.parse::<SocketAddr>() {
         return Ok(a);

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::agent::local::LocalConfig;
 use crate::agent::{self, AgentConfig, AgentError};
 use crate::config::{parse_duration, ConfigError};
 
@@ -26,6 +27,8 @@ const CHILD_GRACE: Duration = Duration::from_secs(5);
 
 /// What `wslb agent ...` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Built once per process at startup: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum AgentCommand {
     /// Print this text and exit 0.
     Help(String),
@@ -35,6 +38,8 @@ pub enum AgentCommand {
         cfg: AgentConfig,
         /// The command after `--`, if any.
         child: Vec<String>,
+        /// `--local`: the messaging endpoint for the backend.
+        local: Option<Box<LocalConfig>>,
     },
 }
 
@@ -79,6 +84,18 @@ fn options() -> getopts::Options {
         "ping interval; 3 silent intervals = link lost [default: 5s]",
         "DUR",
     );
+    o.optopt(
+        "",
+        "local",
+        "serve the messaging endpoint (POST /broadcast, /send, /close, /ping) on this loopback address; the command gets WSLB_AGENT_URL and WSLB_AGENT_TOKEN",
+        "ADDR",
+    );
+    o.optopt(
+        "",
+        "local-token",
+        "bearer token the --local endpoint requires (prefer env WSLB_LOCAL_TOKEN) [default: random, passed to the command]",
+        "TOKEN",
+    );
     o.optflag("h", "help", "print this help and exit");
     o
 }
@@ -113,7 +130,11 @@ fn flag_error(e: AgentError) -> ConfigError {
 }
 
 /// Parses the arguments after `agent`. `env_token` is `WSLB_TOKEN`; `--token` wins over it.
-pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCommand, ConfigError> {
+pub fn parse_args(
+    args: &[String],
+    env_token: Option<String>,
+    env_local_token: Option<String>,
+) -> Result<AgentCommand, ConfigError> {
     // Split at the first `--` ourselves: getopts would mix the child's words into `free`.
     let (flags, child) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], args[i + 1..].to_vec()),
@@ -169,18 +190,55 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
         cfg.heartbeat = parse_duration(&v).map_err(|why| bad("--heartbeat", &v, why))?;
     }
     agent::validate(&cfg).map_err(flag_error)?;
-    Ok(AgentCommand::Run { cfg, child })
+    let local = local_endpoint(&m, env_local_token)?;
+    Ok(AgentCommand::Run { cfg, child, local })
+}
+
+/// `--local ADDR` and its token (flag, else env, else a random one for the child).
+fn local_endpoint(
+    m: &getopts::Matches,
+    env_token: Option<String>,
+) -> Result<Option<Box<LocalConfig>>, ConfigError> {
+    let Some(v) = m.opt_str("local") else {
+        if m.opt_present("local-token") {
+            return Err(ConfigError::Usage("--local-token needs --local".into()));
+        }
+        return Ok(None);
+    };
+    let addr = crate::config::parse_addr(&v)
+        .ok()
+        .filter(|a| a.ip().is_loopback())
+        .ok_or_else(|| {
+            bad(
+                "--local",
+                &v,
+                "expected a loopback address like 127.0.0.1:7070",
+            )
+        })?;
+    let token = match m.opt_str("local-token").or(env_token) {
+        Some(t) if (1..=4096).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_graphic()) => t,
+        Some(_) => {
+            return Err(bad(
+                "--local-token",
+                "",
+                "expected 1-4096 visible ASCII characters",
+            ))
+        }
+        None => agent::random_guid(),
+    };
+    Ok(Some(Box::new(LocalConfig { addr, token })))
 }
 
 /// Entry point of `wslb agent`; `args` are the words after `agent`.
 pub fn main(args: &[String]) -> ExitCode {
     let env_token = std::env::var("WSLB_TOKEN").ok();
-    match parse_args(args, env_token) {
+    let env_local_token = std::env::var("WSLB_LOCAL_TOKEN").ok();
+    match parse_args(args, env_token, env_local_token) {
         Ok(AgentCommand::Help(text)) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Ok(AgentCommand::Run { cfg, child }) => match run(cfg, child) {
+        Ok(AgentCommand::Run { cfg, child, local }) => match run(cfg, child, local) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wslb agent: {e}");
@@ -195,14 +253,27 @@ pub fn main(args: &[String]) -> ExitCode {
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down in order: drain, deregister, stop the child.
-pub fn run(cfg: AgentConfig, child: Vec<String>) -> Result<(), String> {
+pub fn run(
+    cfg: AgentConfig,
+    child: Vec<String>,
+    local: Option<Box<LocalConfig>>,
+) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&term))
             .map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
     let agent = agent::spawn(cfg).map_err(|e| e.to_string())?;
-    let mut sup = (!child.is_empty()).then(|| Supervisor::new(child));
+    let mut env = Vec::new();
+    if let Some(l) = &local {
+        let bound = agent::local::start(l, agent.messenger())
+            .map_err(|e| format!("--local {}: {e}", l.addr))?;
+        // One line a supervisor or test can read the port from.
+        eprintln!("wslb agent: local endpoint on http://{bound}");
+        env.push(("WSLB_AGENT_URL", format!("http://{bound}")));
+        env.push(("WSLB_AGENT_TOKEN", l.token.clone()));
+    }
+    let mut sup = (!child.is_empty()).then(|| Supervisor::new(child, env));
     while !term.load(Ordering::Relaxed) {
         if let Some(s) = sup.as_mut() {
             s.tick(Instant::now());
@@ -222,6 +293,8 @@ pub fn run(cfg: AgentConfig, child: Vec<String>) -> Result<(), String> {
 /// Keeps one child process running, restarting it with back-off.
 struct Supervisor {
     cmd: Vec<String>,
+    /// Set in the command's environment (the `--local` endpoint's URL and token).
+    env: Vec<(&'static str, String)>,
     /// The running child and when it started.
     child: Option<(Child, Instant)>,
     /// When the next start is due (none while a child runs).
@@ -230,9 +303,10 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn new(cmd: Vec<String>) -> Self {
+    fn new(cmd: Vec<String>, env: Vec<(&'static str, String)>) -> Self {
         Supervisor {
             cmd,
+            env,
             child: None,
             start_at: Instant::now(),
             delay: RESTART_MIN,
@@ -262,7 +336,11 @@ impl Supervisor {
             Some(p) => p,
             None => return,
         };
-        match Command::new(prog).args(args).spawn() {
+        match Command::new(prog)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .spawn()
+        {
             Ok(c) => self.child = Some((c, now)),
             Err(e) => self.schedule(now, Duration::ZERO, &format!("cannot start: {e}")),
         }
@@ -341,7 +419,9 @@ mod tests {
             "-c",
             "exec backend --port 1",
         ]));
-        let AgentCommand::Run { cfg, child } = parse_args(&a, Some("env".into())).unwrap() else {
+        let AgentCommand::Run { cfg, child, .. } =
+            parse_args(&a, Some("env".into()), None).unwrap()
+        else {
             panic!()
         };
         assert_eq!(cfg.guid, "api-1");
@@ -352,7 +432,9 @@ mod tests {
         assert_eq!(child, ["sh", "-c", "exec backend --port 1"]);
         let mut a = args(&BASE);
         a.extend(args(&["--token", "flag"]));
-        let AgentCommand::Run { cfg, child } = parse_args(&a, Some("env".into())).unwrap() else {
+        let AgentCommand::Run { cfg, child, .. } =
+            parse_args(&a, Some("env".into()), None).unwrap()
+        else {
             panic!()
         };
         assert_eq!((cfg.token.as_deref(), child.len()), (Some("flag"), 0));
@@ -392,14 +474,14 @@ mod tests {
                 args(&BASE)
             };
             a.extend(args(extra));
-            let e = parse_args(&a, None).unwrap_err().to_string();
+            let e = parse_args(&a, None, None).unwrap_err().to_string();
             assert!(e.contains(flag), "{a:?}: {e:?} does not name {flag}");
         }
     }
 
     #[test]
     fn help() {
-        let AgentCommand::Help(text) = parse_args(&args(&["--help"]), None).unwrap() else {
+        let AgentCommand::Help(text) = parse_args(&args(&["--help"]), None, None).unwrap() else {
             panic!()
         };
         assert!(text.contains("--balancer") && text.contains("--binding"));

@@ -1,5 +1,5 @@
-//! Backend → client messages through every balancer (issue 17): [`Agent::broadcast`],
-//! [`Agent::send`], [`Agent::close`], [`Agent::ping`]. A call queues one request per
+//! Backend → client messages through every balancer (issue 17): [`Agent::messenger`] gives
+//! a [`Messenger`] with `broadcast`, `send`, `close` and `ping`. A call queues one request per
 //! registered link; each link thread writes it on its control WebSocket and posts the
 //! balancer's `sent`/`failed` answer back; the call returns the sum.
 //!
@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tungstenite::Message;
@@ -144,7 +144,24 @@ fn merge(answers: &[Answer]) -> Result<usize, MessageError> {
     }
 }
 
+/// Sends messages to clients through every balancer the [`Agent`] is registered with.
+/// Cheap to clone and `Send`: hand one to each thread or request handler of the backend.
+#[derive(Debug, Clone)]
+pub struct Messenger {
+    shared: Arc<Shared>,
+}
+
 impl Agent {
+    /// A handle for [`Messenger::broadcast`], [`Messenger::send`], [`Messenger::close`] and
+    /// [`Messenger::ping`]; it works while the agent runs.
+    pub fn messenger(&self) -> Messenger {
+        Messenger {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Messenger {
     /// Broadcasts `payload` to the WebSocket clients of every balancer (all of them, or
     /// those `filter` selects), except `except`. Returns how many clients it reached.
     pub fn broadcast(

@@ -18,9 +18,11 @@
 //! ```
 
 pub mod cli;
+pub mod local;
 mod messages;
 
-pub use messages::{MessageError, ANSWER_TIMEOUT};
+pub use crate::control::messaging::{ClientRef, Filter, Payload};
+pub use messages::{MessageError, Messenger, ANSWER_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::fmt;
