@@ -1839,6 +1839,11 @@ fn check_answers(text: &str) {
 }
 
 pub fn control_message(data: &[u8]) {
+    registration_message(data);
+    backend_message(data);
+}
+
+fn registration_message(data: &[u8]) {
     // Control frames are text: the session refuses non-UTF-8 before decoding (1007).
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -1858,6 +1863,59 @@ pub fn control_message(data: &[u8]) {
         assert!([1000, 1003, 1008, 1009].contains(&e.close_code()));
     }
     check_answers(str_prefix(text, 256));
+}
+
+/// The session's decoders for messaging requests (issue 17), on any frame: a request that
+/// decodes round-trips through the agent's encoders; registration messages decode exactly
+/// as `protocol::decode` does; every refusal is answerable with valid JSON.
+fn backend_message(data: &[u8]) {
+    use wslb::control::messaging::{
+        decode_binary, decode_text, encode_binary, encode_text, failed, Incoming, Op, Payload,
+        Refusal,
+    };
+    const MAX: usize = 1024;
+    let check_refusal = |r: &Refusal| match r {
+        Refusal::Failed(id, e) => {
+            assert!(serde_json::from_str::<Value>(&failed(*id, e)).is_ok());
+        }
+        Refusal::Fatal(e) => assert!(serde_json::from_str::<Value>(&control_error(e)).is_ok()),
+    };
+    match decode_binary(data, MAX) {
+        Ok(req) => {
+            let again = encode_binary(&req).expect("a decoded binary request re-encodes");
+            assert_eq!(decode_binary(&again, MAX), Ok(req));
+        }
+        Err(r) => check_refusal(&r),
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match decode_text(text, MAX) {
+        Ok(Incoming::Request(req)) => {
+            let size = match &req.op {
+                Op::Broadcast { payload, .. } | Op::Send { payload, .. } => payload.len(),
+                _ => 0,
+            };
+            assert!(size <= MAX);
+            let binary = matches!(
+                &req.op,
+                Op::Broadcast {
+                    payload: Payload::Binary(_),
+                    ..
+                } | Op::Send {
+                    payload: Payload::Binary(_),
+                    ..
+                }
+            );
+            assert!(!binary, "a text frame never makes a binary payload");
+            assert_eq!(
+                decode_text(&encode_text(&req), MAX),
+                Ok(Incoming::Request(req))
+            );
+        }
+        Ok(Incoming::Control(msg)) => assert_eq!(control_decode(text), Ok(msg)),
+        Err(r) => check_refusal(&r),
+    }
 }
 
 /// The longest prefix of `text` of at most `max` bytes that ends on a char boundary (a byte
