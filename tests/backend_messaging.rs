@@ -467,3 +467,110 @@ asyncio.run(main())
         "{rest}"
     );
 }
+
+/// Two clients on two balancers of a chat backend: a line from one reaches the other,
+/// prefixed with the sender's id, and not the sender (it gets "sent to 1").
+fn chat_check(lbs: &[Balancer; 2]) {
+    let mut a = ws_connect(lbs[0].addr(), "/");
+    let mut b = ws_connect(lbs[1].addr(), "/");
+    let greeting_of = |ws: &mut WebSocket<TcpStream>| {
+        // The Python example greets; the Rust one does not: send a probe line instead.
+        let _ = ws
+            .get_mut()
+            .set_read_timeout(Some(std::time::Duration::from_millis(300)));
+        let greeting = ws.read().ok().map(|m| m.to_string());
+        let _ = ws.get_mut().set_read_timeout(Some(TIMEOUT));
+        greeting
+    };
+    let ga = greeting_of(&mut a);
+    let _ = greeting_of(&mut b);
+    if let Some(g) = &ga {
+        assert!(g.starts_with("welcome "), "{g}");
+    }
+    // Both are in their balancers' tunnels now: chat.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        a.send(Message::text("hi")).unwrap();
+        let answer = a.read().unwrap().to_string();
+        if answer == "sent to 1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{answer}");
+    }
+    let heard = read_n(&mut b, 1).remove(0);
+    assert!(heard.ends_with(": hi") && heard.contains('.'), "{heard}");
+}
+
+#[test]
+fn python_chat_example_reaches_clients_of_both_balancers() {
+    let probe = Command::new(python())
+        .args(["-c", "import websockets"])
+        .status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "python3 with websockets needed"
+    );
+    let lbs = [balancer(&[]), balancer(&[])];
+    let port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python_chat.py");
+    let mut cmd = Command::new(wslb_bin().unwrap());
+    cmd.arg("agent")
+        .args(["-b", &control_url(&lbs[0]), "-b", &control_url(&lbs[1])])
+        .args([
+            "--binding",
+            &format!("ws://127.0.0.1:{port}"),
+            "--guid",
+            "py-chat",
+        ])
+        .args(["--local", "127.0.0.1:0", "--"])
+        .arg(python())
+        .args([script, &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _agent = KillOnDrop(cmd.spawn().expect("wslb agent"));
+    for lb in &lbs {
+        wait_ready(lb, 1);
+    }
+    // The agent registers as soon as it starts; the script may take a moment to listen.
+    assert!(wait_until(TIMEOUT, || TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    chat_check(&lbs);
+}
+
+#[test]
+fn rust_chat_example_reaches_clients_of_both_balancers() {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_wslb"))
+        .with_file_name("examples")
+        .join("rust_backend");
+    assert!(bin.exists(), "run cargo build --examples");
+    let lbs = [balancer(&[]), balancer(&[])];
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--balancer",
+        &control_url(&lbs[0]),
+        "--balancer",
+        &control_url(&lbs[1]),
+    ])
+    .args(["--guid", "rs-chat", "--chat"])
+    .env_remove("WSLB_TOKEN")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let _backend = KillOnDrop(cmd.spawn().expect("rust_backend"));
+    for lb in &lbs {
+        wait_ready(lb, 1);
+    }
+    chat_check(&lbs);
+}
+
+/// SIGTERM then wait, so a supervising agent stops its child too.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
