@@ -88,6 +88,8 @@ fn echo(stream: TcpStream) {
 
 /// One chat member: its lines go to everyone else through the balancers; what the others
 /// say reaches it the same way, injected by its balancer into this very connection.
+// The header callback's error type is tungstenite's `ErrorResponse`, not ours to shrink.
+#[allow(clippy::result_large_err)]
 fn chat_room(stream: TcpStream, messenger: &Messenger) {
     let mut me: Option<ClientRef> = None;
     let remember = |req: &tungstenite::handshake::server::Request, resp| {
