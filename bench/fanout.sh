@@ -28,37 +28,16 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$NEED" ]; then
     echo "fanout.sh: the balancer needs $NEED descriptors for $N clients, the limit is $(ulimit -n)" >&2
     exit 1
 fi
-WORK=$(mktemp -d /tmp/wslb-fanout.XXXXXX)
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_addr() { # FILE MARKER: the 127.0.0.1:PORT after MARKER, within 10 s
-    local i
-    for ((i = 0; i < 200; i++)); do
-        if grep -q "$2" "$1" 2>/dev/null; then
-            sed -n "s/.*$2\(127\.0\.0\.1:[0-9]*\).*/\1/p" "$1" | sed -n 1p
-            return 0
-        fi
-        sleep 0.05
-    done
-    echo "fanout.sh: no '$2' in $1: $(cat "$1")" >&2
-    return 1
-}
+# shellcheck source=bench/procs.sh
+source "$ROOT/bench/procs.sh" fanout
 
 "$BIN/examples/bench_backend" >"$WORK/backend.out" 2>&1 &
 PIDS+=($!)
-BACKEND=$(wait_addr "$WORK/backend.out" "listening on ")
+BACKEND=$(wait_addr "$WORK/backend.out")
 "$BIN/wslb" -l 127.0.0.1:0 --control 127.0.0.1:0 2>"$WORK/wslb.err" &
 WSLB_PID=$!
 PIDS+=($WSLB_PID)
-TARGET=$(wait_addr "$WORK/wslb.err" "listening on ")
+TARGET=$(wait_addr "$WORK/wslb.err")
 CONTROL=$(wait_addr "$WORK/wslb.err" "control listening on ")
 "$BIN/examples/fanout" --control "$CONTROL" --target "$TARGET" --binding "ws://$BACKEND" \
     --n "$N" --size "$SIZE" --rounds "$ROUNDS" --pid "$WSLB_PID"

@@ -61,6 +61,13 @@ impl Local {
         let json = serde_json::from_slice(&resp.body).unwrap_or_default();
         (resp.status, json)
     }
+
+    /// POSTs and expects `200 {"sent": N}`; returns N.
+    fn sent(&mut self, target: &str, body: &[u8]) -> u64 {
+        let (status, answer) = self.post(target, body);
+        assert_eq!(status, 200, "{target}: {answer}");
+        answer["sent"].as_u64().expect("a count")
+    }
 }
 
 /// A WebSocket client and the id the balancer gave it (asked of the echo backend, which
@@ -240,27 +247,15 @@ fn send_close_and_ping_find_a_client_on_either_balancer() {
     assert!(east_id.starts_with("east."), "{east_id}");
     assert!(!west_id.starts_with("east."), "{west_id}");
     let mut l = Local::connect(local);
-    let (status, answer) = l.post(&format!("/send?to={west_id}"), b"to west");
-    assert_eq!(
-        (status, &answer["sent"]),
-        (200, &serde_json::json!(1)),
-        "{answer}"
-    );
+    assert_eq!(l.sent(&format!("/send?to={west_id}"), b"to west"), 1);
     assert_eq!(read_n(&mut west, 1), ["to west"]);
-    let (status, answer) = l.post(&format!("/send?to={east_id},{west_id}"), b"both");
-    assert_eq!(
-        (status, &answer["sent"]),
-        (200, &serde_json::json!(2)),
-        "{answer}"
-    );
+    assert_eq!(l.sent(&format!("/send?to={east_id},{west_id}"), b"both"), 2);
     assert_eq!(read_n(&mut east, 1), ["both"]);
     assert_eq!(read_n(&mut west, 1), ["both"]);
     // Broadcast except the sender: only the other one gets it.
-    let (status, answer) = l.post(&format!("/broadcast?except={east_id}"), b"not east");
     assert_eq!(
-        (status, &answer["sent"]),
-        (200, &serde_json::json!(1)),
-        "{answer}"
+        l.sent(&format!("/broadcast?except={east_id}"), b"not east"),
+        1
     );
     assert_eq!(read_n(&mut west, 1), ["not east"]);
     for (target, status, code) in [
@@ -287,12 +282,7 @@ fn send_close_and_ping_find_a_client_on_either_balancer() {
         other => panic!("expected close 4000: {other:?}"),
     }
     // Still usable afterwards, and the wrong token is refused.
-    let (status, answer) = l.post("/broadcast", b"still here");
-    assert_eq!(
-        (status, &answer["sent"]),
-        (200, &serde_json::json!(1)),
-        "{answer}"
-    );
+    assert_eq!(l.sent("/broadcast", b"still here"), 1);
     assert_eq!(read_n(&mut east, 1), ["still here"]);
     let mut raw = HttpClient::connect(local);
     raw.send(b"POST /broadcast HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer nope\r\nContent-Length: 1\r\n\r\nx");
