@@ -36,6 +36,13 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// Resident set of `pid` in KiB (VmRSS from /proc/PID/status).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn main() {
     let opt = |name: &str, default: &str| -> String {
         let args: Vec<String> = env::args().collect();
@@ -144,6 +151,7 @@ fn main() {
             "last_ms_p50": median(&mut lasts),
             "last_ms_max": lasts.iter().map(ms).fold(0.0, f64::max),
             "balancer_cpu_ms_per_broadcast": cpu_ms,
+            "balancer_rss_kib_after": pid.and_then(rss_kib),
         })
     );
 }

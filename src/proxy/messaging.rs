@@ -14,6 +14,9 @@ const REASON_SLOW_CLIENT: &str = "client too slow for broadcasts";
 /// Told to the backend leg of a client closed for being slow: it is going away.
 const BACKEND_SLOW_CLIENT: u16 = 1001;
 
+// `inject` relies on `--client-queue-max` never being above the tunnel's own cap.
+const _: () = assert!(crate::config::MESSAGE_MAX_CEILING <= MAX_INJECT_BYTES);
+
 /// What became of one backend message for one client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Injected {
@@ -49,37 +52,37 @@ impl Conn {
         }
         // Header bytes of a frame are at most 14.
         let queued = t.inject_bytes + self.to_client.head_pending() + payload.len() + 14;
-        let queued_ok = queued <= ctx.cfg.messaging.client_queue_max;
-        let sent = if !queued_ok {
-            Err("send queue full")
-        } else if opcode == crate::ws::frames::OPCODE_PING {
-            self.ping()
-        } else {
-            self.send_frame(opcode, payload)
-        };
-        let outcome = match sent {
-            Ok(()) => Injected::Queued,
-            Err("send queue full") => {
-                ctx.stats.ws_slow_clients_closed += 1;
-                log::info(
-                    "slow websocket client closed",
-                    &[("client", &self.id), ("code", &CLOSE_SLOW_CLIENT)],
+        let outcome = if queued > ctx.cfg.messaging.client_queue_max {
+            ctx.stats.ws_slow_clients_closed += 1;
+            log::info(
+                "slow websocket client closed",
+                &[("client", &self.id), ("code", &CLOSE_SLOW_CLIENT)],
+            );
+            if let Phase::Tunnel(t) = &mut self.phase {
+                // What it has not been sent yet is dropped with it, counted above.
+                t.inject.clear();
+                t.inject_bytes = 0;
+                t.fail(
+                    ctx.now,
+                    CLOSE_SLOW_CLIENT,
+                    Some(BACKEND_SLOW_CLIENT),
+                    REASON_SLOW_CLIENT,
                 );
-                if let Phase::Tunnel(t) = &mut self.phase {
-                    // What it has not been sent yet is dropped with it, counted above.
-                    t.inject.clear();
-                    t.inject_bytes = 0;
-                    t.fail(
-                        ctx.now,
-                        CLOSE_SLOW_CLIENT,
-                        Some(BACKEND_SLOW_CLIENT),
-                        REASON_SLOW_CLIENT,
-                    );
-                }
-                self.last_activity = ctx.now;
-                Injected::Overflow
             }
-            Err(_) => return (Injected::Refused, Drive::Continue),
+            self.last_activity = ctx.now;
+            Injected::Overflow
+        } else {
+            // `--client-queue-max` is at most `MAX_INJECT_BYTES`, so the check above is the
+            // stricter one: an error here means the tunnel is not open for injection.
+            let sent = if opcode == crate::ws::frames::OPCODE_PING {
+                self.ping()
+            } else {
+                self.send_frame(opcode, payload)
+            };
+            match sent {
+                Ok(()) => Injected::Queued,
+                Err(_) => return (Injected::Refused, Drive::Continue),
+            }
         };
         (outcome, self.drive(ctx))
     }
