@@ -73,7 +73,7 @@ impl Local {
 /// A WebSocket client and the id the balancer gave it (asked of the echo backend, which
 /// saw it in `X-Wslb-Client`).
 fn client(addr: SocketAddr) -> (WebSocket<TcpStream>, String) {
-    let mut ws = ws_connect(addr, "/");
+    let mut ws = upgrade(addr, || connect(addr));
     ws.send(Message::text("whoami-id")).expect("send");
     let id = ws.read().expect("id answer").into_text().expect("text");
     assert!(
@@ -81,6 +81,20 @@ fn client(addr: SocketAddr) -> (WebSocket<TcpStream>, String) {
         "no X-Wslb-Client reached the backend: {id:?}"
     );
     (ws, id.to_string())
+}
+
+/// A WebSocket upgrade through the balancer at `addr` on a socket from `tcp`, retried: an
+/// agent registers its backend as it starts the command, which may not listen yet, so the
+/// first upgrades can get a 502.
+fn upgrade(addr: SocketAddr, tcp: impl Fn() -> TcpStream) -> WebSocket<TcpStream> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match tungstenite::client::client(format!("ws://{addr}/").as_str(), tcp()) {
+            Ok((ws, _)) => return ws,
+            Err(e) => assert!(Instant::now() < deadline, "upgrade through {addr}: {e}"),
+        }
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Reads data messages until `n` arrived; panics on a close or a timeout.
@@ -100,12 +114,15 @@ fn read_n(ws: &mut WebSocket<TcpStream>, n: usize) -> Vec<String> {
 /// A client socket with a small receive buffer, so that a client that stops reading
 /// backs up into the balancer's queue after little data rather than megabytes.
 fn stalled_client(addr: SocketAddr) -> (WebSocket<TcpStream>, String) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(4096).unwrap();
-    s.connect(&addr.into()).unwrap();
-    let tcp: TcpStream = s.into();
-    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let (mut ws, _) = tungstenite::client::client(format!("ws://{addr}/"), tcp).unwrap();
+    let small = || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&addr.into()).unwrap();
+        let tcp: TcpStream = s.into();
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        tcp
+    };
+    let mut ws = upgrade(addr, small);
     ws.send(Message::text("whoami-id")).unwrap();
     let id = ws.read().unwrap().into_text().unwrap().to_string();
     (ws, id)

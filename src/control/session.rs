@@ -579,6 +579,15 @@ impl ControlConn {
         now: Instant,
         events: &mut Vec<ControlEvent>,
     ) -> Result<bool, ()> {
+        // Answers the backend has not taken yet hold back its next requests: every request
+        // gets its answer, and a backend that pipelines without reading cannot grow our
+        // write buffer (or make answers be dropped when it is full). It is not heard from
+        // meanwhile, so one that never reads is lost after 3 heartbeats like a hung one.
+        match ws.flush() {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(_) => return Err(()),
+        }
         match ws.read() {
             Ok(msg) => {
                 self.last_heard = now;
