@@ -581,3 +581,34 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The library side, in process: `wslb::agent::spawn` registers a backend, then
+/// `Agent::broadcast`, `send` and `close` reach its client through the balancer.
+#[test]
+fn library_agent_broadcasts_sends_and_closes() {
+    use wslb::agent::{AgentConfig, ClientRef, Filter, Payload};
+    let lb = balancer(&[]);
+    let backend = Backend::start("lib");
+    let agent =
+        wslb::agent::spawn(AgentConfig::new(&control_url(&lb), &backend.url())).expect("agent");
+    assert!(agent.wait_registered(TIMEOUT));
+    let (mut ws, id) = client(lb.addr());
+    let me = ClientRef::parse(&id).expect("client id");
+    let all = agent.broadcast(Payload::Text("all".into()), Filter::All, None);
+    assert_eq!(all, Ok(1));
+    assert_eq!(read_n(&mut ws, 1), ["all"]);
+    let one = agent.send(vec![me.clone()], Payload::Binary(vec![1, 2]));
+    assert_eq!(one, Ok(1));
+    assert_eq!(ws.read().unwrap(), Message::binary(vec![1, 2]));
+    let nobody = ClientRef::parse("elsewhere.1").unwrap();
+    let err = agent
+        .send(vec![nobody], Payload::Text("x".into()))
+        .unwrap_err();
+    assert_eq!(err.code(), "unknown_client");
+    assert_eq!(agent.close(me, 4001, "done"), Ok(1));
+    match ws.read() {
+        Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4001),
+        other => panic!("expected close 4001: {other:?}"),
+    }
+    agent.stop();
+}

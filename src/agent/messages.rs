@@ -153,11 +153,31 @@ pub struct Messenger {
 
 impl Agent {
     /// A handle for [`Messenger::broadcast`], [`Messenger::send`], [`Messenger::close`] and
-    /// [`Messenger::ping`]; it works while the agent runs.
+    /// [`Messenger::ping`] to keep or hand to other threads; it works while the agent runs.
     pub fn messenger(&self) -> Messenger {
         Messenger {
             shared: Arc::clone(&self.shared),
         }
+    }
+
+    /// [`Messenger::broadcast`] through this agent's links.
+    pub fn broadcast(
+        &self,
+        payload: Payload,
+        filter: Filter,
+        except: Option<ClientRef>,
+    ) -> Result<usize, MessageError> {
+        self.messenger().broadcast(payload, filter, except)
+    }
+
+    /// [`Messenger::send`] through this agent's links.
+    pub fn send(&self, to: Vec<ClientRef>, payload: Payload) -> Result<usize, MessageError> {
+        self.messenger().send(to, payload)
+    }
+
+    /// [`Messenger::close`] through this agent's links.
+    pub fn close(&self, client: ClientRef, code: u16, reason: &str) -> Result<usize, MessageError> {
+        self.messenger().close(client, code, reason)
     }
 }
 
