@@ -811,7 +811,7 @@ pub fn valid_instance(s: &str) -> bool {
 }
 
 /// Default `--client-id-header`.
-pub const CLIENT_ID_HEADER: &str = "X-Wslb-Client";
+pub const CLIENT_ID_HEADER: &str = crate::http::rewrite::DEFAULT_CLIENT_ID_HEADER;
 
 impl Default for Messaging {
     fn default() -> Self {

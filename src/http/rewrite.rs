@@ -118,6 +118,10 @@ pub struct ClientInfo<'a> {
     pub client_id: Option<ClientId<'a>>,
 }
 
+/// The default client-id field name. Removed from client requests even when the feature is
+/// off or renamed: a backend written for wslb may read it, and must never read a client's.
+pub const DEFAULT_CLIENT_ID_HEADER: &str = "X-Wslb-Client";
+
 /// The client-id field: `NAME: INSTANCE.N`, the id backends use to message this client.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientId<'a> {
@@ -216,6 +220,7 @@ pub fn write_request(
             || is_forwarding(h.name)
             || h.name.eq_ignore_ascii_case("x-forwarded-proto")
             || h.name.eq_ignore_ascii_case("x-forwarded-host")
+            || h.name.eq_ignore_ascii_case(DEFAULT_CLIENT_ID_HEADER)
             || client
                 .client_id
                 .is_some_and(|id| h.name.eq_ignore_ascii_case(id.header))
@@ -584,8 +589,9 @@ mod tests {
             id: 7,
         }));
         assert!(renamed.contains("\r\nX-Client: lb1.7\r\n"), "{renamed}");
-        // Off: nothing added (and the field is the client's own business).
+        assert!(!renamed.contains("evil"), "{renamed}");
+        // Off: nothing added, and still nothing of the client's under the default name.
         let off = with(None);
-        assert!(!off.contains("lb1."), "{off}");
+        assert!(!off.contains("lb1.") && !off.contains("evil"), "{off}");
     }
 }
