@@ -4,7 +4,10 @@
 # Writes bench/results/latest.{jsonl,json,md} and prints the markdown table.
 #
 #   bash bench/run.sh [--rounds N] [--secs S] [--rate-secs S] [--hold N] [--targets "direct wslb haproxy nginx"]
-#                     [--no-build] [--no-wrk] [--placement auto|split|float]
+#                     [--no-build] [--no-wrk] [--placement auto|split|float] [--fanout N]
+#
+# --fanout N also runs bench/fanout.sh (wslb only: backend broadcast to N clients) and
+# writes its JSON line to bench/results/fanout.json.
 #
 # Env: CARGO (cargo), CARGO_TARGET_DIR (target), HAPROXY (haproxy), NGINX (nginx).
 set -euo pipefail
@@ -14,7 +17,7 @@ CARGO=${CARGO:-cargo}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 HAPROXY=${HAPROXY:-haproxy}
 NGINX=${NGINX:-nginx}
-ROUNDS=3 SECS=10 RATE_SECS=5 WARMUP=1 HOLD=10000 BUILD=1 WRK=1 PLACEMENT_MODE=auto
+ROUNDS=3 SECS=10 RATE_SECS=5 WARMUP=1 HOLD=10000 BUILD=1 WRK=1 PLACEMENT_MODE=auto FANOUT=0
 TARGETS="direct wslb haproxy nginx"
 while [ $# -gt 0 ]; do
     case $1 in
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --no-wrk) WRK=0; shift ;;
     --placement) PLACEMENT_MODE=$2; shift 2 ;; # auto | split | float
+    --fanout) FANOUT=$2; shift 2 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -335,3 +339,7 @@ done
 [ -s "$WORK/nginx/error.log" ] 2>/dev/null && { log "nginx error.log:"; tail -20 "$WORK/nginx/error.log" >&2; }
 "$LOADGEN" report --in "$RAW" --json "$ROOT/bench/results/latest.json" --md "$ROOT/bench/results/latest.md"
 cat "$ROOT/bench/results/latest.md"
+if [ "$FANOUT" -gt 0 ]; then
+    log "backend broadcast fan-out to $FANOUT clients (bench/fanout.sh)"
+    bash "$ROOT/bench/fanout.sh" --no-build --n "$FANOUT" | tee "$ROOT/bench/results/fanout.json"
+fi

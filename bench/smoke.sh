@@ -22,30 +22,8 @@ if [ "$BUILD" = 1 ]; then
     [ "$PROFILE" = release ] && flags+=(--release)
     (cd "$ROOT" && "$CARGO" build "${flags[@]}")
 fi
-WORK=$(mktemp -d /tmp/wslb-smoke.XXXXXX)
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_addr() { # FILE: the address after "listening on", within 10 s
-    local i
-    for ((i = 0; i < 200; i++)); do
-        if grep -q "listening on" "$1" 2>/dev/null; then
-            sed -n 's/.*listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$1" | sed -n 1p
-            return 0
-        fi
-        sleep 0.05
-    done
-    echo "smoke: no 'listening on' in $1:" >&2
-    cat "$1" >&2
-    return 1
-}
+# shellcheck source=bench/procs.sh
+source "$ROOT/bench/procs.sh" smoke
 
 "$BIN/examples/bench_backend" --listen 127.0.0.1:0 >"$WORK/backend.log" 2>&1 &
 PIDS+=($!)

@@ -423,14 +423,23 @@ fn serve_ws(mut conn: Conn, req: &Req, name: &str) -> io::Result<()> {
     conn.stream.write_all(head.as_bytes())?;
     WS_ACTIVE.fetch_add(1, Ordering::SeqCst);
     let _guard = ActiveGuard(&WS_ACTIVE);
+    // The id wslb gives this client (X-Wslb-Client), for backend → client messaging tests.
+    let client_id = req
+        .header("x-wslb-client")
+        .unwrap_or("-")
+        .trim()
+        .to_string();
     let mut ws = WebSocket::from_partially_read(conn.stream, conn.buf, Role::Server, None);
-    ws_echo(&mut ws, name).map_err(io::Error::other)
+    ws_echo(&mut ws, name, &client_id).map_err(io::Error::other)
 }
 
-fn ws_echo(ws: &mut WebSocket<TcpStream>, name: &str) -> tungstenite::Result<()> {
+fn ws_echo(ws: &mut WebSocket<TcpStream>, name: &str, client_id: &str) -> tungstenite::Result<()> {
     loop {
         match ws.read() {
             Ok(Message::Text(t)) if t.as_str() == "whoami" => ws.send(Message::text(name))?,
+            Ok(Message::Text(t)) if t.as_str() == "whoami-id" => {
+                ws.send(Message::text(client_id))?
+            }
             Ok(Message::Text(t)) if t.as_str() == "close-me" => {
                 // Abrupt loss: no close frame, just the TCP connection going away.
                 return Ok(ws.get_ref().shutdown(Shutdown::Both)?);

@@ -215,6 +215,8 @@ pub struct Config {
     pub takeover: Option<std::path::PathBuf>,
     /// `--backends-file`: static backends, one `-B` value per line, re-read on SIGHUP.
     pub backends_file: Option<std::path::PathBuf>,
+    /// Issue 17: backends messaging clients over the control channel.
+    pub messaging: Messaging,
 }
 
 impl Default for Config {
@@ -266,6 +268,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             verbosity: 1,
             check: false,
+            messaging: Messaging::default(),
         }
     }
 }
@@ -521,6 +524,7 @@ fn options() -> getopts::Options {
     );
     security_options(&mut o);
     upgrade_options(&mut o);
+    messaging_options(&mut o);
     o.optopt("", "log-format", "text | json [default: text]", "FMT");
     o.optflag("q", "quiet", "log errors only");
     o.optflag("v", "verbose", "log every connection");
@@ -760,6 +764,7 @@ pub fn parse_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Command, Conf
     cfg.upgrade_socket = m.opt_str("upgrade-socket").map(Into::into);
     cfg.takeover = m.opt_str("takeover").map(Into::into);
     cfg.backends_file = m.opt_str("backends-file").map(Into::into);
+    messaging_flags(&m, &mut cfg.messaging)?;
     if let Some(v) = m.opt_str("log-format") {
         cfg.log_format = match v.as_str() {
             "text" => LogFormat::Text,
@@ -864,6 +869,159 @@ fn security_flags(m: &getopts::Matches, cfg: &mut Config) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// Which clients a registered backend may message (`--backend-messages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageScope {
+    /// Every WebSocket client of this balancer (a chat room spread over backends).
+    All,
+    /// Only the clients paired with the sending backend.
+    Own,
+    /// No backend messaging: every request is answered `not_allowed`.
+    Off,
+}
+
+/// Issue 17's flags: the client-id header and backend → client messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Messaging {
+    /// Header carrying the client's id to backends (`--client-id-header`); `None` = off.
+    pub client_id_header: Option<String>,
+    /// This balancer's part of every client id (`--instance-id`); empty = a random one is
+    /// drawn at bind, so ids from two balancers never collide.
+    pub instance_id: String,
+    /// Largest payload of one backend message (`--message-max`).
+    pub max_payload: usize,
+    /// Requests per second per backend, bursts as large (`--message-rate`); 0 = unlimited.
+    pub rate: u32,
+    /// Bytes of injected frames queued for one client before it is closed with 1013
+    /// (`--client-queue-max`): a client that does not read cannot hold a broadcast back.
+    pub client_queue_max: usize,
+    /// Which clients a backend may reach.
+    pub scope: MessageScope,
+}
+
+/// Highest `--message-max` and `--client-queue-max`.
+pub const MESSAGE_MAX_CEILING: usize = 1 << 20;
+
+/// An instance id: 1-32 characters of `A-Z a-z 0-9 - _` (no dot: in a client id
+/// `INSTANCE.N` the last dot separates the number).
+pub fn valid_instance(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+}
+
+/// Default `--client-id-header`.
+pub const CLIENT_ID_HEADER: &str = crate::http::rewrite::DEFAULT_CLIENT_ID_HEADER;
+
+impl Default for Messaging {
+    fn default() -> Self {
+        Messaging {
+            client_id_header: Some(CLIENT_ID_HEADER.to_string()),
+            instance_id: String::new(),
+            max_payload: 64 * 1024,
+            rate: 1000,
+            client_queue_max: 1 << 20,
+            scope: MessageScope::All,
+        }
+    }
+}
+
+fn messaging_options(o: &mut getopts::Options) {
+    o.optopt(
+        "",
+        "client-id-header",
+        "header carrying the client's id (INSTANCE.N) to backends; the same header from clients is removed; `off` disables [default: X-Wslb-Client]",
+        "NAME",
+    );
+    o.optopt(
+        "",
+        "instance-id",
+        "this balancer's prefix of client ids, 1-32 of A-Z a-z 0-9 - _ [default: random]",
+        "ID",
+    );
+    o.optopt(
+        "",
+        "message-max",
+        "largest payload a backend may broadcast or send, at most 1MiB [default: 64KiB]",
+        "SIZE",
+    );
+    o.optopt(
+        "",
+        "message-rate",
+        "messaging requests per second per backend (bursts as large); 0 = unlimited [default: 1000]",
+        "N",
+    );
+    o.optopt(
+        "",
+        "client-queue-max",
+        "bytes of balancer frames queued for one client before it is closed with 1013, at most 1MiB [default: 1MiB]",
+        "SIZE",
+    );
+    o.optopt(
+        "",
+        "backend-messages",
+        "all | own | off: which clients a registered backend may message [default: all]",
+        "WHO",
+    );
+}
+
+fn messaging_flags(m: &getopts::Matches, msg: &mut Messaging) -> Result<(), ConfigError> {
+    const CEILING: u64 = MESSAGE_MAX_CEILING as u64;
+    if let Some(v) = m.opt_str("client-id-header") {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        msg.client_id_header = match v.as_str() {
+            "off" => None,
+            name if !name.is_empty() && name.len() <= 64 && name.bytes().all(token) => {
+                Some(name.to_string())
+            }
+            _ => {
+                return Err(bad(
+                    "--client-id-header",
+                    &v,
+                    "expected a header name (1-64 token characters) or off",
+                ))
+            }
+        };
+    }
+    if let Some(v) = m.opt_str("instance-id") {
+        if !valid_instance(&v) {
+            return Err(bad(
+                "--instance-id",
+                &v,
+                "expected 1-32 characters of A-Z a-z 0-9 - _",
+            ));
+        }
+        msg.instance_id = v;
+    }
+    let sizes: [(&'static str, &mut usize); 2] = [
+        ("--message-max", &mut msg.max_payload),
+        ("--client-queue-max", &mut msg.client_queue_max),
+    ];
+    for (flag, slot) in sizes {
+        if let Some(v) = m.opt_str(flag.trim_start_matches('-')) {
+            let n = parse_size(&v).map_err(|why| bad(flag, &v, why))?;
+            if n == 0 || n > CEILING {
+                return Err(bad(flag, &v, "expected a size from 1 byte to 1MiB"));
+            }
+            *slot = n as usize;
+        }
+    }
+    if let Some(v) = m.opt_str("message-rate") {
+        msg.rate = v
+            .parse()
+            .map_err(|_| bad("--message-rate", &v, "expected a number (0 = unlimited)"))?;
+    }
+    if let Some(v) = m.opt_str("backend-messages") {
+        msg.scope = match v.as_str() {
+            "all" => MessageScope::All,
+            "own" => MessageScope::Own,
+            "off" => MessageScope::Off,
+            _ => return Err(bad("--backend-messages", &v, "expected all, own or off")),
+        };
+    }
+    Ok(())
+}
+
 fn bad(flag: &'static str, value: &str, why: &'static str) -> ConfigError {
     ConfigError::Value {
         flag,
@@ -931,7 +1089,7 @@ pub fn parse_size(v: &str) -> Result<u64, &'static str> {
     }
 }
 
-fn parse_addr(v: &str) -> Result<SocketAddr, &'static str> {
+pub fn parse_addr(v: &str) -> Result<SocketAddr, &'static str> {
     const WHY: &str = "expected host:port, e.g. 127.0.0.1:8080";
     if let Ok(a) = v.parse::<SocketAddr>() {
         return Ok(a);
@@ -1239,6 +1397,47 @@ mod tests {
             ("--rebalance", "1.5"),
         ] {
             let e = run(&[flag, value]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
+    }
+
+    #[test]
+    fn messaging_flags_parse() {
+        let d = run(&[]).unwrap().messaging;
+        assert_eq!(d, Messaging::default());
+        let c = run(&[
+            "--client-id-header",
+            "X-Client",
+            "--instance-id",
+            "lb-1",
+            "--message-max",
+            "1KiB",
+            "--message-rate",
+            "0",
+            "--client-queue-max",
+            "4096",
+            "--backend-messages",
+            "own",
+        ])
+        .unwrap()
+        .messaging;
+        assert_eq!(c.client_id_header.as_deref(), Some("X-Client"));
+        assert_eq!(
+            (c.instance_id.as_str(), c.max_payload, c.rate),
+            ("lb-1", 1024, 0)
+        );
+        assert_eq!((c.client_queue_max, c.scope), (4096, MessageScope::Own));
+        let off = run(&["--client-id-header", "off"]).unwrap().messaging;
+        assert_eq!(off.client_id_header, None);
+        for (flag, v) in [
+            ("--client-id-header", "X Client"),
+            ("--instance-id", "a.b"),
+            ("--message-max", "2MiB"),
+            ("--client-queue-max", "0"),
+            ("--message-rate", "-1"),
+            ("--backend-messages", "some"),
+        ] {
+            let e = run(&[flag, v]).unwrap_err();
             assert!(e.to_string().contains(flag), "{e}");
         }
     }

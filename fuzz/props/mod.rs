@@ -21,7 +21,7 @@ use wslb::http::head::{
     downgrade_minor_version, header_storage, parse_request, parse_response, HeadError, Request,
     Response, MAX_HEAD, MAX_HEADERS,
 };
-use wslb::http::rewrite::{write_request, write_response, ClientInfo};
+use wslb::http::rewrite::{write_request, write_response, ClientId, ClientInfo};
 use wslb::ws::frames::{encode_close, encode_header, Direction, FrameError, FrameTracker};
 use wslb::ws::handshake::{validate_request, validate_response, WsKey};
 
@@ -492,6 +492,11 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
         tls: h & 2 != 0,
         trusted: h & 4 != 0,
         rfc7239: h & 8 != 0,
+        client_id: (h & 16 != 0).then_some(ClientId {
+            header: "X-Wslb-Client",
+            instance: "fz",
+            id: h,
+        }),
     };
     let mut out = Vec::new();
     write_request(req, client, websocket, &mut out);
@@ -500,7 +505,7 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
         Ok(Some(again)) => again,
         // Near the limits the three X-Forwarded-* fields may push the head over them.
         Err(HeadError::TooLarge) if out.len() > MAX_HEAD => return,
-        Err(HeadError::TooManyHeaders) if req.headers.len() + 3 > MAX_HEADERS => return,
+        Err(HeadError::TooManyHeaders) if req.headers.len() + 4 > MAX_HEADERS => return,
         other => panic!(
             "forwarded head does not parse: {other:?}\nin:  {}\nout: {}",
             show(&data[..req.head_len]),
@@ -602,6 +607,15 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
         assert_eq!(hosts, [authority.as_bytes()], "{}", ctx());
     }
     check_forwarding_chain(req, &again, client, &ctx);
+    // The client id field is the balancer's alone: exactly one, ours, when on; none of the
+    // client's under the default name either way.
+    let ids: Vec<_> = named(again.headers, "x-wslb-client").collect();
+    let want: Vec<Vec<u8>> = client
+        .client_id
+        .map(|id| format!("fz.{}", id.id).into_bytes())
+        .into_iter()
+        .collect();
+    assert_eq!(ids, want, "{}", ctx());
 }
 
 /// Exactly one forwarding field reaches the backend: the client's own chain only from a
@@ -609,7 +623,7 @@ fn check_forwarded_request(req: &Request<'_, '_>, data: &[u8]) {
 fn check_forwarding_chain(
     req: &Request<'_, '_>,
     again: &Request<'_, '_>,
-    client: ClientInfo,
+    client: ClientInfo<'_>,
     ctx: &dyn Fn() -> String,
 ) {
     let (field, node) = match (client.rfc7239, client.peer) {
@@ -1823,6 +1837,11 @@ fn check_answers(text: &str) {
 }
 
 pub fn control_message(data: &[u8]) {
+    registration_message(data);
+    backend_message(data);
+}
+
+fn registration_message(data: &[u8]) {
     // Control frames are text: the session refuses non-UTF-8 before decoding (1007).
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -1842,6 +1861,59 @@ pub fn control_message(data: &[u8]) {
         assert!([1000, 1003, 1008, 1009].contains(&e.close_code()));
     }
     check_answers(str_prefix(text, 256));
+}
+
+/// The session's decoders for messaging requests (issue 17), on any frame: a request that
+/// decodes round-trips through the agent's encoders; registration messages decode exactly
+/// as `protocol::decode` does; every refusal is answerable with valid JSON.
+fn backend_message(data: &[u8]) {
+    use wslb::control::messaging::{
+        decode_binary, decode_text, encode_binary, encode_text, failed, Incoming, Op, Payload,
+        Refusal,
+    };
+    const MAX: usize = 1024;
+    let check_refusal = |r: &Refusal| match r {
+        Refusal::Failed(id, e) => {
+            assert!(serde_json::from_str::<Value>(&failed(*id, e)).is_ok());
+        }
+        Refusal::Fatal(e) => assert!(serde_json::from_str::<Value>(&control_error(e)).is_ok()),
+    };
+    match decode_binary(data, MAX) {
+        Ok(req) => {
+            let again = encode_binary(&req).expect("a decoded binary request re-encodes");
+            assert_eq!(decode_binary(&again, MAX), Ok(req));
+        }
+        Err(r) => check_refusal(&r),
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match decode_text(text, MAX) {
+        Ok(Incoming::Request(req)) => {
+            let size = match &req.op {
+                Op::Broadcast { payload, .. } | Op::Send { payload, .. } => payload.len(),
+                _ => 0,
+            };
+            assert!(size <= MAX);
+            let binary = matches!(
+                &req.op,
+                Op::Broadcast {
+                    payload: Payload::Binary(_),
+                    ..
+                } | Op::Send {
+                    payload: Payload::Binary(_),
+                    ..
+                }
+            );
+            assert!(!binary, "a text frame never makes a binary payload");
+            assert_eq!(
+                decode_text(&encode_text(&req), MAX),
+                Ok(Incoming::Request(req))
+            );
+        }
+        Ok(Incoming::Control(msg)) => assert_eq!(control_decode(text), Ok(msg)),
+        Err(r) => check_refusal(&r),
+    }
 }
 
 /// The longest prefix of `text` of at most `max` bytes that ends on a char boundary (a byte

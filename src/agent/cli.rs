@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::agent::local::LocalConfig;
 use crate::agent::{self, AgentConfig, AgentError};
 use crate::config::{parse_duration, ConfigError};
 
@@ -43,6 +44,8 @@ pub enum AgentCommand {
         /// On SIGTERM, how long to wait for `drain_complete` before deregistering (zero =
         /// not at all).
         drain_wait: Duration,
+        /// `--local`: the messaging endpoint for the backend.
+        local: Option<Box<LocalConfig>>,
     },
 }
 
@@ -99,6 +102,18 @@ fn options() -> getopts::Options {
         "on SIGTERM, wait this long for the balancers to report our last client gone (drain_complete) before deregistering; off = do not wait [default: 70s]",
         "DUR|off",
     );
+    o.optopt(
+        "",
+        "local",
+        "serve the messaging endpoint (POST /broadcast, /send, /close, /ping) on this loopback address; the command gets WSLB_AGENT_URL and WSLB_AGENT_TOKEN",
+        "ADDR",
+    );
+    o.optopt(
+        "",
+        "local-token",
+        "bearer token the --local endpoint requires (prefer env WSLB_LOCAL_TOKEN) [default: random, passed to the command]",
+        "TOKEN",
+    );
     o.optflag("h", "help", "print this help and exit");
     o
 }
@@ -133,7 +148,11 @@ fn flag_error(e: AgentError) -> ConfigError {
 }
 
 /// Parses the arguments after `agent`. `env_token` is `WSLB_TOKEN`; `--token` wins over it.
-pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCommand, ConfigError> {
+pub fn parse_args(
+    args: &[String],
+    env_token: Option<String>,
+    env_local_token: Option<String>,
+) -> Result<AgentCommand, ConfigError> {
     // Split at the first `--` ourselves: getopts would mix the child's words into `free`.
     let (flags, child) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], args[i + 1..].to_vec()),
@@ -201,17 +220,55 @@ pub fn parse_args(args: &[String], env_token: Option<String>) -> Result<AgentCom
         Some(v) => parse_duration(&v).map_err(|why| bad("--drain-wait", &v, why))?,
     };
     agent::validate(&cfg).map_err(flag_error)?;
+    let local = local_endpoint(&m, env_local_token)?;
     Ok(AgentCommand::Run {
         cfg: Box::new(cfg),
         child,
         drain_wait,
+        local,
     })
+}
+
+/// `--local ADDR` and its token (flag, else env, else a random one for the child).
+fn local_endpoint(
+    m: &getopts::Matches,
+    env_token: Option<String>,
+) -> Result<Option<Box<LocalConfig>>, ConfigError> {
+    let Some(v) = m.opt_str("local") else {
+        if m.opt_present("local-token") {
+            return Err(ConfigError::Usage("--local-token needs --local".into()));
+        }
+        return Ok(None);
+    };
+    let addr = crate::config::parse_addr(&v)
+        .ok()
+        .filter(|a| a.ip().is_loopback())
+        .ok_or_else(|| {
+            bad(
+                "--local",
+                &v,
+                "expected a loopback address like 127.0.0.1:7070",
+            )
+        })?;
+    let token = match m.opt_str("local-token").or(env_token) {
+        Some(t) if (1..=4096).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_graphic()) => t,
+        Some(_) => {
+            return Err(bad(
+                "--local-token",
+                "",
+                "expected 1-4096 visible ASCII characters",
+            ))
+        }
+        None => agent::random_guid(),
+    };
+    Ok(Some(Box::new(LocalConfig { addr, token })))
 }
 
 /// Entry point of `wslb agent`; `args` are the words after `agent`.
 pub fn main(args: &[String]) -> ExitCode {
     let env_token = std::env::var("WSLB_TOKEN").ok();
-    match parse_args(args, env_token) {
+    let env_local_token = std::env::var("WSLB_LOCAL_TOKEN").ok();
+    match parse_args(args, env_token, env_local_token) {
         Ok(AgentCommand::Help(text)) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -220,7 +277,8 @@ pub fn main(args: &[String]) -> ExitCode {
             cfg,
             child,
             drain_wait,
-        }) => match run(*cfg, child, drain_wait) {
+            local,
+        }) => match run(*cfg, child, drain_wait, local) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wslb agent: {e}");
@@ -236,14 +294,29 @@ pub fn main(args: &[String]) -> ExitCode {
 
 /// Runs until SIGTERM or SIGINT, then shuts down in order: drain, wait (at most
 /// `drain_wait`) until the balancers report our last client gone, deregister, stop the child.
-pub fn run(cfg: AgentConfig, child: Vec<String>, drain_wait: Duration) -> Result<(), String> {
+/// `local`: the messaging endpoint for the backend, if any.
+pub fn run(
+    cfg: AgentConfig,
+    child: Vec<String>,
+    drain_wait: Duration,
+    local: Option<Box<LocalConfig>>,
+) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&term))
             .map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
     let agent = agent::spawn(cfg).map_err(|e| e.to_string())?;
-    let mut sup = (!child.is_empty()).then(|| Supervisor::new(child));
+    let mut env = Vec::new();
+    if let Some(l) = &local {
+        let bound = agent::local::start(l, agent.messenger())
+            .map_err(|e| format!("--local {}: {e}", l.addr))?;
+        // One line a supervisor or test can read the port from.
+        eprintln!("wslb agent: local endpoint on http://{bound}");
+        env.push(("WSLB_AGENT_URL", format!("http://{bound}")));
+        env.push(("WSLB_AGENT_TOKEN", l.token.clone()));
+    }
+    let mut sup = (!child.is_empty()).then(|| Supervisor::new(child, env));
     // Signal delivery only sets the flag; a short poll keeps shutdown prompt.
     let mut until = |stop: &mut dyn FnMut() -> bool| {
         while !stop() {
@@ -283,6 +356,8 @@ pub fn run(cfg: AgentConfig, child: Vec<String>, drain_wait: Duration) -> Result
 /// Keeps one child process running, restarting it with back-off.
 struct Supervisor {
     cmd: Vec<String>,
+    /// Set in the command's environment (the `--local` endpoint's URL and token).
+    env: Vec<(&'static str, String)>,
     /// The running child and when it started.
     child: Option<(Child, Instant)>,
     /// When the next start is due (none while a child runs).
@@ -291,9 +366,10 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn new(cmd: Vec<String>) -> Self {
+    fn new(cmd: Vec<String>, env: Vec<(&'static str, String)>) -> Self {
         Supervisor {
             cmd,
+            env,
             child: None,
             start_at: Instant::now(),
             delay: RESTART_MIN,
@@ -323,7 +399,11 @@ impl Supervisor {
             Some(p) => p,
             None => return,
         };
-        match Command::new(prog).args(args).spawn() {
+        match Command::new(prog)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .spawn()
+        {
             Ok(c) => self.child = Some((c, now)),
             Err(e) => self.schedule(now, Duration::ZERO, &format!("cannot start: {e}")),
         }
@@ -402,7 +482,8 @@ mod tests {
             "-c",
             "exec backend --port 1",
         ]));
-        let AgentCommand::Run { cfg, child, .. } = parse_args(&a, Some("env".into())).unwrap()
+        let AgentCommand::Run { cfg, child, .. } =
+            parse_args(&a, Some("env".into()), None).unwrap()
         else {
             panic!()
         };
@@ -414,7 +495,8 @@ mod tests {
         assert_eq!(child, ["sh", "-c", "exec backend --port 1"]);
         let mut a = args(&BASE);
         a.extend(args(&["--token", "flag"]));
-        let AgentCommand::Run { cfg, child, .. } = parse_args(&a, Some("env".into())).unwrap()
+        let AgentCommand::Run { cfg, child, .. } =
+            parse_args(&a, Some("env".into()), None).unwrap()
         else {
             panic!()
         };
@@ -456,14 +538,14 @@ mod tests {
                 args(&BASE)
             };
             a.extend(args(extra));
-            let e = parse_args(&a, None).unwrap_err().to_string();
+            let e = parse_args(&a, None, None).unwrap_err().to_string();
             assert!(e.contains(flag), "{a:?}: {e:?} does not name {flag}");
         }
     }
 
     #[test]
     fn help() {
-        let AgentCommand::Help(text) = parse_args(&args(&["--help"]), None).unwrap() else {
+        let AgentCommand::Help(text) = parse_args(&args(&["--help"]), None, None).unwrap() else {
             panic!()
         };
         assert!(text.contains("--balancer") && text.contains("--binding"));

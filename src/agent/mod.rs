@@ -18,6 +18,11 @@
 //! ```
 
 pub mod cli;
+pub mod local;
+mod messages;
+
+pub use crate::control::messaging::{ClientRef, Filter, Payload};
+pub use messages::{MessageError, Messenger, ANSWER_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -46,8 +51,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A write that cannot progress for this long means the balancer is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest read timeout: how quickly a link thread notices `drain`/`stop` requests.
-const MAX_TICK: Duration = Duration::from_millis(100);
+/// Longest read timeout: how quickly a link thread notices `drain`/`stop` requests and
+/// writes queued messages (a message call waits about this long at most for its turn).
+const MAX_TICK: Duration = Duration::from_millis(10);
 /// On stop: time for the `deregistered` answer and the closing handshake.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// [`Agent::stop`] waits this long for the link threads, then leaves them to finish alone.
@@ -366,6 +372,8 @@ struct Board {
     drained: Vec<bool>,
     /// Link threads not yet finished: [`Agent::stop`] waits for 0.
     running: usize,
+    /// Messages to clients and their answers.
+    mail: messages::Mailboxes,
 }
 
 #[derive(Debug)]
@@ -406,6 +414,7 @@ pub fn spawn(cfg: AgentConfig) -> Result<Agent, AgentError> {
             links: vec![LinkState::Connecting; n],
             drained: vec![false; n],
             running: 0,
+            mail: messages::Mailboxes::new(n),
         }),
         changed: Condvar::new(),
     });
@@ -845,7 +854,14 @@ impl Link {
     }
 
     /// Registers and keeps the link alive. `Ok(())` = stopped on request.
-    fn session(&self, mut ws: Ws) -> Result<(), Lost> {
+    fn session(&self, ws: Ws) -> Result<(), Lost> {
+        let mut inflight = Vec::new();
+        let result = self.session_loop(ws, &mut inflight);
+        self.fail_pending(&mut inflight);
+        result
+    }
+
+    fn session_loop(&self, mut ws: Ws, inflight: &mut Vec<u64>) -> Result<(), Lost> {
         sent(ws.send(Message::text(self.register.as_str())))?;
         let opened = Instant::now();
         let mut last_rx = opened;
@@ -860,7 +876,9 @@ impl Link {
                     last_rx = Instant::now();
                     match msg {
                         Message::Text(t) => {
-                            if let Err(lost) = self.on_message(&t, &mut registered_at) {
+                            if let Some(a) = crate::control::messaging::parse_answer(&t) {
+                                self.on_answer(a, inflight);
+                            } else if let Err(lost) = self.on_message(&t, &mut registered_at) {
                                 break Err(lost);
                             }
                         }
@@ -898,6 +916,11 @@ impl Link {
             if self.stopping() {
                 self.goodbye(&mut ws, registered_at.is_some());
                 return Ok(());
+            }
+            if registered_at.is_some() {
+                if let Err(lost) = self.write_outbox(&mut ws, inflight) {
+                    break Err(lost);
+                }
             }
             if now.duration_since(last_rx) >= window {
                 break Err(Lost::new(format!(

@@ -13,7 +13,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use super::auth::{ControlAuth, Identity};
-use super::protocol::{self, BackendMsg, ControlError, Registration, MAX_MESSAGE};
+use super::messaging::{self, Incoming, MsgError, RateBucket, Refusal, Request};
+use super::protocol::{self, BackendMsg, ControlError, Registration};
 use crate::http::head::{self, header};
 use crate::http::rewrite;
 use crate::net::buffer::Buffer;
@@ -37,6 +38,8 @@ pub enum ControlEvent {
     Deregister,
     /// An admin API request to answer with [`ControlConn::respond`].
     Admin(Box<AdminRequest>),
+    /// A messaging request (or why it could not be read), to answer with `sent`/`failed`.
+    Message(Box<Result<Request, (Option<u64>, MsgError)>>),
 }
 
 /// Largest admin request body (a broadcast message).
@@ -111,6 +114,10 @@ pub struct ControlConn {
     pub marks: crate::slots::Marks,
     /// We sent a close: stop processing messages, flush, then linger.
     closing: bool,
+    /// `--message-max`, for decoding messaging requests.
+    pub max_payload: usize,
+    /// `--message-rate` budget of this backend, made on its first request.
+    pub bucket: Option<RateBucket>,
 }
 
 /// How long a closing control connection waits for the peer to hang up.
@@ -121,8 +128,10 @@ fn ws_config() -> WebSocketConfig {
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+        // Registration messages keep their 64 KiB limit in the decoder; frames may be as
+        // large as the largest messaging request.
+        .max_message_size(Some(messaging::MAX_FRAME))
+        .max_frame_size(Some(messaging::MAX_FRAME))
 }
 
 /// Outcome of driving a control connection.
@@ -153,6 +162,8 @@ impl ControlConn {
             opened: now,
             marks: crate::slots::Marks::default(),
             closing: false,
+            max_payload: crate::config::Messaging::default().max_payload,
+            bucket: None,
         }
     }
 
@@ -578,21 +589,39 @@ impl ControlConn {
         now: Instant,
         events: &mut Vec<ControlEvent>,
     ) -> Result<bool, ()> {
+        // Answers the backend has not taken yet hold back its next requests: every request
+        // gets its answer, and a backend that pipelines without reading cannot grow our
+        // write buffer (or make answers be dropped when it is full). It is not heard from
+        // meanwhile, so one that never reads is lost after 3 heartbeats like a hung one.
+        match ws.flush() {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(_) => return Err(()),
+        }
         match ws.read() {
             Ok(msg) => {
                 self.last_heard = now;
-                match msg {
-                    Message::Text(t) => match protocol::decode(t.as_str()) {
-                        Ok(BackendMsg::Register(r)) => {
-                            events.push(ControlEvent::Register(Box::new(r)))
-                        }
-                        Ok(BackendMsg::Drain) => events.push(ControlEvent::Drain),
-                        Ok(BackendMsg::Deregister) => events.push(ControlEvent::Deregister),
-                        Err(e) => self.refuse_on(ws, &e),
-                    },
-                    Message::Binary(_) => self.refuse_on(ws, &ControlError::Binary),
+                let decoded = match &msg {
+                    Message::Text(t) => messaging::decode_text(t.as_str(), self.max_payload),
+                    Message::Binary(b) => {
+                        messaging::decode_binary(b, self.max_payload).map(Incoming::Request)
+                    }
                     // Pings are answered by tungstenite; any frame proves the peer alive.
-                    _ => {}
+                    _ => return Ok(true),
+                };
+                match decoded {
+                    Ok(Incoming::Control(BackendMsg::Register(r))) => {
+                        events.push(ControlEvent::Register(Box::new(r)))
+                    }
+                    Ok(Incoming::Control(BackendMsg::Drain)) => events.push(ControlEvent::Drain),
+                    Ok(Incoming::Control(BackendMsg::Deregister)) => {
+                        events.push(ControlEvent::Deregister)
+                    }
+                    Ok(Incoming::Request(r)) => events.push(ControlEvent::Message(Box::new(Ok(r)))),
+                    Err(Refusal::Failed(id, e)) => {
+                        events.push(ControlEvent::Message(Box::new(Err((id, e)))))
+                    }
+                    Err(Refusal::Fatal(e)) => self.refuse_on(ws, &e),
                 }
                 Ok(true)
             }

@@ -103,9 +103,9 @@ fn put_framing(out: &mut Vec<u8>, body: BodyKind, headers: &[httparse::Header<'_
     }
 }
 
-/// How the client reached the balancer, for X-Forwarded-*.
+/// How the client reached the balancer, for X-Forwarded-*, and who it is.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientInfo {
+pub struct ClientInfo<'a> {
     /// Peer address of the client socket.
     pub peer: IpAddr,
     /// Arrived over TLS.
@@ -114,6 +114,34 @@ pub struct ClientInfo {
     pub trusted: bool,
     /// `--forwarded`: RFC 7239 `Forwarded` instead of `X-Forwarded-For`.
     pub rfc7239: bool,
+    /// `--client-id-header`: the client's id for the backend; `None` = off.
+    pub client_id: Option<ClientId<'a>>,
+}
+
+/// The default client-id field name. Removed from client requests even when the feature is
+/// off or renamed: a backend written for wslb may read it, and must never read a client's.
+pub const DEFAULT_CLIENT_ID_HEADER: &str = "X-Wslb-Client";
+
+/// The client-id field: `NAME: INSTANCE.N`, the id backends use to message this client.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientId<'a> {
+    /// Header name (`--client-id-header`).
+    pub header: &'a str,
+    /// The balancer's `--instance-id`.
+    pub instance: &'a str,
+    /// The connection's number.
+    pub id: u64,
+}
+
+/// Writes `NAME: INSTANCE.N`. Any field of that name from the client was dropped: a
+/// client that names itself could have a backend message another client.
+fn put_client_id(out: &mut Vec<u8>, id: ClientId<'_>) {
+    out.extend_from_slice(id.header.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(id.instance.as_bytes());
+    out.push(b'.');
+    put_decimal(out, id.id);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Fields that carry a forwarding chain. A client can write anything into them, so they
@@ -127,7 +155,7 @@ fn is_forwarding(name: &str) -> bool {
 /// The one forwarding field the backend gets. From a trusted peer, every incoming list
 /// element of the same kind (X-Forwarded-For, or Forwarded with `--forwarded`) is kept in
 /// order; the peer's address is appended either way.
-fn put_forwarding(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], client: ClientInfo) {
+fn put_forwarding(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], client: ClientInfo<'_>) {
     let (name, field): (&[u8], &str) = if client.rfc7239 {
         (b"Forwarded: ", "forwarded")
     } else {
@@ -168,7 +196,7 @@ fn put_forwarding(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], client: C
 /// are hop-by-hop and so dropped with the rest) for a validated WebSocket handshake.
 pub fn write_request(
     req: &Request<'_, '_>,
-    client: ClientInfo,
+    client: ClientInfo<'_>,
     websocket: bool,
     out: &mut Vec<u8>,
 ) {
@@ -192,6 +220,10 @@ pub fn write_request(
             || is_forwarding(h.name)
             || h.name.eq_ignore_ascii_case("x-forwarded-proto")
             || h.name.eq_ignore_ascii_case("x-forwarded-host")
+            || h.name.eq_ignore_ascii_case(DEFAULT_CLIENT_ID_HEADER)
+            || client
+                .client_id
+                .is_some_and(|id| h.name.eq_ignore_ascii_case(id.header))
         {
             continue;
         }
@@ -217,6 +249,9 @@ pub fn write_request(
     );
     if let Some(host) = host {
         put_header(out, "X-Forwarded-Host", host);
+    }
+    if let Some(id) = client.client_id {
+        put_client_id(out, id);
     }
     if websocket {
         out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
@@ -328,6 +363,7 @@ mod tests {
             tls: false,
             trusted: false,
             rfc7239: false,
+            client_id: None,
         };
         write_request(&req, client, ws, &mut out);
         String::from_utf8(out).unwrap()
@@ -342,6 +378,7 @@ mod tests {
             tls: false,
             trusted,
             rfc7239,
+            client_id: None,
         };
         write_request(&req, client, false, &mut out);
         String::from_utf8(out).unwrap()
@@ -517,5 +554,44 @@ mod tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Retry-After: 1\r\n"));
+    }
+
+    #[test]
+    fn client_id_replaces_any_the_client_sent() {
+        let raw = b"GET /chat HTTP/1.1\r\nHost: a\r\nx-wslb-client: evil.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-WSLB-CLIENT: evil.2\r\nAccept: */*\r\n\r\n";
+        let mut st = header_storage();
+        let req = parse_request(raw, &mut st).unwrap().unwrap();
+        let with = |client_id| {
+            let mut out = Vec::new();
+            let client = ClientInfo {
+                peer: "10.0.0.9".parse().unwrap(),
+                tls: false,
+                trusted: true,
+                rfc7239: false,
+                client_id,
+            };
+            write_request(&req, client, true, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        let out = with(Some(ClientId {
+            header: "X-Wslb-Client",
+            instance: "lb1",
+            id: 42,
+        }));
+        assert!(out.contains("\r\nX-Wslb-Client: lb1.42\r\n"), "{out}");
+        assert!(!out.contains("evil"), "{out}");
+        assert_eq!(out.to_ascii_lowercase().matches("x-wslb-client").count(), 1);
+        assert!(out.ends_with("Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"));
+        // Renamed: the new name is the one stripped and written.
+        let renamed = with(Some(ClientId {
+            header: "X-Client",
+            instance: "lb1",
+            id: 7,
+        }));
+        assert!(renamed.contains("\r\nX-Client: lb1.7\r\n"), "{renamed}");
+        assert!(!renamed.contains("evil"), "{renamed}");
+        // Off: nothing added, and still nothing of the client's under the default name.
+        let off = with(None);
+        assert!(!off.contains("lb1.") && !off.contains("evil"), "{off}");
     }
 }

@@ -42,6 +42,12 @@ impl Outbox {
         self.head_pos >= self.head.len() && self.buf.is_empty()
     }
 
+    /// Bytes of the head not written yet (the balancer's own frames wait here while the
+    /// peer does not read: callers bound it).
+    pub fn head_pending(&self) -> usize {
+        self.head.len().saturating_sub(self.head_pos)
+    }
+
     /// A head may be queued only when no relayed bytes wait, or it would overtake them.
     pub fn can_queue_head(&self) -> bool {
         self.buf.is_empty()

@@ -22,6 +22,12 @@ pub struct Stats {
     pub ws_bytes_down: u64,
     /// Frames injected by the balancer (broadcast, send, ping, close).
     pub ws_injected: u64,
+    /// WebSocket clients closed (1013) because their queue of balancer frames was full.
+    pub ws_slow_clients_closed: u64,
+    /// Messaging requests from backends answered `sent`.
+    pub backend_messages: u64,
+    /// Messaging requests from backends answered `failed`, whatever the cause.
+    pub backend_messages_failed: u64,
     /// HTTP responses by status class: index 0 = 1xx … 4 = 5xx.
     pub http_responses: [u64; 5],
     /// TLS handshakes that failed.
@@ -127,7 +133,7 @@ pub fn render(
     backends: &[BackendSample<'_>],
 ) -> String {
     let mut o = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 15] = [
+    let counters: [(&str, &str, u64); 18] = [
         (
             "wslb_backend_drain_closes_total",
             "WebSockets closed with 1012 because their backend was drained.",
@@ -167,6 +173,21 @@ pub fn render(
             "wslb_websocket_injected_frames_total",
             "Frames sent by the balancer itself.",
             s.ws_injected,
+        ),
+        (
+            "wslb_websocket_slow_clients_closed_total",
+            "WebSocket clients closed with 1013 because their queue of balancer frames was full.",
+            s.ws_slow_clients_closed,
+        ),
+        (
+            "wslb_backend_messages_total",
+            "Messaging requests from backends carried out (broadcast, send, close, ping).",
+            s.backend_messages,
+        ),
+        (
+            "wslb_backend_messages_failed_total",
+            "Messaging requests from backends refused (bad field, too large, rate, unknown client).",
+            s.backend_messages_failed,
         ),
         (
             "wslb_tls_handshake_failures_total",

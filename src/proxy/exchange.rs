@@ -283,6 +283,7 @@ impl Conn {
             tls: self.client.is_tls(),
             trusted: crate::netpolicy::any_contains(&ctx.cfg.trusted_proxies, self.peer.ip()),
             rfc7239: ctx.cfg.forwarded,
+            client_id: self.client_id_field(ctx.cfg),
         };
         let mut to_backend = Outbox::default();
         rewrite::write_request(&req, client, ws_key.is_some(), to_backend.head_vec());

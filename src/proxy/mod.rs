@@ -33,6 +33,7 @@ use std::collections::VecDeque;
 
 mod exchange;
 mod leg;
+mod messaging;
 mod phase;
 mod relay;
 mod rounds;
@@ -42,6 +43,7 @@ mod tunnel;
 
 use exchange::*;
 use leg::*;
+pub use messaging::Injected;
 pub(crate) use phase::Marks;
 use phase::Phase;
 use relay::*;

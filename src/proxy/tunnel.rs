@@ -17,7 +17,7 @@ pub(super) struct Tunnel {
     /// Close code the balancer sends the backend, with `pending_close`, at the next frame
     /// boundary of the client's stream; `None` when the backend is gone.
     pub(super) backend_close: Option<u16>,
-    pub(super) close_reason: &'static str,
+    pub(super) close_reason: std::borrow::Cow<'static, str>,
     /// The close owed to the client went out, or is no longer owed.
     pub(super) client_closed: bool,
     /// The close owed to the backend went out, or is no longer owed.
@@ -50,12 +50,12 @@ impl Tunnel {
         now: Instant,
         client: u16,
         backend: Option<u16>,
-        reason: &'static str,
+        reason: impl Into<std::borrow::Cow<'static, str>>,
     ) {
         if self.pending_close.is_none() {
             self.pending_close = Some(client);
             self.backend_close = backend;
-            self.close_reason = reason;
+            self.close_reason = reason.into();
             self.closing_since = Some(now);
         }
     }
@@ -203,7 +203,7 @@ impl Conn {
             down: FrameTracker::new(Direction::ServerToClient, max),
             pending_close: None,
             backend_close: None,
-            close_reason: "",
+            close_reason: "".into(),
             client_closed: false,
             backend_closed: false,
             closing_since: None,
@@ -271,6 +271,11 @@ impl Conn {
             self.enter_closing(ctx.now);
             return Step::Progress;
         }
+        if self.to_client.head_pending() == 0 {
+            // All written: give back the memory of large injected frames (a 64 KiB
+            // broadcast to 9,000 clients would otherwise stay allocated 9,000 times).
+            self.to_client.drop_head();
+        }
         if inject(t, &mut self.to_client, ctx) {
             return Step::Progress;
         }
@@ -333,7 +338,7 @@ impl Conn {
                 && self.to_client.buf.has_room(MAX_CONTROL_FRAME)
             {
                 let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
-                encode_close_reason(code, t.close_reason, None, &mut frame);
+                encode_close_reason(code, &t.close_reason, None, &mut frame);
                 push_whole(&mut self.to_client.buf, &frame);
                 t.client_closed = true;
                 progress = true;
@@ -354,7 +359,7 @@ impl Conn {
                     // Masked, as a client's frames must be.
                     let mut frame = Vec::with_capacity(MAX_CONTROL_FRAME);
                     let mask = ctx.rng.random::<[u8; 4]>();
-                    encode_close_reason(bc, t.close_reason, Some(mask), &mut frame);
+                    encode_close_reason(bc, &t.close_reason, Some(mask), &mut frame);
                     push_whole(&mut leg.to_backend.buf, &frame);
                     t.backend_closed = true;
                     progress = true;

@@ -66,6 +66,7 @@ impl Server {
                 .controls
                 .insert(ControlConn::new(self.next_gen, stream, peer, now));
             c.via_proxy = via_proxy;
+            c.max_payload = self.cfg.messaging.max_payload;
             let at = c.deadline(self.cfg.header_timeout, self.cfg.heartbeat);
             self.controls.arm(&mut self.timers, key, at);
         }
@@ -122,6 +123,7 @@ impl Server {
                     h.on_server_connect(peer);
                 }
             }
+            ControlEvent::Message(msg) => self.backend_message(key, gen, *msg),
             ControlEvent::Admin(req) => {
                 let (status, ctype, body) = crate::control::admin::route(self, &req);
                 if let Some(c) = self.controls.get_mut(key) {

@@ -84,6 +84,7 @@ mod accept;
 mod control_plane;
 mod drain;
 mod handle;
+mod messaging;
 mod proxy_header;
 mod routes;
 mod startup;

@@ -39,17 +39,20 @@ impl Server {
         for key in keys {
             let mut ok = false;
             self.with_conn(key, |c, ctx| {
-                let queued = match msg {
-                    Outgoing::Text(t) => c.send_frame(0x1, t.as_bytes()),
-                    Outgoing::Binary(b) => c.send_frame(0x2, b),
-                    Outgoing::Ping => c.ping(),
+                // Same queue limit as backends' messages: a client that does not read is
+                // closed (1013) rather than holding an operator's broadcasts in memory.
+                let (opcode, payload) = match msg {
+                    Outgoing::Text(t) => (0x1, t.as_bytes()),
+                    Outgoing::Binary(b) => (0x2, b.as_slice()),
+                    Outgoing::Ping => (crate::ws::frames::OPCODE_PING, &[][..]),
                     Outgoing::Close(code) => {
                         ok = true;
                         return c.going_away(ctx, *code);
                     }
                 };
-                ok = queued.is_ok();
-                c.drive(ctx)
+                let (outcome, drive) = c.inject(ctx, opcode, payload);
+                ok = outcome == crate::proxy::Injected::Queued;
+                drive
             });
             sent += usize::from(ok);
         }

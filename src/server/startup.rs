@@ -217,6 +217,8 @@ impl Server {
         }
         // Every descriptor of the process's own is open by now: what is left is for clients.
         let fds = size_connections(&mut cfg);
+        let mut rng = SmallRng::from_os_rng();
+        messaging::ensure_instance_id(&mut cfg, &mut rng);
         backends.set_pool_max(fds.pool);
         Ok(Server {
             poll,
@@ -243,7 +245,7 @@ impl Server {
             timers: Timers::default(),
             backends,
             cfg,
-            rng: SmallRng::from_os_rng(),
+            rng,
             next_gen: 0,
             next_id: 0,
             signals: Some(signals),

@@ -583,25 +583,79 @@ pub struct Agent(Child);
 
 impl Agent {
     pub fn start(args: &[&str], guid: &str, name: &str) -> Agent {
-        let port = free_port();
-        let child = Command::new(wslb_bin().expect("CARGO_BIN_EXE_wslb is not set"))
-            .arg("agent")
-            .args(args)
-            .args([
-                "--binding",
-                &format!("ws://127.0.0.1:{port}"),
-                "--guid",
-                guid,
-                "--",
-            ])
-            .arg(echo_backend_bin())
-            .args(["--name", name, "--listen", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let child = Agent::command(args, guid, name)
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn wslb agent");
         Agent(child)
+    }
+
+    /// Like [`Agent::start`] with `--local 127.0.0.1:0 --local-token TOKEN`; returns the
+    /// local messaging endpoint's address too (from the agent's stderr).
+    pub fn start_local(args: &[&str], guid: &str, name: &str, token: &str) -> (Agent, SocketAddr) {
+        let mut child = Agent::command(args, guid, name)
+            .args_before_child(&["--local", "127.0.0.1:0", "--local-token", token])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wslb agent");
+        let stderr = child.stderr.take().expect("stderr");
+        let agent = Agent(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(a) = addr_after(&line, "local endpoint on http://") {
+                    let _ = tx.send(a);
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(TIMEOUT)
+            .expect("agent's local endpoint line");
+        (agent, addr)
+    }
+
+    fn command(args: &[&str], guid: &str, name: &str) -> AgentCommand {
+        let port = free_port();
+        let mut flags: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        flags.extend([
+            "--binding".into(),
+            format!("ws://127.0.0.1:{port}"),
+            "--guid".into(),
+            guid.into(),
+        ]);
+        let child = vec![
+            echo_backend_bin().display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        AgentCommand { flags, child }
+    }
+}
+
+/// `wslb agent FLAGS -- CHILD`, built up before it is spawned.
+pub struct AgentCommand {
+    flags: Vec<String>,
+    child: Vec<String>,
+}
+
+impl AgentCommand {
+    fn args_before_child(mut self, more: &[&str]) -> AgentCommand {
+        self.flags.extend(more.iter().map(|a| a.to_string()));
+        self
+    }
+
+    fn stderr(self, to: Stdio) -> Command {
+        let mut c = Command::new(wslb_bin().expect("CARGO_BIN_EXE_wslb is not set"));
+        c.arg("agent")
+            .args(&self.flags)
+            .arg("--")
+            .args(&self.child)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(to);
+        c
     }
 }
 
