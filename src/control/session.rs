@@ -355,123 +355,20 @@ impl ControlConn {
         }
         let state = std::mem::replace(&mut self.state, State::Gone);
         let (next, progress) = match state {
-            State::Handshake { mut inbuf } => {
-                let Some(stream) = self.stream.as_mut() else {
-                    return Err(());
-                };
-                if !self.ready.readable {
-                    self.state = State::Handshake { inbuf };
-                    return Ok(false);
-                }
-                match read_into(stream, &mut self.ready, &mut inbuf, usize::MAX) {
-                    Io::Progress(_) => {}
-                    Io::WouldBlock => {
-                        // A TLS handshake message may now be owed: one more round sends it.
-                        let owed = stream.wants_write() && self.ready.writable;
-                        self.state = State::Handshake { inbuf };
-                        return Ok(owed);
-                    }
-                    Io::Eof | Io::Failed => return Err(()),
-                }
-                (self.handshake(now, inbuf, auth, events)?, true)
-            }
-            State::AdminBody { mut req, need } => {
-                let Some(stream) = self.stream.as_mut() else {
-                    return Err(());
-                };
-                let mut chunk = [0u8; 16 * 1024];
-                let want = (need - req.body.len()).min(chunk.len());
-                match crate::net::endpoint::read_some(
-                    stream,
-                    &mut self.ready,
-                    chunk.get_mut(..want).unwrap_or_default(),
-                ) {
-                    Io::Progress(n) => req
-                        .body
-                        .extend_from_slice(chunk.get(..n).unwrap_or_default()),
-                    Io::WouldBlock => {
-                        self.state = State::AdminBody { req, need };
-                        return Ok(false);
-                    }
-                    Io::Eof | Io::Failed => return Err(()),
-                }
-                if req.body.len() >= need {
-                    events.push(ControlEvent::Admin(req));
-                    (State::AwaitingAnswer, true)
-                } else {
-                    (State::AdminBody { req, need }, true)
-                }
-            }
+            State::Handshake { inbuf } => self.read_upgrade(now, inbuf, auth, events)?,
+            State::AdminBody { req, need } => self.read_admin_body(req, need, events)?,
             State::AwaitingAnswer => (State::AwaitingAnswer, false),
-            State::Accepting { mut out, leftover } => {
-                let Some(stream) = self.stream.as_mut() else {
-                    return Err(());
-                };
-                if let Io::Failed = out.flush(stream, &mut self.ready) {
-                    return Err(());
-                }
-                if out.is_empty() {
-                    let Some(stream) = self.stream.take() else {
-                        return Err(());
-                    };
-                    let ws = WebSocket::from_partially_read(
-                        stream,
-                        leftover,
-                        Role::Server,
-                        Some(ws_config()),
-                    );
-                    self.last_heard = now;
-                    self.next_ping = now;
-                    events.push(ControlEvent::Connected);
-                    // The peer may have readable bytes already buffered with the handshake.
-                    self.ready.readable = true;
-                    (State::Open(Box::new(ws)), true)
-                } else {
-                    (State::Accepting { out, leftover }, false)
-                }
+            State::Accepting { out, leftover } => {
+                self.accept_upgrade(now, out, leftover, events)?
             }
-            State::Refusing { mut out, since } => {
-                let Some(stream) = self.stream.as_mut() else {
-                    return Err(());
-                };
-                match out.flush(stream, &mut self.ready) {
-                    Io::Failed => return Err(()),
-                    _ if out.is_empty() && !stream.wants_write() => {
-                        // Answer out: FIN (close_notify on TLS), then wait for the peer's
-                        // close so the answer is not destroyed by a reset.
-                        stream.shutdown_write(&mut self.ready);
-                        self.ready.readable = true;
-                        (State::Lingering { since: now }, true)
-                    }
-                    _ => (State::Refusing { out, since }, false),
-                }
-            }
-            State::Open(mut ws) if self.closing => match ws.flush() {
-                Err(e) if would_block(&e) => (State::Open(ws), false),
-                _ => {
-                    let mut stream = ws.into_inner();
-                    stream.shutdown_write(&mut self.ready);
-                    self.stream = Some(stream);
-                    self.ready.readable = true;
-                    (State::Lingering { since: now }, true)
-                }
-            },
+            State::Refusing { out, since } => self.send_refusal(now, out, since)?,
+            State::Open(ws) if self.closing => self.finish_close(now, ws),
             State::Open(mut ws) => {
                 let r = self.pump(&mut ws, now, events);
                 self.state = State::Open(ws);
                 return r;
             }
-            State::Lingering { since } => {
-                let Some(stream) = self.stream.as_mut() else {
-                    return Err(());
-                };
-                let mut sink = [0u8; 4096];
-                match crate::net::endpoint::read_some(stream, &mut self.ready, &mut sink) {
-                    Io::Progress(_) => (State::Lingering { since }, true),
-                    Io::WouldBlock => (State::Lingering { since }, false),
-                    Io::Eof | Io::Failed => return Err(()),
-                }
-            }
+            State::Lingering { since } => self.linger(since)?,
             State::Gone => return Err(()),
         };
         self.state = next;
@@ -481,6 +378,141 @@ impl ControlConn {
             .as_ref()
             .is_some_and(|s| s.wants_write() && self.ready.writable);
         Ok(progress || tls_owed)
+    }
+
+    /// Reads the upgrade (or admin) request; `handshake` decides once it is whole.
+    fn read_upgrade(
+        &mut self,
+        now: Instant,
+        mut inbuf: Buffer,
+        auth: &ControlAuth,
+        events: &mut Vec<ControlEvent>,
+    ) -> Result<(State, bool), ()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        if !self.ready.readable {
+            return Ok((State::Handshake { inbuf }, false));
+        }
+        match read_into(stream, &mut self.ready, &mut inbuf, usize::MAX) {
+            Io::Progress(_) => {}
+            Io::WouldBlock => {
+                // A TLS handshake message may now be owed: one more round sends it.
+                let owed = stream.wants_write() && self.ready.writable;
+                return Ok((State::Handshake { inbuf }, owed));
+            }
+            Io::Eof | Io::Failed => return Err(()),
+        }
+        Ok((self.handshake(now, inbuf, auth, events)?, true))
+    }
+
+    /// Reads an admin request's body; the server answers it once whole.
+    fn read_admin_body(
+        &mut self,
+        mut req: Box<AdminRequest>,
+        need: usize,
+        events: &mut Vec<ControlEvent>,
+    ) -> Result<(State, bool), ()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        let mut chunk = [0u8; 16 * 1024];
+        let want = (need - req.body.len()).min(chunk.len());
+        match crate::net::endpoint::read_some(
+            stream,
+            &mut self.ready,
+            chunk.get_mut(..want).unwrap_or_default(),
+        ) {
+            Io::Progress(n) => req
+                .body
+                .extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Io::WouldBlock => return Ok((State::AdminBody { req, need }, false)),
+            Io::Eof | Io::Failed => return Err(()),
+        }
+        if req.body.len() >= need {
+            events.push(ControlEvent::Admin(req));
+            Ok((State::AwaitingAnswer, true))
+        } else {
+            Ok((State::AdminBody { req, need }, true))
+        }
+    }
+
+    /// Writes the 101; then the WebSocket takes the stream.
+    fn accept_upgrade(
+        &mut self,
+        now: Instant,
+        mut out: Outbox,
+        leftover: Vec<u8>,
+        events: &mut Vec<ControlEvent>,
+    ) -> Result<(State, bool), ()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        if let Io::Failed = out.flush(stream, &mut self.ready) {
+            return Err(());
+        }
+        if !out.is_empty() {
+            return Ok((State::Accepting { out, leftover }, false));
+        }
+        let Some(stream) = self.stream.take() else {
+            return Err(());
+        };
+        let ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(ws_config()));
+        self.last_heard = now;
+        self.next_ping = now;
+        events.push(ControlEvent::Connected);
+        // The peer may have readable bytes already buffered with the handshake.
+        self.ready.readable = true;
+        Ok((State::Open(Box::new(ws)), true))
+    }
+
+    /// Writes a refusal or an admin answer, then FIN (close_notify on TLS) and waits for
+    /// the peer's close, so the answer is not destroyed by a reset.
+    fn send_refusal(
+        &mut self,
+        now: Instant,
+        mut out: Outbox,
+        since: Instant,
+    ) -> Result<(State, bool), ()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        match out.flush(stream, &mut self.ready) {
+            Io::Failed => Err(()),
+            _ if out.is_empty() && !stream.wants_write() => {
+                stream.shutdown_write(&mut self.ready);
+                self.ready.readable = true;
+                Ok((State::Lingering { since: now }, true))
+            }
+            _ => Ok((State::Refusing { out, since }, false)),
+        }
+    }
+
+    /// Our close frame is queued: flush it, FIN, linger.
+    fn finish_close(&mut self, now: Instant, mut ws: Box<WebSocket<Transport>>) -> (State, bool) {
+        match ws.flush() {
+            Err(e) if would_block(&e) => (State::Open(ws), false),
+            _ => {
+                let mut stream = ws.into_inner();
+                stream.shutdown_write(&mut self.ready);
+                self.stream = Some(stream);
+                self.ready.readable = true;
+                (State::Lingering { since: now }, true)
+            }
+        }
+    }
+
+    /// Reads and drops until the peer hangs up.
+    fn linger(&mut self, since: Instant) -> Result<(State, bool), ()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        let mut sink = [0u8; 4096];
+        match crate::net::endpoint::read_some(stream, &mut self.ready, &mut sink) {
+            Io::Progress(_) => Ok((State::Lingering { since }, true)),
+            Io::WouldBlock => Ok((State::Lingering { since }, false)),
+            Io::Eof | Io::Failed => Err(()),
+        }
     }
 
     fn handshake(
@@ -538,31 +570,8 @@ impl ControlConn {
                 // A per-backend token registers its backend; it does not run the balancer.
                 return refuse(403);
             }
-            let need = match req.body {
-                crate::http::body::BodyKind::Empty => 0,
-                crate::http::body::BodyKind::Length(n) if n <= MAX_ADMIN_BODY as u64 => n as usize,
-                crate::http::body::BodyKind::Length(_) => return refuse(413),
-                _ => return refuse(411),
-            };
-            let mut admin = Box::new(AdminRequest {
-                method: req.method.to_string(),
-                path: path.to_string(),
-                query: query.to_string(),
-                content_type: header(req.headers, "content-type")
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default(),
-                body: Vec::with_capacity(need),
-            });
             let rest = inbuf.data().get(req.head_len..).unwrap_or_default();
-            admin
-                .body
-                .extend_from_slice(rest.get(..need.min(rest.len())).unwrap_or_default());
-            inbuf.release();
-            if admin.body.len() >= need {
-                events.push(ControlEvent::Admin(admin));
-                return Ok(State::AwaitingAnswer);
-            }
-            return Ok(State::AdminBody { req: admin, need });
+            return admin_request(&req, path, query, rest, events).or_else(refuse);
         }
         if !req.wants_websocket {
             return refuse(400);
@@ -666,6 +675,40 @@ impl ControlConn {
 
 fn would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// An admin API request (any path but `/register`; `rest`: what came after its head):
+/// whole, or waiting for its body. `Err(status)` for a body the API does not take.
+fn admin_request(
+    req: &head::Request<'_, '_>,
+    path: &str,
+    query: &str,
+    rest: &[u8],
+    events: &mut Vec<ControlEvent>,
+) -> Result<State, u16> {
+    let need = match req.body {
+        crate::http::body::BodyKind::Empty => 0,
+        crate::http::body::BodyKind::Length(n) if n <= MAX_ADMIN_BODY as u64 => n as usize,
+        crate::http::body::BodyKind::Length(_) => return Err(413),
+        _ => return Err(411),
+    };
+    let mut admin = Box::new(AdminRequest {
+        method: req.method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        content_type: header(req.headers, "content-type")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default(),
+        body: Vec::with_capacity(need),
+    });
+    admin
+        .body
+        .extend_from_slice(rest.get(..need.min(rest.len())).unwrap_or_default());
+    if admin.body.len() >= need {
+        events.push(ControlEvent::Admin(admin));
+        return Ok(State::AwaitingAnswer);
+    }
+    Ok(State::AdminBody { req: admin, need })
 }
 
 impl crate::slots::Slotted for ControlConn {
