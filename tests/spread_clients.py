@@ -30,6 +30,8 @@ class Client:
         self.now = None
         self.closes = []
         self.errors = []
+        # Between a 1012 and the answer to the new connection's whoami.
+        self.reconnecting = False
 
 
 async def open_one(url):
@@ -58,15 +60,18 @@ async def run_client(url, client, gate, reconnect, opened):
         client.now = None
         if not (reconnect and code == 1012):
             return
+        client.reconnecting = True
         for _ in range(RECONNECT_TRIES):
             try:
                 ws, name = await open_one(url)
                 client.now = name
+                client.reconnecting = False
                 break
             except Exception as e:  # noqa: BLE001
                 client.errors.append(f"reconnect: {e!r}")
                 await asyncio.sleep(0.1)
         else:
+            client.reconnecting = False
             return
 
 
@@ -100,6 +105,11 @@ async def main():
     stdin_line = loop.run_in_executor(None, sys.stdin.readline)
     all_done = asyncio.gather(*tasks)
     await asyncio.wait([stdin_line, all_done], return_when=asyncio.FIRST_COMPLETED)
+    # A reconnect the balancer already counts may not have had its whoami answered yet
+    # (on a loaded machine): let those finish, for at most 5 s, so the report is settled.
+    settle = time.monotonic() + 5
+    while any(c.reconnecting for c in clients) and time.monotonic() < settle:
+        await asyncio.sleep(0.02)
     report(clients)
     sys.stdout.flush()
     # Open sockets and the stdin reader thread are left to process exit.
