@@ -80,6 +80,25 @@ pub fn validate(cfg: &AgentConfig) -> Result<(), AgentError> {
     prepare(cfg).map(|_| ())
 }
 
+/// The registration as sent, checked with the balancer's own decoder, which is the final
+/// word: never send what it would refuse.
+fn encode_checked(msg: &BackendMsg) -> Result<String, AgentError> {
+    let register = protocol::encode(msg);
+    match protocol::decode(&register) {
+        Ok(BackendMsg::Register(_)) => Ok(register),
+        Ok(_) => Err(AgentError::Registration(
+            "register encodes as another message",
+        )),
+        Err(protocol::ControlError::BadField(why)) => Err(AgentError::Registration(why)),
+        Err(protocol::ControlError::TooLarge) => {
+            Err(AgentError::Registration("registration larger than 64 KiB"))
+        }
+        Err(_) => Err(AgentError::Registration(
+            "registration refused by the codec",
+        )),
+    }
+}
+
 pub(super) fn prepare(cfg: &AgentConfig) -> Result<Prepared, AgentError> {
     if cfg.balancers.is_empty() {
         return Err(AgentError::NoBalancer);
@@ -138,25 +157,7 @@ pub(super) fn prepare(cfg: &AgentConfig) -> Result<Prepared, AgentError> {
         tags: cfg.tags.clone(),
         proxy_protocol: cfg.proxy_protocol,
     });
-    let register = protocol::encode(&msg);
-    // The balancer's own decoder is the final word: never send what it would refuse.
-    match protocol::decode(&register) {
-        Ok(BackendMsg::Register(_)) => {}
-        Ok(_) => {
-            return Err(AgentError::Registration(
-                "register encodes as another message",
-            ))
-        }
-        Err(protocol::ControlError::BadField(why)) => return Err(AgentError::Registration(why)),
-        Err(protocol::ControlError::TooLarge) => {
-            return Err(AgentError::Registration("registration larger than 64 KiB"))
-        }
-        Err(_) => {
-            return Err(AgentError::Registration(
-                "registration refused by the codec",
-            ))
-        }
-    }
+    let register = encode_checked(&msg)?;
     let tls = if targets.iter().any(|t| t.tls) {
         let cfg = crate::net::tls::client_config(cfg.balancer_ca.as_deref(), false)
             .map_err(|e| AgentError::Tls(e.to_string()))?;

@@ -216,6 +216,25 @@ fn respond(status: u16, body: &str) -> Vec<u8> {
 }
 
 /// The request a path, query and body ask for (pure: unit-tested below).
+/// The body as a message: binary for `application/octet-stream`, else UTF-8 text.
+fn body_payload(content_type: &[u8], body: &[u8]) -> Result<Payload, (u16, &'static str)> {
+    if content_type
+        .get(..24)
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"application/octet-stream"))
+    {
+        Ok(Payload::Binary(body.to_vec()))
+    } else {
+        String::from_utf8(body.to_vec())
+            .map(Payload::Text)
+            .map_err(|_| {
+                (
+                    400,
+                    "a text message must be UTF-8 (or send application/octet-stream)",
+                )
+            })
+    }
+}
+
 fn op_for(target: &str, content_type: &[u8], body: &[u8]) -> Result<Op, (u16, &'static str)> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let param = |name: &str| {
@@ -231,23 +250,7 @@ fn op_for(target: &str, content_type: &[u8], body: &[u8]) -> Result<Op, (u16, &'
             "client ids are INSTANCE.N, as in the X-Wslb-Client header",
         ))
     };
-    let payload = || -> Result<Payload, (u16, &'static str)> {
-        if content_type
-            .get(..24)
-            .is_some_and(|t| t.eq_ignore_ascii_case(b"application/octet-stream"))
-        {
-            Ok(Payload::Binary(body.to_vec()))
-        } else {
-            String::from_utf8(body.to_vec())
-                .map(Payload::Text)
-                .map_err(|_| {
-                    (
-                        400,
-                        "a text message must be UTF-8 (or send application/octet-stream)",
-                    )
-                })
-        }
-    };
+    let payload = || body_payload(content_type, body);
     match path {
         "/broadcast" => {
             let filter = match (param("backend"), param("tag")) {

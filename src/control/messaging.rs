@@ -386,97 +386,105 @@ fn request(
             MsgError::BadField("id must be a non-negative integer"),
         ))?),
     };
-    let failed = |e| Refusal::Failed(id, e);
-    let need_payload = |p: Option<Payload>| match p {
-        None => Err(failed(MsgError::BadField(
-            "text missing (or send a binary frame)",
-        ))),
-        Some(p) if p.len() > max_payload => Err(failed(MsgError::TooLarge(max_payload))),
-        Some(p) => Ok(p),
-    };
     let op = match obj.get("type").and_then(Value::as_str) {
-        Some("broadcast") => {
-            let filter = match (obj.get("backend"), obj.get("tag")) {
-                (Some(_), Some(_)) => {
-                    return Err(failed(MsgError::BadField(
-                        "backend and tag exclude each other",
-                    )))
-                }
-                (Some(b), None) => Filter::Backend(
-                    b.as_str()
-                        .filter(|g| protocol::valid_guid(g))
-                        .ok_or(failed(MsgError::BadField("backend must be a guid")))?
-                        .to_string(),
-                ),
-                (None, Some(t)) => match t.as_str().and_then(|t| t.split_once('=')) {
-                    Some((k, v)) if !k.is_empty() => Filter::Tag(k.to_string(), v.to_string()),
-                    _ => return Err(failed(MsgError::BadField("tag must be KEY=VALUE"))),
-                },
-                (None, None) => Filter::All,
-            };
-            let except = match obj.get("except") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(client_field(obj, "except").map_err(failed)?),
-            };
-            Op::Broadcast {
-                payload: need_payload(payload)?,
-                filter,
-                except,
-            }
-        }
-        Some("send") => {
-            let to = match obj.get("to") {
-                Some(Value::String(_)) => vec![client_field(obj, "to").map_err(failed)?],
-                Some(Value::Array(list)) if (1..=MAX_RECIPIENTS).contains(&list.len()) => list
-                    .iter()
-                    .map(|v| v.as_str().and_then(ClientRef::parse))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or(failed(MsgError::BadField(
-                        "to must list client ids INSTANCE.N",
-                    )))?,
-                _ => {
-                    return Err(failed(MsgError::BadField(
-                        "to must be a client id or a list of 1-1024",
-                    )))
-                }
-            };
-            Op::Send {
-                to,
-                payload: need_payload(payload)?,
-            }
-        }
-        Some("close") => {
-            let client = client_field(obj, "client").map_err(failed)?;
-            let code = match obj.get("code") {
-                None | Some(Value::Null) => 1000,
-                Some(v) => v
-                    .as_u64()
-                    .and_then(|c| u16::try_from(c).ok())
-                    .filter(|c| valid_close_code(*c))
-                    .ok_or(failed(MsgError::BadField(
-                        "code must be 1000-1003, 1007-1014 or 3000-4999",
-                    )))?,
-            };
-            let reason = match obj.get("reason") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(r)) if r.len() <= MAX_REASON => r.clone(),
-                Some(_) => {
-                    return Err(failed(MsgError::BadField(
-                        "reason must be a string of at most 123 bytes",
-                    )))
-                }
-            };
-            Op::Close {
-                client,
-                code,
-                reason,
-            }
-        }
-        _ => Op::Ping {
-            client: client_field(obj, "client").map_err(failed)?,
-        },
+        Some("broadcast") => broadcast_op(obj, payload, max_payload),
+        Some("send") => send_op(obj, payload, max_payload),
+        Some("close") => close_op(obj),
+        _ => client_field(obj, "client").map(|client| Op::Ping { client }),
     };
-    Ok(Request { id, op })
+    op.map(|op| Request { id, op })
+        .map_err(|e| Refusal::Failed(id, e))
+}
+
+/// The message a `broadcast` or `send` carries: text in the JSON, or the binary frame's.
+fn need_payload(p: Option<Payload>, max_payload: usize) -> Result<Payload, MsgError> {
+    match p {
+        None => Err(MsgError::BadField("text missing (or send a binary frame)")),
+        Some(p) if p.len() > max_payload => Err(MsgError::TooLarge(max_payload)),
+        Some(p) => Ok(p),
+    }
+}
+
+fn broadcast_op(
+    obj: &Map<String, Value>,
+    payload: Option<Payload>,
+    max_payload: usize,
+) -> Result<Op, MsgError> {
+    let filter = match (obj.get("backend"), obj.get("tag")) {
+        (Some(_), Some(_)) => return Err(MsgError::BadField("backend and tag exclude each other")),
+        (Some(b), None) => Filter::Backend(
+            b.as_str()
+                .filter(|g| protocol::valid_guid(g))
+                .ok_or(MsgError::BadField("backend must be a guid"))?
+                .to_string(),
+        ),
+        (None, Some(t)) => match t.as_str().and_then(|t| t.split_once('=')) {
+            Some((k, v)) if !k.is_empty() => Filter::Tag(k.to_string(), v.to_string()),
+            _ => return Err(MsgError::BadField("tag must be KEY=VALUE")),
+        },
+        (None, None) => Filter::All,
+    };
+    let except = match obj.get("except") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(client_field(obj, "except")?),
+    };
+    Ok(Op::Broadcast {
+        payload: need_payload(payload, max_payload)?,
+        filter,
+        except,
+    })
+}
+
+fn send_op(
+    obj: &Map<String, Value>,
+    payload: Option<Payload>,
+    max_payload: usize,
+) -> Result<Op, MsgError> {
+    let to = match obj.get("to") {
+        Some(Value::String(_)) => vec![client_field(obj, "to")?],
+        Some(Value::Array(list)) if (1..=MAX_RECIPIENTS).contains(&list.len()) => list
+            .iter()
+            .map(|v| v.as_str().and_then(ClientRef::parse))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(MsgError::BadField("to must list client ids INSTANCE.N"))?,
+        _ => {
+            return Err(MsgError::BadField(
+                "to must be a client id or a list of 1-1024",
+            ))
+        }
+    };
+    Ok(Op::Send {
+        to,
+        payload: need_payload(payload, max_payload)?,
+    })
+}
+
+fn close_op(obj: &Map<String, Value>) -> Result<Op, MsgError> {
+    let client = client_field(obj, "client")?;
+    let code = match obj.get("code") {
+        None | Some(Value::Null) => 1000,
+        Some(v) => v
+            .as_u64()
+            .and_then(|c| u16::try_from(c).ok())
+            .filter(|c| valid_close_code(*c))
+            .ok_or(MsgError::BadField(
+                "code must be 1000-1003, 1007-1014 or 3000-4999",
+            ))?,
+    };
+    let reason = match obj.get("reason") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(r)) if r.len() <= MAX_REASON => r.clone(),
+        Some(_) => {
+            return Err(MsgError::BadField(
+                "reason must be a string of at most 123 bytes",
+            ))
+        }
+    };
+    Ok(Op::Close {
+        client,
+        code,
+        reason,
+    })
 }
 
 /// `sent`: the request reached `count` clients (queued for each, in order).

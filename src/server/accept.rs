@@ -1,7 +1,6 @@
 //! Accepting client connections: limits, TLS wrapping, self-dial refusal, certificate reload.
 
 use super::*;
-use crate::proxy::token_for;
 
 impl Server {
     pub(super) fn accept_all(&mut self) {

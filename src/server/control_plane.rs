@@ -132,78 +132,7 @@ impl Server {
             }
             ControlEvent::Register(reg) => {
                 let identity = c.identity.clone();
-                if let Some(e) = self.registration_refusal(key, gen, &reg, peer, identity) {
-                    let rule = match &e {
-                        ControlError::BindingRefused { rule, .. } => rule.rule(),
-                        other => other.code(),
-                    };
-                    log::error(
-                        "registration refused",
-                        &[
-                            ("peer", &peer),
-                            ("guid", &reg.guid),
-                            ("rule", &rule),
-                            ("error", &e),
-                        ],
-                    );
-                    *self.stats.registrations_refused.entry(rule).or_insert(0) += 1;
-                    self.events.emit(Event::RegistrationRefused {
-                        guid: &reg.guid,
-                        peer,
-                        rule,
-                    });
-                    if let Some(c) = self.controls.get_mut(key) {
-                        c.refuse(&e);
-                    }
-                    return;
-                }
-                let Some(c) = self.controls.get_mut(key) else {
-                    return;
-                };
-                if c.guid.as_deref().is_some_and(|g| g != reg.guid) {
-                    // Same connection, new identity: the old entry is gone.
-                    if let Some(id) = owned {
-                        self.backends.set_state(id, BackendState::Gone);
-                    }
-                }
-                let (id, fresh, previous) = self.backends.register(&reg, (key, gen));
-                let hb = u64::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
-                if let Some(c) = self.controls.get_mut(key) {
-                    c.guid = Some(reg.guid.clone());
-                    c.send_text(control_protocol::registered(&reg.guid, hb));
-                }
-                let bindings = reg.bindings.join(",");
-                self.stats.server_ready += 1;
-                self.events.emit(Event::ServerReady {
-                    guid: &reg.guid,
-                    peer,
-                    bindings: &reg.bindings,
-                    backend: id,
-                    updated: !fresh,
-                });
-                if let Some(h) = &mut self.hooks {
-                    h.on_server_ready(&reg.guid);
-                }
-                log::info(
-                    if fresh {
-                        "server ready"
-                    } else {
-                        "server ready (updated)"
-                    },
-                    &[
-                        ("guid", &reg.guid),
-                        ("bindings", &bindings),
-                        ("weight", &reg.weight),
-                        ("backend", &id),
-                    ],
-                );
-                self.check_takeover(Instant::now());
-                if let Some((old_key, old_gen)) = previous {
-                    if let Some(old) = self.controls.live_gen(old_key, old_gen) {
-                        old.refuse(&ControlError::Replaced);
-                        self.controls.finish(old_key);
-                    }
-                }
+                self.register_backend(key, gen, owned, *reg, peer, identity);
             }
             ControlEvent::Drain => match owned {
                 Some(id) => {
@@ -236,6 +165,103 @@ impl Server {
                 None => c.refuse(&ControlError::NotRegistered),
             },
         }
+    }
+
+    /// A `register` message: refused (a security rule, with its reason counted), or the
+    /// backend is added or updated and its previous control connection, if another one,
+    /// is replaced.
+    fn register_backend(
+        &mut self,
+        key: usize,
+        gen: u64,
+        owned: Option<usize>,
+        reg: control_protocol::Registration,
+        peer: SocketAddr,
+        identity: Option<Identity>,
+    ) {
+        if let Some(e) = self.registration_refusal(key, gen, &reg, peer, identity) {
+            let rule = match &e {
+                ControlError::BindingRefused { rule, .. } => rule.rule(),
+                other => other.code(),
+            };
+            log::error(
+                "registration refused",
+                &[
+                    ("peer", &peer),
+                    ("guid", &reg.guid),
+                    ("rule", &rule),
+                    ("error", &e),
+                ],
+            );
+            *self.stats.registrations_refused.entry(rule).or_insert(0) += 1;
+            self.events.emit(Event::RegistrationRefused {
+                guid: &reg.guid,
+                peer,
+                rule,
+            });
+            if let Some(c) = self.controls.get_mut(key) {
+                c.refuse(&e);
+            }
+            return;
+        }
+        let Some(c) = self.controls.get_mut(key) else {
+            return;
+        };
+        if c.guid.as_deref().is_some_and(|g| g != reg.guid) {
+            // Same connection, new identity: the old entry is gone.
+            if let Some(id) = owned {
+                self.backends.set_state(id, BackendState::Gone);
+            }
+        }
+        let (id, fresh, previous) = self.backends.register(&reg, (key, gen));
+        let hb = u64::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
+        if let Some(c) = self.controls.get_mut(key) {
+            c.guid = Some(reg.guid.clone());
+            c.send_text(control_protocol::registered(&reg.guid, hb));
+        }
+        self.announce_ready(&reg, peer, id, fresh);
+        self.check_takeover(Instant::now());
+        if let Some((old_key, old_gen)) = previous {
+            if let Some(old) = self.controls.live_gen(old_key, old_gen) {
+                old.refuse(&ControlError::Replaced);
+                self.controls.finish(old_key);
+            }
+        }
+    }
+
+    /// "server ready": counted, logged, and told to events and hooks.
+    fn announce_ready(
+        &mut self,
+        reg: &control_protocol::Registration,
+        peer: SocketAddr,
+        id: usize,
+        fresh: bool,
+    ) {
+        self.stats.server_ready += 1;
+        self.events.emit(Event::ServerReady {
+            guid: &reg.guid,
+            peer,
+            bindings: &reg.bindings,
+            backend: id,
+            updated: !fresh,
+        });
+        if let Some(h) = &mut self.hooks {
+            h.on_server_ready(&reg.guid);
+        }
+        let bindings = reg.bindings.join(",");
+        log::info(
+            if fresh {
+                "server ready"
+            } else {
+                "server ready (updated)"
+            },
+            &[
+                ("guid", &reg.guid),
+                ("bindings", &bindings),
+                ("weight", &reg.weight),
+                ("backend", &id),
+            ],
+        );
     }
 
     /// Why `reg` from control connection `(key, gen)` at `peer` may not be applied, if so.

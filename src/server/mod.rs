@@ -31,7 +31,9 @@ use crate::net::transport::{TlsStream, Transport};
 use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::{self, BackendSample, Stats};
-use crate::proxy::{key_of, Conn, Ctx, Drive, OpenTunnel, RepeatedLogs, Side, CLOSE_GOING_AWAY};
+use crate::proxy::{
+    key_of, token_for, Conn, Ctx, Drive, OpenTunnel, RepeatedLogs, Side, CLOSE_GOING_AWAY,
+};
 use crate::slots::{Slots, CLIENT_TOKENS, CONTROL_TOKENS, RESERVED_TOKENS};
 use crate::timer::{TimerKey, TimerKind, Timers};
 use serde_json::json;
@@ -280,50 +282,11 @@ impl Server {
         Ok(())
     }
 
+    /// One readiness event, by the token block it falls in.
     fn dispatch(&mut self, ev: &mio::event::Event) {
         match ev.token() {
-            WAKER => {
-                while let Ok(cmd) = self.commands.1.try_recv() {
-                    match cmd {
-                        Command::Send(to, msg, reply) => {
-                            let _ = reply.send(Ok(self.send_to(&to, &msg)));
-                        }
-                        Command::Drain(name, reply) => {
-                            let _ = reply.send(self.drain_named(&name));
-                        }
-                    }
-                }
-                if self.stop.load(Ordering::SeqCst) {
-                    self.begin_drain();
-                }
-            }
-            SIGNALS => {
-                let mut stop = false;
-                let mut reload = false;
-                let mut upgrade = false;
-                if let Some(s) = &mut self.signals {
-                    for sig in s.pending() {
-                        stop |= sig == SIGTERM || sig == SIGINT;
-                        reload |= sig == SIGHUP;
-                        upgrade |= sig == SIGUSR2;
-                    }
-                }
-                if upgrade {
-                    self.start_upgrade();
-                }
-                if reload {
-                    self.reload_tls();
-                    self.reload_token_file();
-                    self.reload_backends_file();
-                }
-                if stop {
-                    if self.draining {
-                        log::info("second signal: exiting now", &[]);
-                        self.finished = true;
-                    }
-                    self.begin_drain();
-                }
-            }
+            WAKER => self.run_commands(),
+            SIGNALS => self.on_signals(),
             CONTROL_LISTENER => self.accept_controls(),
             upgrade::UPGRADE_LISTENER => self.accept_upgrade(),
             upgrade::UPGRADE_STREAM => self.hear_upgrade(),
@@ -333,42 +296,86 @@ impl Server {
             token => {
                 if let Some((key, _)) = self.awaiting_header.slots.tokens.key_of(token) {
                     self.read_proxy_header(key, ev.is_read_closed());
-                    return;
-                }
-                if let Some((key, _)) = self.controls.tokens.key_of(token) {
+                } else if let Some((key, _)) = self.controls.tokens.key_of(token) {
                     if let Some(c) = self.controls.live(key) {
                         c.absorb(ev);
                         self.drive_control(key);
                     }
-                    return;
+                } else if let Some((key, side)) = key_of(token) {
+                    self.client_event(key, side, ev);
                 }
-                let Some((key, side)) = key_of(token) else {
-                    return;
-                };
-                let conn = self.conns.live(key);
-                // Idle pooled backend connections stay registered under their last owner's
-                // token, so an event there may be a backend closing one of them: without a
-                // leg it cannot be anything else, and with one a hang-up may still be theirs.
-                if side == Side::Backend
-                    && (conn.as_ref().is_none_or(|c| c.backend_id().is_none())
-                        || ev.is_read_closed()
-                        || ev.is_error())
-                {
-                    let evicted = self.backends.evict_closed_pooled(token);
-                    self.stats.pool_evicted += evicted as u64;
-                }
-                // Sporadic events for connections that just went away are normal.
-                let Some(conn) = self.conns.live(key) else {
-                    return;
-                };
-                conn.absorb(side, ev);
-                if !conn.marks.flush_queued && self.to_flush.len() < MAX_DEFERRED {
-                    conn.marks.flush_queued = true;
-                    self.to_flush.push(key);
-                }
-                self.with_conn(key, |c, ctx| c.drive(ctx));
             }
         }
+    }
+
+    /// Work handed over by `ServerHandle`s on other threads.
+    fn run_commands(&mut self) {
+        while let Ok(cmd) = self.commands.1.try_recv() {
+            match cmd {
+                Command::Send(to, msg, reply) => {
+                    let _ = reply.send(Ok(self.send_to(&to, &msg)));
+                }
+                Command::Drain(name, reply) => {
+                    let _ = reply.send(self.drain_named(&name));
+                }
+            }
+        }
+        if self.stop.load(Ordering::SeqCst) {
+            self.begin_drain();
+        }
+    }
+
+    /// SIGTERM/SIGINT drain (a second one exits), SIGHUP reloads, SIGUSR2 upgrades.
+    fn on_signals(&mut self) {
+        let (mut stop, mut reload, mut upgrade) = (false, false, false);
+        if let Some(s) = &mut self.signals {
+            for sig in s.pending() {
+                stop |= sig == SIGTERM || sig == SIGINT;
+                reload |= sig == SIGHUP;
+                upgrade |= sig == SIGUSR2;
+            }
+        }
+        if upgrade {
+            self.start_upgrade();
+        }
+        if reload {
+            self.reload_tls();
+            self.reload_token_file();
+            self.reload_backends_file();
+        }
+        if stop {
+            if self.draining {
+                log::info("second signal: exiting now", &[]);
+                self.finished = true;
+            }
+            self.begin_drain();
+        }
+    }
+
+    /// Readiness on a client connection's client or backend socket.
+    fn client_event(&mut self, key: usize, side: Side, ev: &mio::event::Event) {
+        let conn = self.conns.live(key);
+        // Idle pooled backend connections stay registered under their last owner's token,
+        // so an event there may be a backend closing one of them: without a leg it cannot
+        // be anything else, and with one a hang-up may still be theirs.
+        if side == Side::Backend
+            && (conn.as_ref().is_none_or(|c| c.backend_id().is_none())
+                || ev.is_read_closed()
+                || ev.is_error())
+        {
+            let evicted = self.backends.evict_closed_pooled(token_for(key, side));
+            self.stats.pool_evicted += evicted as u64;
+        }
+        // Sporadic events for connections that just went away are normal.
+        let Some(conn) = self.conns.live(key) else {
+            return;
+        };
+        conn.absorb(side, ev);
+        if !conn.marks.flush_queued && self.to_flush.len() < MAX_DEFERRED {
+            conn.marks.flush_queued = true;
+            self.to_flush.push(key);
+        }
+        self.with_conn(key, |c, ctx| c.drive(ctx));
     }
 
     /// Lends a connection the loop's shared state, then acts on its answer.

@@ -193,28 +193,12 @@ impl Server {
         static_backends_avoid(&backends_file, &own_addrs)?;
         let control_auth = ControlAuth::new(cfg.token.as_deref(), token_file.as_deref())
             .map_err(|_| io::Error::other("no system randomness for the token MAC key"))?;
-        let events = EventSink::open(cfg.events.as_deref()).map_err(|e| {
-            Error::Tls(crate::net::tls::TlsError::File {
-                path: cfg.events.clone().unwrap_or_default().into(),
-                why: format!("cannot open --events file: {e}"),
-            })
-        })?;
+        let events = open_events(&cfg)?;
         let signer = cookie_signer(&cfg)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let mut backends = Registry::from_specs(&cfg.backends);
-        for spec in &backends_file {
-            if backends.add_static(spec, Source::File).is_none() {
-                log::warn(
-                    "--backends-file lists a -B backend again; the flag's wins",
-                    &[("backend", &spec.url)],
-                );
-            }
-        }
-        if backends.len() == 0 {
-            say_where_backends_come_from(&cfg);
-        }
+        let mut backends = static_backends(&cfg, &backends_file);
         // Every descriptor of the process's own is open by now: what is left is for clients.
         let fds = size_connections(&mut cfg);
         let mut rng = SmallRng::from_os_rng();
@@ -267,6 +251,33 @@ impl Server {
             rebalancing: false,
         })
     }
+}
+
+/// `--events FILE` (or `-`), opened before anything else can fail halfway.
+fn open_events(cfg: &Config) -> Result<EventSink, Error> {
+    EventSink::open(cfg.events.as_deref()).map_err(|e| {
+        Error::Tls(crate::net::tls::TlsError::File {
+            path: cfg.events.clone().unwrap_or_default().into(),
+            why: format!("cannot open --events file: {e}"),
+        })
+    })
+}
+
+/// The `-B` backends, then those of `--backends-file` (a URL in both keeps the flag's).
+fn static_backends(cfg: &Config, from_file: &[crate::config::BackendSpec]) -> Registry {
+    let mut backends = Registry::from_specs(&cfg.backends);
+    for spec in from_file {
+        if backends.add_static(spec, Source::File).is_none() {
+            log::warn(
+                "--backends-file lists a -B backend again; the flag's wins",
+                &[("backend", &spec.url)],
+            );
+        }
+    }
+    if backends.len() == 0 {
+        say_where_backends_come_from(cfg);
+    }
+    backends
 }
 
 /// Binds the proxy listeners (plain, then TLS) with consecutive tokens, or takes them
