@@ -40,6 +40,41 @@ fn one_request(addr: SocketAddr) -> Result<u16, std::io::Error> {
         .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))
 }
 
+/// Keep-alive requests on one connection at a time, a new one when an answer says
+/// `Connection: close` (as the old process's answers do once it drains): the race between
+/// a request on its way and an idle connection closing would show here as a failure.
+fn keep_alive_load(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    counts: Arc<Load>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut conn: Option<HttpClient> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let c = conn.get_or_insert_with(|| HttpClient::connect(addr));
+            c.send(b"GET /keep-alive HTTP/1.1\r\nHost: t\r\n\r\n");
+            match c.read_response() {
+                Ok(r) if (200..300).contains(&r.status) => {
+                    counts.ok.fetch_add(1, Ordering::Relaxed);
+                    if r.header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    {
+                        conn = None;
+                    }
+                }
+                Ok(_) => {
+                    counts.non_2xx.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                }
+                Err(_) => {
+                    counts.failed.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                }
+            }
+        }
+    })
+}
+
 fn load(addr: SocketAddr, stop: Arc<AtomicBool>, counts: Arc<Load>) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
@@ -122,9 +157,10 @@ fn sigusr2_hands_the_listeners_over_without_refusing_anyone() {
     // HTTP load on fresh connections through the whole upgrade.
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Load::default());
-    let loaders: Vec<_> = (0..3)
+    let mut loaders: Vec<_> = (0..3)
         .map(|_| load(addr, Arc::clone(&stop), Arc::clone(&counts)))
         .collect();
+    loaders.extend((0..2).map(|_| keep_alive_load(addr, Arc::clone(&stop), Arc::clone(&counts))));
     thread::sleep(Duration::from_millis(300));
 
     let ok = Command::new("kill")

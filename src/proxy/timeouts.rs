@@ -152,10 +152,12 @@ impl Conn {
         self.drive(ctx)
     }
 
-    /// SIGTERM: stop keeping this connection alive; idle ones close now.
-    pub fn begin_drain(&mut self, ctx: &mut Ctx<'_>) -> Drive {
+    /// SIGTERM: stop keeping this connection alive; idle ones close now, unless
+    /// `keep_idle` (their next answer then says `Connection: close`; the drain timeout
+    /// closes those that send nothing).
+    pub fn begin_drain(&mut self, ctx: &mut Ctx<'_>, keep_idle: bool) -> Drive {
         match &mut self.phase {
-            Phase::Head { .. } if self.from_client.is_empty() => return Drive::Done,
+            Phase::Head { .. } if self.from_client.is_empty() && !keep_idle => return Drive::Done,
             Phase::Exchange(ex) => ex.close_after = true,
             _ => {}
         }

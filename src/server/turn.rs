@@ -116,7 +116,22 @@ impl Server {
         }
     }
 
+    /// SIGTERM: stop accepting, close idle connections, finish exchanges, spread the
+    /// WebSocket closes over the drain window.
     pub(super) fn begin_drain(&mut self) {
+        self.drain_with(false);
+    }
+
+    /// A binary upgrade handed the listeners over: as a SIGTERM drain, except that idle
+    /// keep-alive connections stay until their next request (answered with `Connection:
+    /// close`, so the client reconnects, to the new process) or the end of the window.
+    /// Closing them at once would race with requests already on their way: wrk measured
+    /// 19 read errors in 139,723 requests through an upgrade that did.
+    pub(super) fn begin_handover_drain(&mut self) {
+        self.drain_with(true);
+    }
+
+    fn drain_with(&mut self, keep_idle: bool) {
         if self.draining {
             return;
         }
@@ -153,7 +168,7 @@ impl Server {
         );
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.with_conn(key, |c, ctx| c.begin_drain(ctx));
+            self.with_conn(key, |c, ctx| c.begin_drain(ctx, keep_idle));
         }
         self.spread_shutdown_closes();
     }

@@ -377,7 +377,7 @@ impl Server {
                 b"ready\n" => {
                     log::info("upgrade: the new process accepts; draining this one", &[]);
                     self.end_upgrade();
-                    self.begin_drain();
+                    self.begin_handover_drain();
                     return;
                 }
                 _ => {}
