@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
-use wslb::config::{parse_args, parse_backend_url, parse_duration, parse_size, Command};
+use wslb::config::{
+    parse_args, parse_backend_url, parse_backends_file, parse_duration, parse_size, Command,
+};
 use wslb::http::body::{BodyError, BodyKind, BodyReader, MAX_SIZE_LINE};
 use wslb::http::head::{
     downgrade_minor_version, header_storage, parse_request, parse_response, HeadError, Request,
@@ -1492,6 +1494,45 @@ fn settings(c: &wslb::Config) -> String {
 
 /// Flag-value target: the input (as UTF-8, lossily) is given to each value parser whole;
 /// split on NUL it is a command line for `parse_args`.
+/// Every backend host in `text` is an IP literal (parsing resolves names: a fuzzer must not
+/// ask DNS).
+fn only_ip_hosts(text: &str) -> bool {
+    text.split("://").skip(1).all(|rest| {
+        let authority = rest.split(['/', ',', '\n', '#']).next().unwrap_or_default();
+        let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+        host.starts_with('[') || host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    })
+}
+
+/// `--backends-file`: what parses holds no URL twice and no more backends than lines; a
+/// refusal names a line that exists; comments and blank lines change nothing.
+fn backends_file(s: &str) {
+    if !only_ip_hosts(s) {
+        return;
+    }
+    let lines = s.lines().count();
+    match parse_backends_file(s) {
+        Ok(specs) => {
+            assert!(specs.len() <= lines, "{s:?}");
+            for (i, a) in specs.iter().enumerate() {
+                assert!(specs.iter().skip(i + 1).all(|b| b.url != a.url), "{s:?}");
+                assert!((1..=1000).contains(&a.weight));
+            }
+            let commented = format!("# header\n\n{}\n  # trailer", s.replace('\n', "\n\n"));
+            let again = parse_backends_file(&commented).unwrap_or_else(|e| panic!("{e}: {s:?}"));
+            assert_eq!(again.len(), specs.len());
+        }
+        Err(e) => {
+            let n: usize = e
+                .strip_prefix("line ")
+                .and_then(|r| r.split(':').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("refusal without a line: {e}"));
+            assert!((1..=lines).contains(&n), "{e} of {lines} lines");
+        }
+    }
+}
+
 pub fn config_values(data: &[u8]) {
     let s = String::from_utf8_lossy(data);
     let s = s.as_ref();
@@ -1537,6 +1578,8 @@ pub fn config_values(data: &[u8]) {
             assert_eq!(parse_backend_url(&url), Ok(auth));
         }
     }
+
+    backends_file(s);
 
     // Command lines: a refused value names the flag it was given with; a successful parse
     // prints back to flags that parse to the same values.
