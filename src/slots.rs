@@ -83,6 +83,24 @@ pub trait Slotted {
     fn marks_mut(&mut self) -> &mut Marks;
 }
 
+/// Implements [`Slotted`] for a type with `gen: u64` and `marks: Marks` fields.
+macro_rules! slotted {
+    ($t:ty) => {
+        impl $crate::slots::Slotted for $t {
+            fn generation(&self) -> u64 {
+                self.gen
+            }
+            fn marks(&self) -> &$crate::slots::Marks {
+                &self.marks
+            }
+            fn marks_mut(&mut self) -> &mut $crate::slots::Marks {
+                &mut self.marks
+            }
+        }
+    };
+}
+pub(crate) use slotted;
+
 /// One kind of connection in a slab, with its token block, its timer kind and its reap
 /// list: how the loop finds, times and removes every kind of connection, written once.
 #[derive(Debug)]
@@ -212,17 +230,7 @@ mod tests {
         marks: Marks,
     }
 
-    impl Slotted for Fake {
-        fn generation(&self) -> u64 {
-            self.gen
-        }
-        fn marks(&self) -> &Marks {
-            &self.marks
-        }
-        fn marks_mut(&mut self) -> &mut Marks {
-            &mut self.marks
-        }
-    }
+    slotted!(Fake);
 
     #[test]
     fn token_blocks_round_trip_and_do_not_overlap() {

@@ -711,14 +711,4 @@ fn admin_request(
     Ok(State::AdminBody { req: admin, need })
 }
 
-impl crate::slots::Slotted for ControlConn {
-    fn generation(&self) -> u64 {
-        self.gen
-    }
-    fn marks(&self) -> &crate::slots::Marks {
-        &self.marks
-    }
-    fn marks_mut(&mut self) -> &mut crate::slots::Marks {
-        &mut self.marks
-    }
-}
+crate::slots::slotted!(ControlConn);

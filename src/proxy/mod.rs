@@ -26,7 +26,7 @@ use crate::net::transport::{TlsStream, Transport};
 use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::Stats;
-use crate::slots::{Slotted, CLIENT_TOKENS};
+use crate::slots::CLIENT_TOKENS;
 use crate::ws::frames::{encode_close_reason, Direction, FrameError, FrameTracker};
 use crate::ws::handshake::{self, WsKey};
 use std::collections::VecDeque;
@@ -97,17 +97,7 @@ pub fn key_of(token: Token) -> Option<(usize, Side)> {
     ))
 }
 
-impl Slotted for Conn {
-    fn generation(&self) -> u64 {
-        self.gen
-    }
-    fn marks(&self) -> &Marks {
-        &self.marks
-    }
-    fn marks_mut(&mut self) -> &mut Marks {
-        &mut self.marks
-    }
-}
+crate::slots::slotted!(Conn);
 
 /// What the loop lends a connection while it runs.
 pub struct Ctx<'a> {

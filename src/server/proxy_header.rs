@@ -15,7 +15,7 @@ use std::io::{self, Read};
 use super::*;
 use crate::net::proxy_protocol::{self, PpError, Status};
 
-use crate::slots::{Marks, Slots, Slotted, HEADER_TOKENS};
+use crate::slots::{Marks, Slots, HEADER_TOKENS};
 
 /// Sockets waiting for their header (in their own token block), and the warning about
 /// refusals.
@@ -54,17 +54,7 @@ pub(super) struct Awaiting {
     marks: Marks,
 }
 
-impl Slotted for Awaiting {
-    fn generation(&self) -> u64 {
-        self.gen
-    }
-    fn marks(&self) -> &Marks {
-        &self.marks
-    }
-    fn marks_mut(&mut self) -> &mut Marks {
-        &mut self.marks
-    }
-}
+crate::slots::slotted!(Awaiting);
 
 impl Server {
     /// Refuses peers outside `--trusted-proxy` at once; parks the others until their header
