@@ -4,7 +4,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CI_SECONDS ?= 20
 APT ?= $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: all build run test test-deps test-unit fmt fmt-check clippy fuzz fuzz-ci bench bench-deps bench-smoke clean \
+.PHONY: all build run test test-deps test-unit fmt fmt-check clippy fuzz fuzz-ci bench bench-deps bench-smoke soak clean \
 	autobahn-deps autobahn-quick conformance ws-witness-deps ws-witness
 
 all: build
@@ -64,6 +64,10 @@ bench: build
 
 bench-smoke:
 	bash bench/smoke.sh
+
+# 10 minutes of churn; RSS and descriptors must stay flat (SOAK_SECS to change the length).
+soak: build
+	bash bench/soak.sh
 
 # Autobahn|Testsuite (Python 2.7 from pyenv, installed into target/autobahn) and a Node `ws`
 # witness (ws@8 into target/node). Both compare wslb with what the endpoints do directly.

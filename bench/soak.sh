@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Soak (`make soak`, not part of `make test`): SOAK_SECS (default 600) of churn through one
+# release wslb — WebSockets opening and closing, echo messages both ways, HTTP requests, and
+# a backend whose agent is restarted (deregisters, registers again) every SOAK_REREGISTER
+# seconds (default 60) — while RSS and open descriptors are sampled every 10 s.
+#
+# Prints the samples and, over the samples after SOAK_WARMUP seconds (default 60), the
+# least-squares slope of RSS (KiB/min) and of descriptors (per min). Fails (exit 1) when RSS
+# grows by more than SOAK_MAX_KIB_PER_MIN (default 64) or descriptors by more than 1 per
+# minute after the warm-up, or when wslb logged an error the churn does not explain.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SECS=${SOAK_SECS:-600}
+REREG=${SOAK_REREGISTER:-60}
+WARMUP=${SOAK_WARMUP:-60}
+MAX_SLOPE=${SOAK_MAX_KIB_PER_MIN:-64}
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+EX=$BIN/examples
+for b in "$BIN/wslb" "$EX/loadgen" "$EX/echo_backend"; do
+    [ -x "$b" ] || { echo "soak: $b missing: cargo build --release --bins --examples" >&2; exit 1; }
+done
+# shellcheck source=bench/procs.sh
+source "$ROOT/bench/procs.sh" soak
+
+"$EX/echo_backend" --name s1 --listen 127.0.0.1:0 >"$WORK/s1.out" 2>&1 &
+PIDS+=($!)
+"$EX/echo_backend" --name s2 --listen 127.0.0.1:0 >"$WORK/s2.out" 2>&1 &
+PIDS+=($!)
+S1=$(wait_addr "$WORK/s1.out")
+S2=$(wait_addr "$WORK/s2.out")
+"$BIN/wslb" -l 127.0.0.1:0 --control 127.0.0.1:0 -B "ws://$S1" -B "ws://$S2" \
+    --heartbeat 1s >"$WORK/wslb.log" 2>&1 &
+LB=$!
+PIDS+=($LB)
+ADDR=$(wait_addr "$WORK/wslb.log")
+CONTROL=$(wait_addr "$WORK/wslb.log" "control listening on ")
+
+AGENT=
+start_agent() {
+    local port
+    port=$("$EX/loadgen" free-ports --n 1 | tr -d '[] ')
+    "$BIN/wslb" agent --balancer "ws://$CONTROL/register" --guid soak-agent \
+        --binding "ws://127.0.0.1:$port" --heartbeat 1s -- \
+        "$EX/echo_backend" --name agent --listen "127.0.0.1:$port" >>"$WORK/agent.log" 2>&1 &
+    AGENT=$!
+    PIDS+=($AGENT)
+}
+start_agent
+
+# Churn: each loop runs one short scenario after another until the end.
+END=$(($(date +%s) + SECS))
+churn() {
+    while [ "$(date +%s)" -lt "$END" ]; do
+        "$@" >>"$WORK/load.log" 2>&1 || true
+    done
+}
+churn "$EX/loadgen" ws-hold --target "$ADDR" --n 300 --parallel 50 --echo 1 &
+PIDS+=($!)
+churn "$EX/loadgen" ws-echo --target "$ADDR" --conns 16 --secs 5 &
+PIDS+=($!)
+churn "$EX/loadgen" http --target "$ADDR" --conns 8 --secs 5 &
+PIDS+=($!)
+
+sample() { # seconds-since-start rss-kib fds
+    local rss fds
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$LB/status")
+    fds=$(find "/proc/$LB/fd" -mindepth 1 -maxdepth 1 | wc -l)
+    echo "$1 $rss $fds"
+}
+START=$(date +%s)
+NEXT_REREG=$((START + REREG))
+: >"$WORK/samples"
+echo "soak: ${SECS}s of churn through $ADDR; agent restarted every ${REREG}s" >&2
+while [ "$(date +%s)" -lt "$END" ]; do
+    sleep 10
+    NOW=$(date +%s)
+    [ "$NOW" -lt "$END" ] || break
+    kill -0 "$LB" 2>/dev/null || { echo "soak: wslb exited" >&2; cat "$WORK/wslb.log" >&2; exit 1; }
+    sample $((NOW - START)) | tee -a "$WORK/samples"
+    if [ "$NOW" -ge "$NEXT_REREG" ]; then
+        kill -TERM "$AGENT" 2>/dev/null || true
+        wait "$AGENT" 2>/dev/null || true
+        start_agent
+        NEXT_REREG=$((NOW + REREG))
+    fi
+done
+
+# Least-squares slopes after the warm-up, per minute.
+read -r RSS_SLOPE FD_SLOPE N <<<"$(awk -v w="$WARMUP" '$1 >= w {
+    n++; x += $1; y += $2; z += $3; xx += $1 * $1; xy += $1 * $2; xz += $1 * $3
+} END {
+    d = n * xx - x * x
+    if (n < 3 || d == 0) { print "0 0 " n; exit }
+    printf "%.1f %.2f %d\n", 60 * (n * xy - x * y) / d, 60 * (n * xz - x * z) / d, n
+}' "$WORK/samples")"
+echo "soak: after ${WARMUP}s warm-up, $N samples: RSS slope $RSS_SLOPE KiB/min, descriptors slope $FD_SLOPE /min"
+# Errors the churn explains: the agent's backend going away and coming back.
+UNEXPECTED=$(grep -i 'error' "$WORK/wslb.log" | grep -v -e 'backend connect failed' \
+    -e 'no backend could be reached' -e 'backend closed before answering' \
+    -e 'heartbeats missed' || true)
+STATUS=0
+if awk -v s="$RSS_SLOPE" -v m="$MAX_SLOPE" 'BEGIN { exit !(s > m) }'; then
+    echo "soak: RSS grows faster than $MAX_SLOPE KiB/min" >&2
+    STATUS=1
+fi
+if awk -v s="$FD_SLOPE" 'BEGIN { exit !(s > 1) }'; then
+    echo "soak: descriptors grow" >&2
+    STATUS=1
+fi
+if [ -n "$UNEXPECTED" ]; then
+    echo "soak: unexpected errors:" >&2
+    echo "$UNEXPECTED" | sort | uniq -c | sort -rn | head -20 >&2
+    STATUS=1
+fi
+grep -c '"scenario"' "$WORK/load.log" | sed 's/^/soak: load runs completed: /'
+exit $STATUS
