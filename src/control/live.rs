@@ -24,6 +24,8 @@ pub const MAX_SUBSCRIBERS: usize = 16;
 /// Most bytes queued for one subscriber. A hello (history of every backend) must fit, so
 /// this is sized for ~100 backends; a reader that falls this far behind is dropped.
 pub const MAX_QUEUED: usize = 256 * 1024;
+/// Kernel send buffer of an event stream: a few seconds of frames, no autotuning.
+pub const STREAM_SNDBUF: usize = 64 * 1024;
 /// The page served with the status HTML: a file, so the CSP can stay `script-src 'self'`.
 pub const STATUS_JS: &str = include_str!("status.js");
 /// Where [`STATUS_JS`] is served; public (a static file with no data in it).

@@ -292,6 +292,12 @@ impl ControlConn {
             out = live::StreamOut::default();
             out.push(live::stream_head());
         }
+        if let Some(sock) = self.stream.as_mut().map(Transport::socket_mut) {
+            // A fixed send buffer turns off the kernel's autotuning (up to 4 MB here): a
+            // page that stops reading then holds `live::STREAM_SNDBUF` of kernel memory plus
+            // its bounded queue, and is found out and dropped that much sooner.
+            let _ = socket2::SockRef::from(&*sock).set_send_buffer_size(live::STREAM_SNDBUF);
+        }
         self.last_heard = now;
         self.ready.writable = true;
         self.state = State::Streaming(out);
