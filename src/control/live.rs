@@ -122,7 +122,7 @@ impl Live {
             backends.push(json!({
                 "name": name, "url": r.name, "state": r.state, "down": r.down,
                 "weight": r.weight, "active": r.active, "selected": r.selected,
-                "rate": per_sec, "bindings": r.bindings,
+                "rate": per_sec, "bindings": r.bindings, "heard": r.heard_secs_ago,
             }));
         }
         let snapshot = json!({

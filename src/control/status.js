@@ -24,17 +24,19 @@
     const w = 300, h = 60;
     const svg = el("svg", { width: w, height: h, viewBox: `0 0 ${w} ${h}`, class: "chart" });
     const max = Math.max(1, ...series.flatMap((s) => s.values));
+    // A fresh page fills a minute-wide window, then widens to the full five minutes.
+    const span = Math.min(HISTORY, Math.max(60, ...series.map((s) => s.values.length)));
     let points = 0;
     for (const s of series) {
       const n = s.values.length;
-      const pts = s.values.map((v, i) => `${(w * (HISTORY - n + i)) / (HISTORY - 1)},${h - 2 - ((h - 4) * v) / max}`);
+      const pts = s.values.map((v, i) => `${(w * (span - n + i)) / (span - 1)},${h - 2 - ((h - 4) * v) / max}`);
       points += n;
       svg.appendChild(el("polyline", { points: pts.join(" "), fill: "none", stroke: s.color, "stroke-width": 1.5 }));
     }
     svg.setAttribute("data-points", points);
     const fig = el("figure");
     fig.appendChild(svg);
-    fig.appendChild(el("figcaption", {}, `${label} (max ${max})`));
+    fig.appendChild(el("figcaption", {}, `${label}, last ${span} s, max ${max}`));
     return fig;
   }
 
@@ -61,7 +63,8 @@
     for (const b of snap.backends) {
       const tr = el("tr", { class: b.state, "data-name": b.name });
       const state = b.down && b.state === "ready" ? "ready (backing off)" : b.state;
-      for (const v of [state, b.name, b.bindings.join(" "), b.weight, b.active, b.selected, `${b.rate}/s`]) {
+      for (const v of [state, b.name, b.bindings.join(" "), b.weight, b.active, b.selected,
+        `${b.rate}/s` + (b.heard === null ? "" : ` · heard ${b.heard}s ago`)]) {
         tr.appendChild(el("td", {}, String(v)));
       }
       const td = el("td");
