@@ -286,21 +286,8 @@ fn chromium_draws_the_charts_updates_them_and_drains_on_a_click() {
     let profile = out.join(format!("chromium-live-{}", std::process::id()));
     let _ = fs::remove_dir_all(&profile);
     let _chromium = Reaped(
-        Command::new(&browser)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg("about:blank")
+        headless_chromium(&browser, &profile)
+            .args(["--remote-debugging-port=0", "about:blank"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
