@@ -178,7 +178,12 @@ fn curl_receives_snapshots_and_the_event_of_a_drain() {
                 .into_iter()
                 .flatten()
                 .any(|b| b["url"] == a.url().as_str() && b["state"] == "draining");
-            drained && v["up_s"].as_u64().unwrap_or(0) > 0
+            let per_backend = v["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|b| b["up_s"].as_u64() > Some(0) && b["down_s"].as_u64() > Some(0));
+            drained && v["up_s"].as_u64().unwrap_or(0) > 0 && per_backend
         })
     }));
     stop.store(true, Ordering::Relaxed);

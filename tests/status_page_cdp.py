@@ -52,7 +52,7 @@ def wait_for(expr, timeout=20.0):
 
 CHARTS = """JSON.stringify([...document.querySelectorAll('#charts .card')].map(c => ({
   name: c.dataset.name || 'all',
-  points: +c.querySelector('svg').getAttribute('data-points'),
+  points: [...c.querySelectorAll('svg')].reduce((n, s) => n + +s.getAttribute('data-points'), 0),
   paths: [...c.querySelectorAll('polyline')].map(p => p.getAttribute('points')).join('|')})))"""
 
 

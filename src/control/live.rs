@@ -48,12 +48,24 @@ pub struct Totals {
     pub uptime: u64,
 }
 
-/// One backend's history: `(active connections, selections in that second)` per tick.
+/// One second of one backend.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    active: u32,
+    /// Times selected in that second (new connections, or requests).
+    rate: u64,
+    /// WebSocket messages in that second, client → backend and back.
+    up: u64,
+    down: u64,
+}
+
+/// One backend's history.
 #[derive(Debug)]
 struct Track {
     name: String,
     last_selected: u64,
-    samples: VecDeque<(u32, u64)>,
+    last_messages: [u64; 2],
+    samples: VecDeque<Sample>,
 }
 
 /// The live page's state in the server.
@@ -90,7 +102,13 @@ pub fn stream_head() -> &'static [u8] {
 impl Live {
     /// One tick: appends a sample per backend (tracks of vanished backends go), and returns
     /// the snapshot frame plus, if 5xx answers happened, a summary event frame.
-    pub fn sample(&mut self, rows: &[BackendRow], now: Totals) -> Vec<String> {
+    /// `messages`: `[up, down]` so far by backend id (`Stats::backend_messages_by_id`).
+    pub fn sample(
+        &mut self,
+        rows: &[BackendRow],
+        messages: &[[u64; 2]],
+        now: Totals,
+    ) -> Vec<String> {
         let last = self.last.replace(now).unwrap_or(now);
         let rate = (
             now.up.saturating_sub(last.up),
@@ -102,12 +120,14 @@ impl Live {
         let mut backends = Vec::with_capacity(rows.len());
         for r in rows {
             let name = row_name(r);
+            let msgs = messages.get(r.id).copied().unwrap_or_default();
             let i = match self.tracks.iter().position(|t| t.name == name) {
                 Some(i) => i,
                 None => {
                     self.tracks.push(Track {
                         name: name.to_string(),
                         last_selected: r.selected,
+                        last_messages: msgs,
                         samples: VecDeque::with_capacity(HISTORY),
                     });
                     self.tracks.len() - 1
@@ -116,13 +136,19 @@ impl Live {
             let Some(t) = self.tracks.get_mut(i) else {
                 continue;
             };
-            let per_sec = r.selected.saturating_sub(t.last_selected);
-            t.last_selected = r.selected;
-            push_bounded(&mut t.samples, (r.active, per_sec), HISTORY);
+            let s = Sample {
+                active: r.active,
+                rate: r.selected.saturating_sub(t.last_selected),
+                up: msgs[0].saturating_sub(t.last_messages[0]),
+                down: msgs[1].saturating_sub(t.last_messages[1]),
+            };
+            (t.last_selected, t.last_messages) = (r.selected, msgs);
+            push_bounded(&mut t.samples, s, HISTORY);
             backends.push(json!({
                 "name": name, "url": r.name, "state": r.state, "down": r.down,
                 "weight": r.weight, "active": r.active, "selected": r.selected,
-                "rate": per_sec, "bindings": r.bindings, "heard": r.heard_secs_ago,
+                "rate": s.rate, "up_s": s.up, "down_s": s.down,
+                "bindings": r.bindings, "heard": r.heard_secs_ago,
             }));
         }
         let snapshot = json!({
@@ -154,8 +180,12 @@ impl Live {
             .tracks
             .iter()
             .map(|t| {
-                let (a, r): (Vec<u32>, Vec<u64>) = t.samples.iter().copied().unzip();
-                (t.name.clone(), json!({ "active": a, "rate": r }))
+                let series = |f: fn(&Sample) -> u64| t.samples.iter().map(f).collect::<Vec<_>>();
+                let v = json!({
+                    "active": series(|s| u64::from(s.active)), "rate": series(|s| s.rate),
+                    "up": series(|s| s.up), "down": series(|s| s.down),
+                });
+                (t.name.clone(), v)
             })
             .collect();
         let (up, down): (Vec<u64>, Vec<u64>) = self.totals.iter().copied().unzip();
@@ -277,22 +307,28 @@ mod tests {
             errors,
             ..Totals::default()
         };
-        live.sample(&[row("a", 1, 10)], t(100, 0));
-        let frames = live.sample(&[row("a", 2, 13)], t(150, 0));
+        live.sample(&[row("a", 1, 10)], &[[5, 6]], t(100, 0));
+        let frames = live.sample(&[row("a", 2, 13)], &[[9, 16]], t(150, 0));
         assert_eq!(frames.len(), 1);
         let snap = data(&frames[0]);
         assert_eq!(snap["up_s"], 50);
         assert_eq!(snap["backends"][0]["rate"], 3);
+        assert_eq!(snap["backends"][0]["up_s"], 4);
+        assert_eq!(snap["backends"][0]["down_s"], 10);
         assert_eq!(snap["backends"][0]["name"], "a");
         for i in 0..HISTORY as u64 + 20 {
-            live.sample(&[row("a", 2, 13 + i)], t(150, 0));
+            live.sample(&[row("a", 2, 13 + i)], &[], t(150, 0));
         }
         let hello = data(&live.hello());
         let a = hello["backends"]["a"]["active"].as_array().unwrap();
         assert_eq!(a.len(), HISTORY);
         assert_eq!(hello["up"].as_array().unwrap().len(), HISTORY);
         // A backend that left loses its history; errors become one summary event.
-        let frames = live.sample(&[row("b", 0, 0)], t(150, 7));
+        assert_eq!(
+            hello["backends"]["a"]["down"][0], 0,
+            "no counts: no messages"
+        );
+        let frames = live.sample(&[row("b", 0, 0)], &[], t(150, 7));
         assert_eq!(frames.len(), 2);
         assert_eq!(data(&frames[1])["count"], 7);
         let hello = live.hello();

@@ -6,7 +6,8 @@
   const HISTORY = 300;
   const token = new URLSearchParams(location.search).get("token");
   const q = token ? "?token=" + encodeURIComponent(token) : "";
-  const hist = new Map(); // backend name -> {active: [], rate: []}
+  const hist = new Map(); // backend name -> {active: [], rate: [], up: [], down: []}
+  const fresh = () => ({ active: [], rate: [], up: [], down: [] });
   const totals = { up: [], down: [] };
   // Counting descriptors reads /proc (O(connections)): the live line keeps the page's figure.
   const fds = (document.getElementById("totals").textContent.match(/descriptors .*/) || [""])[0];
@@ -64,7 +65,7 @@
       const tr = el("tr", { class: b.state, "data-name": b.name });
       const state = b.down && b.state === "ready" ? "ready (backing off)" : b.state;
       for (const v of [state, b.name, b.bindings.join(" "), b.weight, b.active, b.selected,
-        `${b.rate}/s` + (b.heard === null ? "" : ` · heard ${b.heard}s ago`)]) {
+        `${b.rate}/s · ${b.up_s}↑ ${b.down_s}↓ msg/s` + (b.heard === null ? "" : ` · heard ${b.heard}s ago`)]) {
         tr.appendChild(el("td", {}, String(v)));
       }
       const td = el("td");
@@ -75,11 +76,13 @@
       td.appendChild(btn);
       tr.appendChild(td);
       table.tBodies[0].appendChild(tr);
-      const h = hist.get(b.name) || { active: [], rate: [] };
+      const h = hist.get(b.name) || fresh();
       const card = el("div", { class: "card " + b.state, "data-name": b.name });
       card.appendChild(el("h3", {}, `${b.name} — ${state}`));
       card.appendChild(chart([{ values: h.active, color: "#070" }, { values: h.rate, color: "#a0a" }],
-        "active connections (green), new connections/s (purple)"));
+        "connections (green), new/s (purple)"));
+      card.appendChild(chart([{ values: h.up, color: "#06c" }, { values: h.down, color: "#c60" }],
+        "messages/s up (blue), down (orange)"));
       charts.appendChild(card);
     }
     document.body.setAttribute("data-snapshots", String(+(document.body.dataset.snapshots || 0) + 1));
@@ -98,7 +101,7 @@
   live.addEventListener("history", (m) => {
     const h = JSON.parse(m.data);
     hist.clear();
-    for (const [name, s] of Object.entries(h.backends)) hist.set(name, { active: s.active, rate: s.rate });
+    for (const [name, s] of Object.entries(h.backends)) hist.set(name, s);
     totals.up = h.up;
     totals.down = h.down;
     document.getElementById("events").replaceChildren();
@@ -108,9 +111,11 @@
     push(totals.up, snap.up_s);
     push(totals.down, snap.down_s);
     for (const b of snap.backends) {
-      const h = hist.get(b.name) || { active: [], rate: [] };
+      const h = hist.get(b.name) || fresh();
       push(h.active, b.active);
       push(h.rate, b.rate);
+      push(h.up, b.up_s);
+      push(h.down, b.down_s);
       hist.set(b.name, h);
     }
     render(snap);

@@ -33,7 +33,9 @@ impl Server {
             errors: self.stats.http_responses.get(4).copied().unwrap_or(0),
             uptime: self.started.elapsed().as_secs(),
         };
-        let frames = self.live.sample(&rows, totals);
+        let frames = self
+            .live
+            .sample(&rows, &self.stats.backend_messages_by_id, totals);
         self.push_live_events();
         for f in frames {
             self.broadcast_live(f.as_bytes());
