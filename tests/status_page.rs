@@ -370,3 +370,31 @@ fn chromium_draws_the_charts_updates_them_and_drains_on_a_click() {
     }
     let _ = fs::remove_dir_all(&profile);
 }
+
+#[test]
+fn at_most_sixteen_pages_stream_at_once() {
+    let (_a, _b, lb) = start();
+    let ctl = lb.control_addr();
+    let open = |_| {
+        let mut s = TcpStream::connect(ctl).unwrap();
+        write!(
+            s,
+            "GET /api/live?token={TOKEN} HTTP/1.1\r\nHost: admin\r\n\r\n"
+        )
+        .unwrap();
+        s
+    };
+    let pages: Vec<TcpStream> = (0..16).map(open).collect();
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        &lb,
+        "wslb_live_subscribers"
+    ) == 16));
+    let extra = admin(ctl, "GET", "/api/live");
+    assert_eq!(extra.status, 503, "{}", extra.text());
+    drop(pages);
+    // Closed pages free their places (found out at the next push, within a second).
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        &lb,
+        "wslb_live_subscribers"
+    ) == 0));
+}
