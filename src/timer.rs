@@ -32,6 +32,8 @@ pub enum TimerKind {
     Rebalance,
     /// `--proxy-protocol`: an accepted socket's PROXY header is overdue.
     ProxyHeader,
+    /// The live status page's once-a-second sample and push (`server/live.rs`).
+    LiveTick,
 }
 
 /// Identifies the owner of a deadline.

@@ -5,6 +5,8 @@
 //! | Method and path | Answer |
 //! | --- | --- |
 //! | `GET /` | status page |
+//! | `GET /status.js` | the status page's script (no token needed: it holds no data) |
+//! | `GET /api/live` | server-sent events for the page (answered by the server: a stream) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /ready` | 200 while a backend can take clients, else 503 (L4 health checks) |
 //! | `GET /api/backends`, `GET /api/clients` | JSON lists |
@@ -118,6 +120,11 @@ pub fn route(api: &mut dyn AdminApi, req: &AdminRequest) -> Reply {
             200,
             "text/html; charset=utf-8",
             api.status_page().into_bytes(),
+        ),
+        ("GET", ["status.js"]) => (
+            200,
+            "text/javascript; charset=utf-8",
+            super::live::STATUS_JS.as_bytes().to_vec(),
         ),
         ("GET", ["metrics"]) => (200, "text/plain; version=0.0.4", api.metrics().into_bytes()),
         // For an L4 tier's health checks: send new clients here only while at least one

@@ -13,6 +13,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use super::auth::{ControlAuth, Identity};
+use super::live;
 use super::messaging::{self, Incoming, MsgError, RateBucket, Refusal, Request};
 use super::protocol::{self, BackendMsg, ControlError, Registration};
 use crate::http::head::{self, header};
@@ -88,6 +89,8 @@ enum State {
     Lingering {
         since: Instant,
     },
+    /// `GET /api/live`: an open event stream the server pushes to (`control::live`).
+    Streaming(live::StreamOut),
     /// Placeholder while moving the stream between states.
     Gone,
 }
@@ -122,6 +125,9 @@ pub struct ControlConn {
 
 /// How long a closing control connection waits for the peer to hang up.
 const LINGER: Duration = Duration::from_secs(2);
+/// An event stream nothing was pushed to for this long is closed (the server pushes every
+/// second, so this only ends streams a stopped loop part forgot).
+const STREAM_IDLE: Duration = Duration::from_secs(30);
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -188,6 +194,7 @@ impl ControlConn {
                 .next_ping
                 .min(self.last_heard + heartbeat * MISSED_HEARTBEATS),
             State::Lingering { since } => since + LINGER,
+            State::Streaming(_) => self.last_heard + STREAM_IDLE,
             // An answer gets the rest of the request's time to go out, and at least LINGER
             // (the 408 for a stalled body is written when that time is already up).
             State::Refusing { since, .. } => (since + LINGER).max(self.opened + header_timeout),
@@ -210,7 +217,10 @@ impl ControlConn {
             {
                 ControlDrive::Done
             }
-            State::Lingering { .. } | State::Refusing { .. } => ControlDrive::Continue,
+            State::Streaming(_) if now >= self.last_heard + STREAM_IDLE => ControlDrive::Done,
+            State::Lingering { .. } | State::Refusing { .. } | State::Streaming(_) => {
+                ControlDrive::Continue
+            }
             State::AdminBody { .. } if now >= self.opened + header_timeout => {
                 // The body stalled: say so (RFC 9110 §15.5.9) instead of a bare close.
                 let mut out = Outbox::default();
@@ -254,9 +264,16 @@ impl ControlConn {
             503 => "Service Unavailable",
             _ => "Error",
         };
+        // The status page runs only its own script (`/status.js`): a name a backend chose
+        // that slipped past escaping still could not run.
+        let csp = if content_type.starts_with("text/html") {
+            "Content-Security-Policy: default-src 'self'; style-src 'self' 'unsafe-inline'\r\n"
+        } else {
+            ""
+        };
         head.extend_from_slice(
             format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{csp}Connection: close\r\n\r\n",
                 body.len()
             )
             .as_bytes(),
@@ -264,6 +281,47 @@ impl ControlConn {
         head.extend_from_slice(body);
         self.ready.writable = true;
         self.state = State::Refusing { out, since: now };
+    }
+
+    /// Turns an admin request into an event stream starting with `first` (after the head).
+    pub fn start_stream(&mut self, now: Instant, first: &[u8]) {
+        let mut out = live::StreamOut::default();
+        // The head and a hello fit an empty queue unless the backends are in the hundreds:
+        // then the page gets the stream without history rather than nothing.
+        if !out.push(live::stream_head()) || !out.push(first) {
+            out = live::StreamOut::default();
+            out.push(live::stream_head());
+        }
+        if let Some(sock) = self.stream.as_mut().map(Transport::socket_mut) {
+            // A fixed send buffer turns off the kernel's autotuning (up to 4 MB here): a
+            // page that stops reading then holds `live::STREAM_SNDBUF` of kernel memory plus
+            // its bounded queue, and is found out and dropped that much sooner.
+            let _ = socket2::SockRef::from(&*sock).set_send_buffer_size(live::STREAM_SNDBUF);
+        }
+        self.last_heard = now;
+        self.ready.writable = true;
+        self.state = State::Streaming(out);
+    }
+
+    /// Queues a frame on an event stream; `false` if this reader is too far behind (or the
+    /// connection is no stream): the caller drops it.
+    pub fn push_stream(&mut self, now: Instant, frame: &[u8]) -> bool {
+        let State::Streaming(out) = &mut self.state else {
+            return false;
+        };
+        let queued = out.push(frame);
+        if queued {
+            self.last_heard = now;
+        }
+        queued
+    }
+
+    /// Bytes an event stream has queued (0 for other connections).
+    pub fn stream_queued(&self) -> usize {
+        match &self.state {
+            State::Streaming(out) => out.len(),
+            _ => 0,
+        }
     }
 
     /// When the backend behind this connection was last heard from.
@@ -369,6 +427,7 @@ impl ControlConn {
                 return r;
             }
             State::Lingering { since } => self.linger(since)?,
+            State::Streaming(out) => self.pump_stream(out)?,
             State::Gone => return Err(()),
         };
         self.state = next;
@@ -502,6 +561,33 @@ impl ControlConn {
         }
     }
 
+    /// Writes what the event stream has queued; reads and drops whatever the page sends,
+    /// to see it hang up.
+    fn pump_stream(&mut self, mut out: live::StreamOut) -> Result<(State, bool), ()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        let mut progress = false;
+        while self.ready.writable && !out.is_empty() {
+            let (a, b) = out.slices();
+            match stream.write_pair(&mut self.ready, a, b) {
+                Io::Progress(n) => {
+                    out.consume(n);
+                    progress = true;
+                }
+                Io::WouldBlock => break,
+                Io::Eof | Io::Failed => return Err(()),
+            }
+        }
+        let mut sink = [0u8; 1024];
+        match crate::net::endpoint::read_some(stream, &mut self.ready, &mut sink) {
+            Io::Progress(_) => progress = true,
+            Io::WouldBlock => {}
+            Io::Eof | Io::Failed => return Err(()),
+        }
+        Ok((State::Streaming(out), progress))
+    }
+
     /// Reads and drops until the peer hangs up.
     fn linger(&mut self, since: Instant) -> Result<(State, bool), ()> {
         let Some(stream) = self.stream.as_mut() else {
@@ -543,6 +629,11 @@ impl ControlConn {
             .map(|t| format!("Bearer {t}"));
         let authorization =
             header(req.headers, "authorization").or(query_token.as_deref().map(str::as_bytes));
+        if path == live::STATUS_JS_PATH && req.method == "GET" {
+            // The page's script holds no data and a browser loads it without the token.
+            let rest = inbuf.data().get(req.head_len..).unwrap_or_default();
+            return admin_request(&req, path, query, rest, events).or_else(refuse);
+        }
         let cert_name = self.stream.as_ref().and_then(Transport::client_cert_name);
         let identity = match auth.check(
             self.peer,

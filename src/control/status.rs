@@ -62,7 +62,8 @@ pub fn backends_json(rows: &[BackendRow]) -> Value {
     )
 }
 
-/// The self-refreshing HTML status page (no external assets).
+/// The HTML status page (no external assets): the table as it is now, which `/status.js`
+/// then keeps live; without JavaScript it refreshes itself every 2 s.
 pub fn status_html(
     rows: &[BackendRow],
     clients: usize,
@@ -75,10 +76,13 @@ pub fn status_html(
     let mut o = String::with_capacity(4096);
     let _ = write!(
         o,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
+        "<!doctype html><html><head><meta charset=\"utf-8\"><noscript><meta http-equiv=\"refresh\" content=\"2\"></noscript>\
 <title>wslb status</title><style>body{{font:14px system-ui,sans-serif;margin:2em}}\
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}\
-.ready{{color:#070}}.draining{{color:#a60}}.gone{{color:#a00}}</style></head><body>\
+.ready{{color:#070}}.draining{{color:#a60}}.gone{{color:#a00}}\
+.card{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}.card h3{{font-size:13px;margin:0}}\
+figure{{margin:0}}figcaption{{font-size:11px;color:#555}}svg.chart{{border:1px solid #ddd;background:#fafafa}}\
+#events{{font:12px monospace;max-height:20em;overflow:auto}}</style></head><body>\
 <h1>wslb {ver}</h1><p id=\"totals\">uptime {up}s · {clients} client connections · {tunnels} WebSockets · {n} backends · descriptors {used} of {limit}</p>",
         ver = esc(version),
         up = uptime_secs,
@@ -91,7 +95,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
     }
     o.push_str(
         "<table id=\"backends\"><tr><th>state</th><th>name / guid</th><th>bindings</th><th>weight</th>\
-<th>active</th><th>selected</th><th>last heartbeat</th></tr>",
+<th>active</th><th>selected</th><th>last heartbeat / rate</th><th></th></tr>",
     );
     for b in rows {
         let heard = b
@@ -104,7 +108,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
         };
         let _ = write!(
             o,
-            "<tr class=\"{cls}\"><td>{state}</td><td>{name}</td><td>{bind}</td><td>{w}</td><td>{a}</td><td>{s}</td><td>{heard}</td></tr>",
+            "<tr class=\"{cls}\"><td>{state}</td><td>{name}</td><td>{bind}</td><td>{w}</td><td>{a}</td><td>{s}</td><td>{heard}</td><td></td></tr>",
             cls = b.state,
             name = esc(b.guid.as_deref().unwrap_or(&b.name)),
             bind = esc(&b.bindings.join(" ")),
@@ -113,7 +117,10 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
             s = b.selected,
         );
     }
-    o.push_str("</table></body></html>\n");
+    o.push_str(
+        "</table><p id=\"status\"></p><h2>Last minutes</h2><div id=\"charts\"></div>\
+<h2>Events</h2><ol id=\"events\" reversed></ol><script src=\"/status.js\"></script></body></html>\n",
+    );
     o
 }
 
@@ -143,7 +150,8 @@ mod tests {
         assert!(html.contains("<p class=\"note\">rebalancing on: up to 50 closes/s, 7 so far</p>"));
         assert!(html.contains("g&lt;1&gt;") && !html.contains("g<1>"));
         assert!(html.contains("descriptors 42 of 1024"));
-        assert!(html.contains("http-equiv=\"refresh\""));
+        assert!(html.contains("<noscript><meta http-equiv=\"refresh\""));
+        assert!(html.contains("<script src=\"/status.js\"></script>"));
         let j = backends_json(&rows);
         assert_eq!(j[0]["tags"]["zone"], "a");
         assert_eq!(j[0]["active"], 3);

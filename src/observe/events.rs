@@ -13,7 +13,13 @@ use serde_json::{json, Map, Value};
 #[derive(Default)]
 pub struct EventSink {
     out: Option<Box<dyn Write + Send>>,
+    /// Notable events (not per-client ones) kept for the live status page until the loop
+    /// takes them; `None` = no control listener, nobody to show them to.
+    live: Option<Vec<Value>>,
 }
+
+/// Notable events held for the live page between two takes (one loop turn or tick).
+const LIVE_PENDING: usize = 64;
 
 impl std::fmt::Debug for EventSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,7 +41,17 @@ impl EventSink {
                 OpenOptions::new().create(true).append(true).open(path)?,
             ))),
         };
-        Ok(EventSink { out })
+        Ok(EventSink { out, live: None })
+    }
+
+    /// Keeps notable events for [`EventSink::take_live`] from now on.
+    pub fn keep_live(&mut self) {
+        self.live.get_or_insert_with(Vec::new);
+    }
+
+    /// The notable events since the last take (at most `LIVE_PENDING`, the newest dropped).
+    pub fn take_live(&mut self) -> Vec<Value> {
+        self.live.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Events are wanted (lets callers skip building fields).
@@ -47,7 +63,10 @@ impl EventSink {
     /// only when events are on. A failing sink is dropped, not retried on every event:
     /// losing the event log must not slow the balancer down.
     pub fn emit(&mut self, event: Event<'_>) {
-        let Some(out) = &mut self.out else { return };
+        let live = self.live.is_some() && event.is_notable();
+        if self.out.is_none() && !live {
+            return;
+        }
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -59,7 +78,16 @@ impl EventSink {
         for (k, v) in fields {
             m.insert(k.to_string(), v);
         }
-        let mut line = Value::Object(m).to_string();
+        let obj = Value::Object(m);
+        if let Some(pending) = self
+            .live
+            .as_mut()
+            .filter(|p| live && p.len() < LIVE_PENDING)
+        {
+            pending.push(obj.clone());
+        }
+        let Some(out) = &mut self.out else { return };
+        let mut line = obj.to_string();
         line.push('\n');
         if out.write_all(line.as_bytes()).is_err() {
             crate::observe::log::error("events sink failed; events are off from now on", &[]);
@@ -146,6 +174,19 @@ pub enum Event<'a> {
 }
 
 impl Event<'_> {
+    /// Worth showing on the live status page: backend and admin events, not the per-client
+    /// ones a busy balancer has thousands of a second (errors are summarised by count).
+    pub fn is_notable(&self) -> bool {
+        matches!(
+            self,
+            Event::ServerConnect { .. }
+                | Event::ServerReady { .. }
+                | Event::RegistrationRefused { .. }
+                | Event::ServerDisconnect { .. }
+                | Event::BackendChanged { .. }
+        )
+    }
+
     /// The `event` field.
     pub fn name(&self) -> &'static str {
         match self {

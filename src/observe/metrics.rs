@@ -58,9 +58,27 @@ pub struct Stats {
     pub proxy_protocol_errors: std::collections::BTreeMap<&'static str, u64>,
     /// `--proxy-protocol` headers accepted.
     pub proxy_protocol_headers: u64,
+    /// WebSocket messages `[up, down]` by backend registry id (a reused id continues the
+    /// count: the live page tells backends apart by name). As long as the most backends
+    /// ever registered at once.
+    pub backend_messages_by_id: Vec<[u64; 2]>,
 }
 
 impl Stats {
+    /// Counts WebSocket messages relayed for backend `id`.
+    pub fn backend_messages(&mut self, id: usize, up: u64, down: u64) {
+        if up == 0 && down == 0 {
+            return;
+        }
+        if self.backend_messages_by_id.len() <= id {
+            self.backend_messages_by_id.resize(id + 1, [0, 0]);
+        }
+        if let Some(n) = self.backend_messages_by_id.get_mut(id) {
+            n[0] += up;
+            n[1] += down;
+        }
+    }
+
     /// Counts one HTTP response with `status`.
     pub fn response(&mut self, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;

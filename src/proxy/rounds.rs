@@ -186,7 +186,9 @@ impl Conn {
                     ),
                     _ => Ok(Io::WouldBlock),
                 };
-                ctx.stats.ws_messages_down += t.down.messages() - messages;
+                let read = t.down.messages() - messages;
+                ctx.stats.ws_messages_down += read;
+                ctx.stats.backend_messages(leg.backend, 0, read);
                 io
             }
             Phase::Head { .. } | Phase::Exchange(_) if leg.from_backend.is_full() => {

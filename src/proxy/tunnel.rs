@@ -161,7 +161,9 @@ impl Conn {
                 t.inspect.as_mut(),
             ),
         };
-        ctx.stats.ws_messages_up += t.up.messages() - messages;
+        let read = t.up.messages() - messages;
+        ctx.stats.ws_messages_up += read;
+        ctx.stats.backend_messages(leg.backend, read, 0);
         t.deliver_inspected(self.id, ctx);
         match io {
             Ok(Io::Progress(n)) => (true, n),

@@ -124,11 +124,16 @@ impl Server {
                 }
             }
             ControlEvent::Message(msg) => self.backend_message(key, gen, *msg),
+            ControlEvent::Admin(req) if req.method == "GET" && req.path == "/api/live" => {
+                self.live_subscribe(key, gen)
+            }
             ControlEvent::Admin(req) => {
                 let (status, ctype, body) = crate::control::admin::route(self, &req);
                 if let Some(c) = self.controls.get_mut(key) {
                     c.respond(Instant::now(), status, ctype, &body);
                 }
+                // A drain or another change shows on the open pages now, not at the tick.
+                self.push_live_events();
             }
             ControlEvent::Register(reg) => {
                 let identity = c.identity.clone();

@@ -86,6 +86,7 @@ mod accept;
 mod control_plane;
 mod drain;
 mod handle;
+mod live;
 mod messaging;
 mod proxy_header;
 mod routes;
@@ -156,6 +157,8 @@ pub struct Server {
     drain_watches: Vec<drain::DrainWatch>,
     /// Rebalancing is under way (between its start and settle thresholds).
     rebalancing: bool,
+    /// The live status page: history rings, last events, subscribers.
+    live: crate::control::live::Live,
 }
 
 /// Why the balancer could not start or stopped with an error.
@@ -238,6 +241,7 @@ impl Server {
                 kind: TimerKind::Sweep,
             },
         );
+        self.start_live();
         if self.cfg.rebalance > 0 {
             self.timers.add(
                 Instant::now() + drain::REBALANCE_EVERY,

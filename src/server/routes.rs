@@ -129,6 +129,7 @@ impl AdminApi for Server {
             fdlimit::open_fds(),
             self.stats.fd_exhausted,
         );
+        self.render_live_metrics(&mut text);
         text
     }
 

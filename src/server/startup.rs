@@ -249,6 +249,7 @@ impl Server {
             closes: Default::default(),
             drain_watches: Vec::new(),
             rebalancing: false,
+            live: Default::default(),
         })
     }
 }

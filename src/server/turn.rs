@@ -50,6 +50,7 @@ impl Server {
                 TimerKind::SpreadClose => self.fire_spread_closes(now),
                 TimerKind::Rebalance => self.rebalance_tick(now),
                 TimerKind::ProxyHeader => self.expire_proxy_header(&t),
+                TimerKind::LiveTick => self.live_tick(now, t),
                 TimerKind::Sweep => {
                     self.backends.sweep_idle(now);
                     self.backends

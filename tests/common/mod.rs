@@ -689,3 +689,22 @@ pub fn venv_tool(name: &str) -> PathBuf {
         PathBuf::from(name)
     }
 }
+
+/// Headless Chromium with the flags PEERS.md lists (no network of its own, no first-run
+/// work) and a fresh profile in `profile`; the caller adds what to do.
+pub fn headless_chromium(browser: &std::path::Path, profile: &std::path::Path) -> Command {
+    let mut cmd = Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    cmd
+}
