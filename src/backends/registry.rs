@@ -284,6 +284,15 @@ impl Registry {
     }
 
     /// Changes a backend's state; a `Gone` backend with no connections is removed.
+    /// Backends with a live control connection that may take clients now: what a binary
+    /// upgrade's new process waits to see registered again.
+    pub fn registered_eligible(&self) -> usize {
+        self.backends
+            .iter()
+            .filter(|(_, b)| b.owner.is_some() && b.eligible())
+            .count()
+    }
+
     /// Forgets the backend's control connection but keeps it as it is (a binary upgrade
     /// moved its agent to the new process; this one serves until it drains).
     pub fn orphan(&mut self, id: usize) {

@@ -315,11 +315,7 @@ impl Server {
             }
             _ => None,
         };
-        let registered = self
-            .backends
-            .iter()
-            .filter(|(_, b)| b.owner.is_some() && b.eligible())
-            .count();
+        let registered = self.backends.registered_eligible();
         let desc = json!({"version": 1, "listeners": listeners, "control": control,
                           "registered": registered});
         if let Err(e) = send_fds(&stream, desc.to_string().as_bytes(), &fds) {
@@ -471,11 +467,7 @@ impl Server {
         let Some(t) = &self.upgrade.takeover else {
             return;
         };
-        let registered = self
-            .backends
-            .iter()
-            .filter(|(_, b)| b.owner.is_some() && b.eligible())
-            .count();
+        let registered = self.backends.registered_eligible();
         if registered < t.registered && now < t.until {
             return;
         }
