@@ -69,6 +69,12 @@ fn options() -> getopts::Options {
         "where clients are sent: ws://IP:PORT or http://IP:PORT (repeatable)",
         "URL",
     );
+    o.optmulti(
+        "",
+        "public-binding",
+        "what dispatched clients connect to directly: ws:// wss:// http:// https:// URL (repeatable)",
+        "URL",
+    );
     o.optopt("", "guid", "stable backend id [default: random]", "ID");
     o.optopt(
         "",
@@ -181,6 +187,15 @@ pub fn parse_args(
     cfg.balancers = balancers;
     cfg.bindings = bindings;
     cfg.balancer_ca = m.opt_str("balancer-ca").map(Into::into);
+    cfg.public_bindings = m.opt_strs("public-binding");
+    if let Some(v) = cfg
+        .public_bindings
+        .iter()
+        .find(|u| crate::config::check_public_url(u).is_err())
+    {
+        let why = crate::config::check_public_url(v).err().unwrap_or_default();
+        return Err(bad("--public-binding", v, why));
+    }
     if let Some(g) = m.opt_str("guid") {
         cfg.guid = g;
     }

@@ -80,6 +80,8 @@ pub struct AgentConfig {
     pub tags: BTreeMap<String, String>,
     /// PROXY header the balancers put before each connection to this backend.
     pub proxy_protocol: Option<crate::net::proxy_protocol::Version>,
+    /// Issue 18: URLs dispatched clients connect to directly (`--public-binding`).
+    pub public_bindings: Vec<String>,
     /// Ping interval; 3 silent intervals mean the link is lost.
     pub heartbeat: Duration,
     /// First reconnect delay (and the floor of every jittered delay).
@@ -101,6 +103,7 @@ impl AgentConfig {
             weight: 1,
             max_connections: 0,
             proxy_protocol: None,
+            public_bindings: Vec::new(),
             tags: BTreeMap::new(),
             heartbeat: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
