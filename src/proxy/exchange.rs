@@ -193,6 +193,8 @@ pub(super) enum Admission {
     /// No backend is eligible: 503. `close`: the connection cannot carry another request
     /// (the client asked to close, or an unread body would be taken for the next request).
     Unavailable { close: bool },
+    /// A request to `--dispatch-path`: answered with a backend's public binding.
+    Dispatch(super::dispatch::DispatchAs),
 }
 
 /// Decides what becomes of a request head (see [`Admission`]).
@@ -202,6 +204,9 @@ pub(super) fn admit(
     backends: &Registry,
     draining: bool,
 ) -> Admission {
+    if let Some(dispatch) = super::dispatch::classify(req, cfg) {
+        return dispatch;
+    }
     let refuse = |status, why| Admission::Refuse(Refusal { status, why });
     let ws_key = if req.wants_websocket {
         match handshake::validate_request(req) {
@@ -259,6 +264,10 @@ impl Conn {
                 );
                 self.fail(ctx, r.status);
                 return Step::Progress;
+            }
+            Admission::Dispatch(how) => {
+                let asked = super::dispatch::Asked::of(&req, self.peer, ctx);
+                return self.answer_dispatch(ctx, asked, how);
             }
             Admission::Unavailable { close } => {
                 log::debug("no backend", &[("client", &self.id)]);
