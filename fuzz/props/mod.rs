@@ -2284,7 +2284,10 @@ pub fn dispatch_ticket(data: &[u8]) {
         None => assert!(guid.is_empty()),
         Some(t) => {
             assert_eq!(signer.verify(t.as_bytes(), now, Some(&guid)), Ok(expires));
-            assert_eq!(signer.verify(t.as_bytes(), expires, None), Err(TicketError::Expired));
+            assert_eq!(
+                signer.verify(t.as_bytes(), expires, None),
+                Err(TicketError::Expired)
+            );
             let i = (fnv(data) as usize) % t.len();
             let mut bad = t.clone().into_bytes();
             bad[i] ^= 0x01;

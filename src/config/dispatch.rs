@@ -37,7 +37,10 @@ pub fn check_dispatch_path(path: &str) -> Result<(), &'static str> {
     if !path.starts_with('/') || path.len() > 256 {
         return Err("must start with / (at most 256 characters)");
     }
-    if !path.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#') {
+    if !path
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+    {
         return Err("must be printable ASCII without ? or #");
     }
     Ok(())

@@ -388,8 +388,8 @@ mod dispatch;
 mod flags;
 mod values;
 
-pub use flags::parse_args;
 pub use dispatch::*;
+pub use flags::parse_args;
 pub use values::*;
 
 #[cfg(test)]

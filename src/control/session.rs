@@ -628,7 +628,9 @@ impl ControlConn {
                     Ok(Incoming::Control(BackendMsg::Deregister)) => {
                         events.push(ControlEvent::Deregister)
                     }
-                    Ok(Incoming::Control(BackendMsg::Load(n))) => events.push(ControlEvent::Load(n)),
+                    Ok(Incoming::Control(BackendMsg::Load(n))) => {
+                        events.push(ControlEvent::Load(n))
+                    }
                     Ok(Incoming::Request(r)) => events.push(ControlEvent::Message(Box::new(Ok(r)))),
                     Err(Refusal::Failed(id, e)) => {
                         events.push(ControlEvent::Message(Box::new(Err((id, e)))))

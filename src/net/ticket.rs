@@ -145,7 +145,10 @@ mod tests {
         let t = s.issue("backend-a", 1000).unwrap();
         assert_eq!(s.verify(t.as_bytes(), 999, Some("backend-a")), Ok(1000));
         assert_eq!(s.verify(t.as_bytes(), 999, None), Ok(1000));
-        assert_eq!(s.verify(t.as_bytes(), 1000, None), Err(TicketError::Expired));
+        assert_eq!(
+            s.verify(t.as_bytes(), 1000, None),
+            Err(TicketError::Expired)
+        );
         assert_eq!(
             s.verify(t.as_bytes(), 1, Some("backend-b")),
             Err(TicketError::OtherBackend)
@@ -158,11 +161,20 @@ mod tests {
         }
         // Prolonged expiry: the MAC no longer matches.
         let forged = t.replacen("1000", "9000", 1);
-        assert_eq!(s.verify(forged.as_bytes(), 1, None), Err(TicketError::BadMac));
+        assert_eq!(
+            s.verify(forged.as_bytes(), 1, None),
+            Err(TicketError::BadMac)
+        );
         let other = TicketSigner::new(b"another secret!!");
-        assert_eq!(other.verify(t.as_bytes(), 1, None), Err(TicketError::BadMac));
+        assert_eq!(
+            other.verify(t.as_bytes(), 1, None),
+            Err(TicketError::BadMac)
+        );
         for junk in ["", ".", "..", "a.1.", "a.01.00", "a..x", "a b.1.00"] {
-            assert_eq!(s.verify(junk.as_bytes(), 1, None), Err(TicketError::Malformed));
+            assert_eq!(
+                s.verify(junk.as_bytes(), 1, None),
+                Err(TicketError::Malformed)
+            );
         }
         assert!(s.issue("bad guid", 1).is_none());
         assert!(s.verify(&[b'a'; MAX_TICKET_LEN + 1], 1, None).is_err());
@@ -171,6 +183,9 @@ mod tests {
     #[test]
     fn urls() {
         assert_eq!(ticketed_url("ws://a:1/x", "t"), "ws://a:1/x?wslb_ticket=t");
-        assert_eq!(ticketed_url("ws://a:1/x?y=1", "t"), "ws://a:1/x?y=1&wslb_ticket=t");
+        assert_eq!(
+            ticketed_url("ws://a:1/x?y=1", "t"),
+            "ws://a:1/x?y=1&wslb_ticket=t"
+        );
     }
 }

@@ -103,7 +103,13 @@ impl Conn {
             (Some(a), DispatchAs::Json) => {
                 json_head(&mut out, "200 OK", a.json.len(), close);
                 out.extend_from_slice(b"\r\n");
-                add_sticky_cookie(&mut out, &sticky, Some(a.backend), self.client.is_tls(), ctx);
+                add_sticky_cookie(
+                    &mut out,
+                    &sticky,
+                    Some(a.backend),
+                    self.client.is_tls(),
+                    ctx,
+                );
                 out.extend_from_slice(a.json.as_bytes());
                 200
             }
@@ -112,7 +118,13 @@ impl Conn {
                 out.extend_from_slice(b"Location: ");
                 out.extend_from_slice(a.url.as_bytes());
                 out.extend_from_slice(b"\r\n\r\n");
-                add_sticky_cookie(&mut out, &sticky, Some(a.backend), self.client.is_tls(), ctx);
+                add_sticky_cookie(
+                    &mut out,
+                    &sticky,
+                    Some(a.backend),
+                    self.client.is_tls(),
+                    ctx,
+                );
                 out.extend_from_slice(a.json.as_bytes());
                 307
             }
@@ -121,7 +133,13 @@ impl Conn {
                 out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
                 out.extend_from_slice(accept.as_bytes());
                 out.extend_from_slice(b"\r\n\r\n");
-                add_sticky_cookie(&mut out, &sticky, Some(a.backend), self.client.is_tls(), ctx);
+                add_sticky_cookie(
+                    &mut out,
+                    &sticky,
+                    Some(a.backend),
+                    self.client.is_tls(),
+                    ctx,
+                );
                 text_frame(a.json.as_bytes(), &mut out);
                 encode_close_reason(1000, "", None, &mut out);
                 101
@@ -140,6 +158,11 @@ impl Conn {
         ctx.stats.response(status);
         if close || status == 101 {
             self.enter_closing(ctx.now);
+        } else if let Phase::Head { started } = &mut self.phase {
+            // Answered without leaving `Head` (no exchange): the header timeout restarts
+            // for the next request, as `enter_head` does after an exchange; otherwise it
+            // would run from the first request of this keep-alive connection.
+            *started = (!self.from_client.is_empty()).then_some(ctx.now);
         }
         Step::Progress
     }
