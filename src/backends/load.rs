@@ -82,4 +82,51 @@ mod tests {
         assert!(!DispatchLoad::default().has_room(0), "no public binding");
         assert_eq!(DispatchLoad::default().dispatch(), None);
     }
+
+    /// Through `route::choose`: reported + provisional load decides, backends without a
+    /// public binding, full by load, or draining are never chosen.
+    #[test]
+    fn dispatch_choice_uses_reported_plus_provisional_load() {
+        use crate::backends::registry::{BackendState, Registry};
+        use crate::backends::route::{choose, Ask, Sticky};
+        use crate::config::{parse_backend, Algorithm};
+        use rand::SeedableRng;
+        let specs: Vec<_> = [
+            "ws://127.0.0.1:1,public=ws://a.example/",
+            "ws://127.0.0.1:2,public=ws://b.example/",
+            "ws://127.0.0.1:3",
+            "ws://127.0.0.1:4,public=ws://d.example/,max_connections=5",
+        ]
+        .iter()
+        .map(|s| parse_backend(s).unwrap())
+        .collect();
+        let mut r = Registry::from_specs(&specs);
+        for (id, n) in [(0, 100), (1, 110), (2, 0), (3, 5)] {
+            r.report_load(id, n);
+        }
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        let now = std::time::Instant::now();
+        let mut pick = |r: &mut Registry| {
+            r.choose_for_dispatch(|r, exclude| {
+                let ask = Ask {
+                    client: 1,
+                    sticky: &Sticky::Off,
+                    exclude,
+                    algorithm: Algorithm::Fewest,
+                    now,
+                };
+                choose(r, None, &mut rng, &ask)
+            })
+        };
+        let mut got = [0u32; 4];
+        for _ in 0..30 {
+            let (id, _) = pick(&mut r).unwrap();
+            got[id] += 1;
+        }
+        // 100+20 = 110+10: the burst fills the gap, then alternates.
+        assert_eq!(got, [20, 10, 0, 0]);
+        r.set_state(0, BackendState::Draining);
+        r.set_state(1, BackendState::Draining);
+        assert_eq!(pick(&mut r), None, "no public binding, or full by load");
+    }
 }
