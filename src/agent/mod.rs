@@ -18,6 +18,7 @@
 //! ```
 
 pub mod cli;
+pub mod load;
 pub mod local;
 mod messages;
 
@@ -213,6 +214,8 @@ struct Board {
     running: usize,
     /// Messages to clients and their answers.
     mail: messages::Mailboxes,
+    /// Issue 18: the client count to report with each heartbeat (`load`).
+    load: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -254,6 +257,7 @@ pub fn spawn(cfg: AgentConfig) -> Result<Agent, AgentError> {
             drained: vec![false; n],
             running: 0,
             mail: messages::Mailboxes::new(n),
+            load: None,
         }),
         changed: Condvar::new(),
     });
