@@ -141,7 +141,10 @@ fn backends(lb: &Balancer) -> BTreeMap<String, Value> {
 }
 
 fn start_with_reporters(bases: &[(&str, u32)], extra: &[&str]) -> (Balancer, Vec<SimBackend>) {
-    let mut args = vec!["--control", "127.0.0.1:0", "--heartbeat", "200ms"];
+    // Backends report every 200 ms (at least once per heartbeat, as required); the
+    // balancer's own heartbeat is longer so that a test thread starved for a moment on a
+    // busy 2-core machine is not taken for a lost backend (3 silent heartbeats).
+    let mut args = vec!["--control", "127.0.0.1:0", "--heartbeat", "1s"];
     args.extend_from_slice(DISPATCH);
     args.extend_from_slice(extra);
     let lb = Balancer::start(&args, &[]);
@@ -171,7 +174,7 @@ fn reported_loads_converge_under_bursts() {
     for _burst in 0..30 {
         for _ in 0..100 {
             let (resp, json) = dispatch(&mut client, None);
-            assert_eq!(resp.status, 200, "{json}");
+            assert_eq!(resp.status, 200, "{json} {:?}", lb.stderr_lines());
             let guid = json["guid"].as_str().expect("guid");
             let sim = sims.iter().find(|s| s.guid == guid).expect("known guid");
             assert_eq!(json["url"], format!("ws://{guid}.example:443/"));
@@ -412,30 +415,18 @@ d.onmessage = (e) => {
 d.onerror = () => report("dispatch failed");
 </script>"#;
 
-/// Serves [`PAGE`]; `/done` (an image the page waits for, so the load event and
-/// `--dump-dom` come after it) is answered once the page posted its result to `/result`.
-fn serve_page(lb: SocketAddr) -> SocketAddr {
+/// A tiny HTTP/1.1 server on 127.0.0.1: `answer(path)` is the body of each `200`.
+fn serve_http(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let result: Arc<Mutex<Option<String>>> = Arc::default();
+    let answer = Arc::new(answer);
     thread::spawn(move || {
         for stream in listener.incoming().map_while(Result::ok) {
-            let result = Arc::clone(&result);
-            let page = PAGE.replace("LB", &lb.to_string());
+            let answer = Arc::clone(&answer);
             thread::spawn(move || {
                 let mut line = String::new();
-                let mut reader = BufReader::new(&stream);
-                let _ = reader.read_line(&mut line);
-                let path = line.split(' ').nth(1).unwrap_or("/").to_string();
-                let body = if let Some(r) = path.strip_prefix("/result?") {
-                    *result.lock().unwrap() = Some(r.to_string());
-                    String::new()
-                } else if path == "/done" {
-                    wait_until(Duration::from_secs(20), || result.lock().unwrap().is_some());
-                    String::new()
-                } else {
-                    page
-                };
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                let body = answer(line.split(' ').nth(1).unwrap_or("/"));
                 let mut s = &stream;
                 let _ = write!(
                     s,
@@ -446,6 +437,71 @@ fn serve_page(lb: SocketAddr) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Serves [`PAGE`]; `/done` (an image the page waits for, so the load event and
+/// `--dump-dom` come after it) is answered once the page posted its result to `/result`.
+fn serve_page(lb: SocketAddr) -> SocketAddr {
+    let result: Arc<Mutex<Option<String>>> = Arc::default();
+    let page = PAGE.replace("LB", &lb.to_string());
+    serve_http(move |path| {
+        if let Some(r) = path.strip_prefix("/result?") {
+            *result.lock().unwrap() = Some(r.to_string());
+        } else if path == "/done" {
+            wait_until(Duration::from_secs(20), || result.lock().unwrap().is_some());
+        } else {
+            return page.clone();
+        }
+        String::new()
+    })
+}
+
+#[test]
+fn agent_reports_load_from_its_load_url_and_announces_public_bindings() {
+    let lb = Balancer::start(
+        &[
+            "--control",
+            "127.0.0.1:0",
+            "--heartbeat",
+            "200ms",
+            "--dispatch-path",
+            "/connect",
+        ],
+        &[],
+    );
+    let load = serve_http(|path| {
+        if path == "/load" {
+            "7\n".into()
+        } else {
+            String::new()
+        }
+    });
+    let balancer = format!("ws://{}/register", lb.control_addr());
+    let load_url = format!("http://{load}/load");
+    let _agent = common::Agent::start(
+        &[
+            "--balancer",
+            &balancer,
+            "--heartbeat",
+            "200ms",
+            "--public-binding",
+            "wss://agent.example/ws",
+            "--load-url",
+            &load_url,
+        ],
+        "agent-dispatch",
+        "agent-echo",
+    );
+    let reported = wait_until(TIMEOUT, || {
+        backends(&lb)
+            .get("agent-dispatch")
+            .is_some_and(|b| b["reported_load"] == 7)
+    });
+    assert!(reported, "no load 7 reported: {:?}", backends(&lb));
+    let (resp, json) = dispatch(&mut HttpClient::connect(lb.addr()), None);
+    assert_eq!(resp.status, 200);
+    assert_eq!(json["url"], "wss://agent.example/ws");
+    assert_eq!(json["guid"], "agent-dispatch");
 }
 
 #[test]
