@@ -785,19 +785,9 @@ fn status_page_in_headless_chromium_lists_registered_backends() {
     let profile = TempPath::new("chromium-profile");
     let url = format!("http://{}/", lb.control_addr());
     let mut cmd = Command::new(&browser);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-    ])
-    .arg(format!("--user-data-dir={}", profile.0.display()))
-    .args(["--dump-dom", &url]);
+    cmd.args(CHROMIUM_FLAGS)
+        .arg(format!("--user-data-dir={}", profile.0.display()))
+        .args(["--dump-dom", &url]);
     let (ok, dom, err) = run_with_deadline(cmd, Duration::from_secs(60));
     assert!(ok, "{} failed; stderr:\n{err}", browser.display());
     assert!(

@@ -520,17 +520,7 @@ fn browser_dispatch_then_direct_websocket() {
     let out = Command::new("timeout")
         .arg("60")
         .arg(&browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
+        .args(CHROMIUM_FLAGS)
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(["--dump-dom", &format!("http://{page}/")])
         .output()

@@ -72,18 +72,8 @@ impl TicketSigner {
         if ticket.len() > MAX_TICKET_LEN {
             return Err(TicketError::Malformed);
         }
-        let mac_dot = ticket
-            .iter()
-            .rposition(|&b| b == b'.')
-            .ok_or(TicketError::Malformed)?;
-        let (signed, mac_hex) = ticket.split_at(mac_dot);
-        let mac_hex = mac_hex.get(1..).ok_or(TicketError::Malformed)?;
-        let exp_dot = signed
-            .iter()
-            .rposition(|&b| b == b'.')
-            .ok_or(TicketError::Malformed)?;
-        let (id, exp) = signed.split_at(exp_dot);
-        let exp = exp.get(1..).ok_or(TicketError::Malformed)?;
+        let (signed, mac_hex) = split_last_dot(ticket)?;
+        let (id, exp) = split_last_dot(signed)?;
         let id = std::str::from_utf8(id)
             .ok()
             .filter(|id| valid_id(id))
@@ -100,6 +90,16 @@ impl TicketSigner {
         }
         Ok(expires)
     }
+}
+
+/// `a.b` at the last dot: `(a, b)`.
+fn split_last_dot(s: &[u8]) -> Result<(&[u8], &[u8]), TicketError> {
+    let dot = s
+        .iter()
+        .rposition(|&b| b == b'.')
+        .ok_or(TicketError::Malformed)?;
+    let (head, tail) = s.split_at(dot);
+    Ok((head, tail.get(1..).ok_or(TicketError::Malformed)?))
 }
 
 /// 1-20 decimal digits without a leading zero, fitting a u64 (one spelling per number).

@@ -92,59 +92,43 @@ impl Conn {
         } = asked;
         let answer = self.choose_public(ctx, &sticky);
         let mut out = Vec::with_capacity(512);
-        let status = match (&answer, how) {
+        // The head (ending with the blank line), then the sticky cookie added to it, then
+        // the body (for a WebSocket: its one message and the close frame).
+        let (status, body) = match (&answer, how) {
             (None, _) => {
                 let body = r#"{"error":"no backend available"}"#;
                 json_head(&mut out, "503 Service Unavailable", body.len(), close);
                 out.extend_from_slice(b"Retry-After: 1\r\n\r\n");
-                out.extend_from_slice(body.as_bytes());
-                503
+                (503, body.as_bytes().to_vec())
             }
             (Some(a), DispatchAs::Json) => {
                 json_head(&mut out, "200 OK", a.json.len(), close);
                 out.extend_from_slice(b"\r\n");
-                add_sticky_cookie(
-                    &mut out,
-                    &sticky,
-                    Some(a.backend),
-                    self.client.is_tls(),
-                    ctx,
-                );
-                out.extend_from_slice(a.json.as_bytes());
-                200
+                (200, a.json.clone().into_bytes())
             }
             (Some(a), DispatchAs::Redirect) => {
                 json_head(&mut out, "307 Temporary Redirect", a.json.len(), close);
                 out.extend_from_slice(b"Location: ");
                 out.extend_from_slice(a.url.as_bytes());
                 out.extend_from_slice(b"\r\n\r\n");
-                add_sticky_cookie(
-                    &mut out,
-                    &sticky,
-                    Some(a.backend),
-                    self.client.is_tls(),
-                    ctx,
-                );
-                out.extend_from_slice(a.json.as_bytes());
-                307
+                (307, a.json.clone().into_bytes())
             }
             (Some(a), DispatchAs::WebSocket(key)) => {
                 let accept = tungstenite::handshake::derive_accept_key(&key.0);
                 out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
                 out.extend_from_slice(accept.as_bytes());
                 out.extend_from_slice(b"\r\n\r\n");
-                add_sticky_cookie(
-                    &mut out,
-                    &sticky,
-                    Some(a.backend),
-                    self.client.is_tls(),
-                    ctx,
-                );
-                text_frame(a.json.as_bytes(), &mut out);
-                encode_close_reason(1000, "", None, &mut out);
-                101
+                let mut frames = Vec::with_capacity(a.json.len() + 8);
+                text_frame(a.json.as_bytes(), &mut frames);
+                encode_close_reason(1000, "", None, &mut frames);
+                (101, frames)
             }
         };
+        if let Some(a) = &answer {
+            let tls = self.client.is_tls();
+            add_sticky_cookie(&mut out, &sticky, Some(a.backend), tls, ctx);
+        }
+        out.extend_from_slice(&body);
         log::debug(
             "dispatch",
             &[

@@ -667,6 +667,20 @@ impl Drop for Agent {
     }
 }
 
+/// Headless Chromium without a sandbox, GPU, QUIC or background traffic (docs in
+/// /work/shared/PEERS.md); add `--user-data-dir=<fresh dir>` and the action (`--dump-dom URL`).
+pub const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+];
+
 /// The Python the tests drive third-party peers with: the project's virtual environment
 /// (`make test-deps` creates `.venv` and installs the peers there), else `python3`.
 pub fn python() -> PathBuf {
