@@ -326,7 +326,7 @@ fn redirect_websocket_and_bad_input() {
         lb.addr(),
         b"POST /connect HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     );
-    assert_eq!(post.status, 405);
+    assert_eq!((post.status, post.header("allow")), (405, Some("GET")));
 
     for (args, flag) in [
         (vec!["--dispatch-path", "connect"], "--dispatch-path"),

@@ -140,6 +140,12 @@ impl Conn {
         self.from_client.consume(head_len);
         self.to_client.head_vec().extend_from_slice(&out);
         ctx.stats.response(status);
+        ctx.events.emit(Event::BalancerAnswer {
+            client: self.id,
+            peer: self.peer,
+            status,
+            backend: answer.as_ref().and_then(|a| ctx.backends.name(a.backend)),
+        });
         if close || status == 101 {
             self.enter_closing(ctx.now);
         } else if let Phase::Head { started } = &mut self.phase {
