@@ -75,6 +75,18 @@ mod tests {
     }
 
     #[test]
+    fn backend_public_option() {
+        let b = crate::config::parse_backend(
+            "ws://127.0.0.1:1,public=wss://a.example/,weight=2,public=ws://b.example:80",
+        )
+        .unwrap();
+        assert_eq!(b.public, ["wss://a.example/", "ws://b.example:80"]);
+        assert_eq!(b.weight, 2);
+        assert!(crate::config::parse_backend("ws://127.0.0.1:1,public=").is_err());
+        assert!(crate::config::parse_backend("ws://127.0.0.1:1,public=ftp://x").is_err());
+    }
+
+    #[test]
     fn dispatch_paths() {
         assert_eq!(check_dispatch_path("/connect"), Ok(()));
         assert!(check_dispatch_path("connect").is_err());
