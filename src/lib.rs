@@ -36,7 +36,7 @@ pub mod ws;
 // Paths the fuzz targets, examples and tests have always used.
 pub use agent::cli as agent_cli;
 pub use backends::{balance, sticky};
-pub use net::{proxy_protocol, tls};
+pub use net::{proxy_protocol, ticket, tls};
 
 pub use config::{Config, ConfigError};
 pub use server::{run, Error, Outgoing, Server, ServerHandle, Target};

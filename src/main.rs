@@ -27,6 +27,11 @@ fn main() -> ExitCode {
                     .ok()
                     .filter(|t| !t.is_empty());
             }
+            if cfg.dispatch_secret.is_none() {
+                cfg.dispatch_secret = std::env::var("WSLB_DISPATCH_SECRET")
+                    .ok()
+                    .filter(|t| t.len() >= 16);
+            }
             if cfg.check {
                 return check(&cfg);
             }

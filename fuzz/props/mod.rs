@@ -43,6 +43,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("ws_inject", ws_inject),
     ("cidr", cidr),
     ("proxy_header", proxy_header),
+    ("dispatch_ticket", dispatch_ticket),
 ];
 
 /// A cheap deterministic hash, to derive choices (cut offsets, flags) from inputs that are
@@ -2292,6 +2293,48 @@ pub fn proxy_header(data: &[u8]) {
             let canon = |s: SocketAddr| (s.ip().to_canonical(), s.port());
             assert_eq!(canon(b.src), canon(a.src));
             assert_eq!(canon(b.dst), canon(a.dst));
+        }
+    }
+}
+
+/// `dispatch_ticket`: the ticket verifier a backend runs on untrusted query strings never
+/// panics; a ticket it accepts is one the signer issued (re-issuing it gives the same
+/// bytes); an issued ticket round-trips and any one changed byte is refused.
+pub fn dispatch_ticket(data: &[u8]) {
+    use wslb::ticket::{TicketError, TicketSigner, MAX_TICKET_LEN};
+    let signer = TicketSigner::new(b"fuzz dispatch secret");
+    let now = fnv(data) % 4_000_000_000;
+    match signer.verify(data, now, None) {
+        Ok(expires) => {
+            assert!(expires > now && data.len() <= MAX_TICKET_LEN);
+            let text = std::str::from_utf8(data).expect("accepted tickets are ASCII");
+            let guid = &text[..text.len() - 66 - expires.to_string().len()];
+            assert!(!guid.is_empty());
+            assert_eq!(signer.issue(guid, expires).as_deref(), Some(text));
+        }
+        Err(TicketError::OtherBackend) => unreachable!("no guid was given"),
+        Err(_) => {}
+    }
+    // A guid derived from the input: issue, verify, tamper.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:";
+    let guid: String = data
+        .iter()
+        .take(128)
+        .map(|&b| char::from(ALPHABET[usize::from(b) % ALPHABET.len()]))
+        .collect();
+    let expires = now + 1 + fnv(data) % 1000;
+    match signer.issue(&guid, expires) {
+        None => assert!(guid.is_empty()),
+        Some(t) => {
+            assert_eq!(signer.verify(t.as_bytes(), now, Some(&guid)), Ok(expires));
+            assert_eq!(
+                signer.verify(t.as_bytes(), expires, None),
+                Err(TicketError::Expired)
+            );
+            let i = (fnv(data) as usize) % t.len();
+            let mut bad = t.clone().into_bytes();
+            bad[i] ^= 0x01;
+            assert!(signer.verify(&bad, now, Some(&guid)).is_err());
         }
     }
 }

@@ -46,6 +46,8 @@ pub enum AgentCommand {
         drain_wait: Duration,
         /// `--local`: the messaging endpoint for the backend.
         local: Option<Box<LocalConfig>>,
+        /// `--load-url`: polled each heartbeat for the client count (dispatch mode).
+        load_url: Option<(std::net::SocketAddr, String)>,
     },
 }
 
@@ -67,6 +69,18 @@ fn options() -> getopts::Options {
         "",
         "binding",
         "where clients are sent: ws://IP:PORT or http://IP:PORT (repeatable)",
+        "URL",
+    );
+    o.optmulti(
+        "",
+        "public-binding",
+        "what dispatched clients connect to directly: ws:// wss:// http:// https:// URL (repeatable)",
+        "URL",
+    );
+    o.optopt(
+        "",
+        "load-url",
+        "http://IP:PORT/PATH answering the backend's live client count, polled each heartbeat and reported for dispatch mode",
         "URL",
     );
     o.optopt("", "guid", "stable backend id [default: random]", "ID");
@@ -181,6 +195,15 @@ pub fn parse_args(
     cfg.balancers = balancers;
     cfg.bindings = bindings;
     cfg.balancer_ca = m.opt_str("balancer-ca").map(Into::into);
+    cfg.public_bindings = m.opt_strs("public-binding");
+    if let Some(v) = cfg
+        .public_bindings
+        .iter()
+        .find(|u| crate::config::check_public_url(u).is_err())
+    {
+        let why = crate::config::check_public_url(v).err().unwrap_or_default();
+        return Err(bad("--public-binding", v, why));
+    }
     if let Some(g) = m.opt_str("guid") {
         cfg.guid = g;
     }
@@ -221,11 +244,16 @@ pub fn parse_args(
     };
     agent::validate(&cfg).map_err(flag_error)?;
     let local = local_endpoint(&m, env_local_token)?;
+    let load_url = match m.opt_str("load-url") {
+        Some(v) => Some(agent::load::parse_load_url(&v).map_err(|why| bad("--load-url", &v, why))?),
+        None => None,
+    };
     Ok(AgentCommand::Run {
         cfg: Box::new(cfg),
         child,
         drain_wait,
         local,
+        load_url,
     })
 }
 
@@ -278,7 +306,8 @@ pub fn main(args: &[String]) -> ExitCode {
             child,
             drain_wait,
             local,
-        }) => match run(*cfg, child, drain_wait, local) {
+            load_url,
+        }) => match run(*cfg, child, drain_wait, local, load_url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wslb agent: {e}");
@@ -300,13 +329,25 @@ pub fn run(
     child: Vec<String>,
     drain_wait: Duration,
     local: Option<Box<LocalConfig>>,
+    load_url: Option<(std::net::SocketAddr, String)>,
 ) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&term))
             .map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
+    let heartbeat = cfg.heartbeat;
     let agent = agent::spawn(cfg).map_err(|e| e.to_string())?;
+    let poller_stop = Arc::new(AtomicBool::new(false));
+    if let Some(url) = load_url {
+        agent::load::spawn_poller(
+            agent.load_reporter(),
+            url,
+            heartbeat,
+            Arc::clone(&poller_stop),
+        )
+        .map_err(|e| format!("cannot start the --load-url poller: {e}"))?;
+    }
     let mut env = Vec::new();
     if let Some(l) = &local {
         let bound = agent::local::start(l, agent.messenger())
@@ -346,6 +387,7 @@ pub fn run(
             late
         }
     });
+    poller_stop.store(true, Ordering::Relaxed);
     agent.stop();
     if let Some(s) = sup {
         s.shutdown();

@@ -156,6 +156,7 @@ pub(super) fn prepare(cfg: &AgentConfig) -> Result<Prepared, AgentError> {
         max_connections: cfg.max_connections,
         tags: cfg.tags.clone(),
         proxy_protocol: cfg.proxy_protocol,
+        public_bindings: cfg.public_bindings.clone(),
     });
     let register = encode_checked(&msg)?;
     let tls = if targets.iter().any(|t| t.tls) {

@@ -401,6 +401,14 @@ impl Link {
             }
             if now >= next_ping {
                 next_ping = now + self.heartbeat;
+                // Dispatch mode's count rides with the heartbeat (at least one per interval).
+                let load = registered_at.and(self.shared.lock().load);
+                if let Some(n) = load {
+                    let msg = Message::text(protocol::encode(&BackendMsg::Load(n)));
+                    if let Err(lost) = sent(ws.send(msg)) {
+                        break Err(lost);
+                    }
+                }
                 if let Err(lost) = sent(ws.send(Message::Ping(Bytes::new()))) {
                     break Err(lost);
                 }

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod cli;
+pub mod load;
 pub mod local;
 mod messages;
 
@@ -80,6 +81,8 @@ pub struct AgentConfig {
     pub tags: BTreeMap<String, String>,
     /// PROXY header the balancers put before each connection to this backend.
     pub proxy_protocol: Option<crate::net::proxy_protocol::Version>,
+    /// Issue 18: URLs dispatched clients connect to directly (`--public-binding`).
+    pub public_bindings: Vec<String>,
     /// Ping interval; 3 silent intervals mean the link is lost.
     pub heartbeat: Duration,
     /// First reconnect delay (and the floor of every jittered delay).
@@ -101,6 +104,7 @@ impl AgentConfig {
             weight: 1,
             max_connections: 0,
             proxy_protocol: None,
+            public_bindings: Vec::new(),
             tags: BTreeMap::new(),
             heartbeat: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
@@ -210,6 +214,8 @@ struct Board {
     running: usize,
     /// Messages to clients and their answers.
     mail: messages::Mailboxes,
+    /// Issue 18: the client count to report with each heartbeat (`load`).
+    load: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -251,6 +257,7 @@ pub fn spawn(cfg: AgentConfig) -> Result<Agent, AgentError> {
             drained: vec![false; n],
             running: 0,
             mail: messages::Mailboxes::new(n),
+            load: None,
         }),
         changed: Condvar::new(),
     });

@@ -3,6 +3,7 @@
 //! Knows nothing of client connections.
 
 pub mod balance;
+pub mod load;
 pub(crate) mod pool;
 pub mod rebalance;
 pub(crate) mod registry;

@@ -11,6 +11,7 @@ use rustls_pki_types::ServerName;
 use slab::Slab;
 
 use crate::backends::balance::{Algorithm, Candidate, Selector};
+use crate::backends::load::LoadView;
 use crate::backends::pool::{IdlePool, POOL_PER_BACKEND};
 use crate::config::{authority_host, is_tls_url, parse_backend_url, BackendSpec};
 use crate::control::protocol::Registration;
@@ -125,6 +126,8 @@ pub struct Backend {
     pub down_until: Option<Instant>,
     /// Times this backend was picked.
     pub selected: u64,
+    /// Issue 18: public bindings, reported and provisional load, dispatches.
+    pub dispatch: crate::backends::load::DispatchLoad,
     idle: IdlePool,
 }
 
@@ -160,6 +163,9 @@ pub struct Registry {
     pool_max: usize,
     /// Connections this process opened, so its listeners can recognise them.
     pub self_dial: crate::netpolicy::SelfDial,
+    /// Which load `pick` compares; [`Registry::choose_for_dispatch`] switches it for one
+    /// choice so that dispatching goes through the same `route::choose` as proxying.
+    view: crate::backends::load::LoadView,
 }
 
 impl Registry {
@@ -190,6 +196,7 @@ impl Registry {
         );
         b.max_connections = s.max_connections;
         b.proxy = s.proxy;
+        b.dispatch.public = s.public.clone();
         b.source = source;
         Some(self.backends.insert(b))
     }
@@ -274,6 +281,7 @@ impl Registry {
         b.weight = reg.weight;
         b.max_connections = reg.max_connections;
         b.tags = reg.tags.clone();
+        b.dispatch.public = reg.public_bindings.clone();
         if b.proxy != reg.proxy_protocol {
             b.idle.clear();
             b.proxy = reg.proxy_protocol;
@@ -423,7 +431,10 @@ impl Registry {
                 }
                 self.scratch.push(Candidate {
                     id,
-                    active: b.active,
+                    active: match self.view {
+                        LoadView::Active => b.active,
+                        LoadView::Reported => b.dispatch.load(),
+                    },
                     weight: b.weight,
                 });
             }
@@ -550,6 +561,35 @@ impl Registry {
         }
     }
 
+    /// A `load` report from backend `id`.
+    pub fn report_load(&mut self, id: usize, clients: u32) {
+        if let Some(b) = self.backends.get_mut(id) {
+            b.dispatch.report(clients);
+        }
+    }
+
+    /// Runs one choice (`route::choose`) the way dispatching needs it: the algorithm
+    /// compares reported + provisional load, and backends without a public binding or at
+    /// their `max_connections` by that load are excluded. The sticky rules and states are
+    /// the proxy's own. Returns the choice and its public URL, counted as dispatched.
+    pub fn choose_for_dispatch(
+        &mut self,
+        choose: impl FnOnce(&mut Registry, &[usize]) -> Option<usize>,
+    ) -> Option<(usize, String)> {
+        let exclude: Vec<usize> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| !b.dispatch.has_room(b.max_connections))
+            .map(|(id, _)| id)
+            .collect();
+        self.view = LoadView::Reported;
+        let id = choose(self, &exclude);
+        self.view = LoadView::Active;
+        let id = id.filter(|id| !exclude.contains(id))?;
+        let url = self.backends.get_mut(id)?.dispatch.dispatch()?.to_string();
+        Some((id, url))
+    }
+
     /// Iterates all backends.
     pub fn iter(&self) -> impl Iterator<Item = (usize, &Backend)> {
         self.backends.iter()
@@ -585,6 +625,7 @@ impl Backend {
             failures: 0,
             down_until: None,
             selected: 0,
+            dispatch: Default::default(),
             idle: IdlePool::default(),
             connect_failed_log: log::Repeated::every(Duration::from_secs(10)),
         }

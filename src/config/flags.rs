@@ -132,6 +132,24 @@ fn options() -> getopts::Options {
     );
     o.optopt(
         "",
+        "dispatch-path",
+        "answer there with a backend's public binding (JSON, ?redirect=1, or WebSocket) instead of proxying [default: off]",
+        "PATH",
+    );
+    o.optopt(
+        "",
+        "dispatch-secret",
+        "sign dispatched URLs with an HMAC ticket (or env WSLB_DISPATCH_SECRET) [default: no ticket]",
+        "SECRET",
+    );
+    o.optopt(
+        "",
+        "dispatch-ttl",
+        "lifetime of a dispatch answer and its ticket [default: 60s]",
+        "DUR",
+    );
+    o.optopt(
+        "",
         "sticky-max-age",
         "lifetime of sticky cookies [default: 24h]",
         "DUR",
@@ -473,6 +491,19 @@ fn session_flags(m: &getopts::Matches, cfg: &mut Config) -> Result<(), ConfigErr
             return Err(bad("--sticky-secret", "", "use at least 16 characters"));
         }
         cfg.sticky_secret = Some(v);
+    }
+    if let Some(v) = m.opt_str("dispatch-path") {
+        check_dispatch_path(&v).map_err(|why| bad("--dispatch-path", &v, why))?;
+        cfg.dispatch_path = Some(v);
+    }
+    if let Some(v) = m.opt_str("dispatch-secret") {
+        if v.len() < 16 {
+            return Err(bad("--dispatch-secret", "", "use at least 16 characters"));
+        }
+        cfg.dispatch_secret = Some(v);
+    }
+    if let Some(v) = m.opt_str("dispatch-ttl") {
+        cfg.dispatch_ttl = parse_duration(&v).map_err(|why| bad("--dispatch-ttl", &v, why))?;
     }
     if let Some(v) = m.opt_str("sticky-max-age") {
         cfg.sticky_max_age = parse_duration(&v).map_err(|why| bad("--sticky-max-age", &v, why))?;

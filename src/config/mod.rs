@@ -111,6 +111,8 @@ pub struct BackendSpec {
     pub max_connections: u32,
     /// `proxy=v1|v2`: a PROXY header naming the client opens every connection to it.
     pub proxy: Option<crate::net::proxy_protocol::Version>,
+    /// `public=URL` (repeatable): what dispatched clients connect to (issue 18).
+    pub public: Vec<String>,
 }
 
 /// Everything the balancer needs to run.
@@ -219,6 +221,13 @@ pub struct Config {
     pub backends_file: Option<std::path::PathBuf>,
     /// Issue 17: backends messaging clients over the control channel.
     pub messaging: Messaging,
+    /// Issue 18: `--dispatch-path`: the proxy listener answers there with a backend's
+    /// public binding instead of proxying (off when `None`).
+    pub dispatch_path: Option<String>,
+    /// `--dispatch-secret` / env `WSLB_DISPATCH_SECRET`: dispatched URLs carry a signed ticket.
+    pub dispatch_secret: Option<String>,
+    /// `--dispatch-ttl`: how long a dispatch answer (and its ticket) stays valid.
+    pub dispatch_ttl: Duration,
 }
 
 impl Default for Config {
@@ -271,6 +280,9 @@ impl Default for Config {
             verbosity: 1,
             check: false,
             messaging: Messaging::default(),
+            dispatch_path: None,
+            dispatch_secret: None,
+            dispatch_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -372,9 +384,11 @@ impl Default for Messaging {
     }
 }
 
+mod dispatch;
 mod flags;
 mod values;
 
+pub use dispatch::*;
 pub use flags::parse_args;
 pub use values::*;
 

@@ -67,6 +67,7 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
     let mut weight = 1u32;
     let mut max_connections = 0u32;
     let mut proxy = None;
+    let mut public = Vec::new();
     for opt in parts {
         match opt.trim().split_once('=') {
             Some(("weight", w)) => {
@@ -86,9 +87,13 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
                         .ok_or("proxy must be v1 or v2")?,
                 )
             }
+            Some(("public", url)) if public.len() < super::MAX_PUBLIC_BINDINGS => {
+                super::check_public_url(url.trim())?;
+                public.push(url.trim().to_string());
+            }
             _ => {
                 return Err(
-                    "unknown backend option; expected weight=N, max_connections=N or proxy=v1|v2",
+                    "unknown backend option; expected weight=N, max_connections=N, proxy=v1|v2 or public=URL",
                 )
             }
         }
@@ -103,6 +108,7 @@ pub fn parse_backend(v: &str) -> Result<BackendSpec, &'static str> {
         tls: is_tls_url(url),
         max_connections,
         proxy,
+        public,
     })
 }
 

@@ -149,6 +149,7 @@ impl Live {
                 "weight": r.weight, "active": r.active, "selected": r.selected,
                 "rate": s.rate, "up_s": s.up, "down_s": s.down,
                 "bindings": r.bindings, "heard": r.heard_secs_ago,
+                "dispatches": r.dispatch.1,
             }));
         }
         let snapshot = json!({
@@ -279,6 +280,7 @@ mod tests {
             tags: vec![],
             source: "registration",
             max_connections: 0,
+            dispatch: (Vec::new(), 0, None),
         }
     }
 

@@ -36,6 +36,9 @@ pub struct Registration {
     /// `proxy_protocol: "v1" | "v2"`: start every connection to this backend with a PROXY
     /// header naming the client, so it sees client addresses without parsing HTTP.
     pub proxy_protocol: Option<crate::net::proxy_protocol::Version>,
+    /// Issue 18, optional: URLs clients connect to directly when dispatched (empty = the
+    /// backend is never dispatched to).
+    pub public_bindings: Vec<String>,
 }
 
 /// A message from a backend.
@@ -47,6 +50,9 @@ pub enum BackendMsg {
     Drain,
     /// Leave the pool now.
     Deregister,
+    /// Issue 18: `{"type":"load","clients":N}`: the backend's live client count, which
+    /// the balancer cannot see for dispatched clients.
+    Load(u32),
 }
 
 /// Why a control message was refused. [`ControlError::code`] is the wire `code`.
@@ -238,7 +244,27 @@ fn registration(obj: &Map<String, Value>) -> Result<Registration, ControlError> 
                 ))?,
         ),
     };
+    let public_bindings = match obj.get("public_bindings") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(l)) if l.len() <= crate::config::MAX_PUBLIC_BINDINGS => l
+            .iter()
+            .map(|u| {
+                u.as_str()
+                    .filter(|u| crate::config::check_public_url(u).is_ok())
+                    .map(str::to_string)
+                    .ok_or(ControlError::BadField(
+                        "public_bindings must be ws:// wss:// http:// https:// URLs",
+                    ))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ControlError::BadField(
+                "public_bindings must be a list of up to 16 URLs",
+            ))
+        }
+    };
     Ok(Registration {
+        public_bindings,
         guid,
         bindings,
         addrs,
@@ -262,6 +288,14 @@ pub fn decode(text: &str) -> Result<BackendMsg, ControlError> {
         Some("register") => registration(&obj).map(BackendMsg::Register),
         Some("drain") => Ok(BackendMsg::Drain),
         Some("deregister") => Ok(BackendMsg::Deregister),
+        Some("load") => obj
+            .get("clients")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .map(BackendMsg::Load)
+            .ok_or(ControlError::BadField(
+                "clients must be a non-negative integer",
+            )),
         _ => Err(ControlError::UnknownType),
     }
 }
@@ -283,10 +317,14 @@ pub fn encode(msg: &BackendMsg) -> String {
             if let (Some(p), Some(o)) = (r.proxy_protocol, v.as_object_mut()) {
                 o.insert("proxy_protocol".into(), p.as_str().into());
             }
+            if let (false, Some(o)) = (r.public_bindings.is_empty(), v.as_object_mut()) {
+                o.insert("public_bindings".into(), r.public_bindings.clone().into());
+            }
             v.to_string()
         }
         BackendMsg::Drain => json!({"type": "drain"}).to_string(),
         BackendMsg::Deregister => json!({"type": "deregister"}).to_string(),
+        BackendMsg::Load(n) => json!({"type": "load", "clients": n}).to_string(),
     }
 }
 

@@ -37,6 +37,8 @@ pub enum ControlEvent {
     Drain,
     /// Leave the pool.
     Deregister,
+    /// Issue 18: the backend's live client count.
+    Load(u32),
     /// An admin API request to answer with [`ControlConn::respond`].
     Admin(Box<AdminRequest>),
     /// A messaging request (or why it could not be read), to answer with `sent`/`failed`.
@@ -454,6 +456,9 @@ impl ControlConn {
                     Ok(Incoming::Control(BackendMsg::Drain)) => events.push(ControlEvent::Drain),
                     Ok(Incoming::Control(BackendMsg::Deregister)) => {
                         events.push(ControlEvent::Deregister)
+                    }
+                    Ok(Incoming::Control(BackendMsg::Load(n))) => {
+                        events.push(ControlEvent::Load(n))
                     }
                     Ok(Incoming::Request(r)) => events.push(ControlEvent::Message(Box::new(Ok(r)))),
                     Err(Refusal::Failed(id, e)) => {

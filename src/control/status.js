@@ -64,7 +64,7 @@
     for (const b of snap.backends) {
       const tr = el("tr", { class: b.state, "data-name": b.name });
       const state = b.down && b.state === "ready" ? "ready (backing off)" : b.state;
-      for (const v of [state, b.name, b.bindings.join(" "), b.weight, b.active, b.selected,
+      for (const v of [state, b.name, b.bindings.join(" "), b.weight, b.active, b.selected, b.dispatches,
         `${b.rate}/s · ${b.up_s}↑ ${b.down_s}↓ msg/s` + (b.heard === null ? "" : ` · heard ${b.heard}s ago`)]) {
         tr.appendChild(el("td", {}, String(v)));
       }

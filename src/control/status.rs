@@ -34,6 +34,8 @@ pub struct BackendRow {
     pub source: &'static str,
     /// Most connections at once; 0 = no limit.
     pub max_connections: u32,
+    /// Issue 18: public bindings, times dispatched, last reported client count.
+    pub dispatch: (Vec<String>, u64, Option<u32>),
 }
 
 fn esc(s: &str) -> String {
@@ -54,6 +56,8 @@ pub fn backends_json(rows: &[BackendRow]) -> Value {
                     "selected": b.selected, "last_heartbeat_secs_ago": b.heard_secs_ago,
                     "down": b.down, "source": b.source,
                     "max_connections": b.max_connections,
+                    "public_bindings": b.dispatch.0, "dispatches": b.dispatch.1,
+                    "reported_load": b.dispatch.2,
                     "tags": b.tags.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str())))
                         .collect::<serde_json::Map<String, Value>>(),
                 })
@@ -95,7 +99,7 @@ figure{{margin:0}}figcaption{{font-size:11px;color:#555}}svg.chart{{border:1px s
     }
     o.push_str(
         "<table id=\"backends\"><tr><th>state</th><th>name / guid</th><th>bindings</th><th>weight</th>\
-<th>active</th><th>selected</th><th>last heartbeat / rate</th><th></th></tr>",
+<th>active</th><th>selected</th><th>dispatches</th><th>last heartbeat / rate</th><th></th></tr>",
     );
     for b in rows {
         let heard = b
@@ -108,13 +112,14 @@ figure{{margin:0}}figcaption{{font-size:11px;color:#555}}svg.chart{{border:1px s
         };
         let _ = write!(
             o,
-            "<tr class=\"{cls}\"><td>{state}</td><td>{name}</td><td>{bind}</td><td>{w}</td><td>{a}</td><td>{s}</td><td>{heard}</td><td></td></tr>",
+            "<tr class=\"{cls}\"><td>{state}</td><td>{name}</td><td>{bind}</td><td>{w}</td><td>{a}</td><td>{s}</td><td>{d}</td><td>{heard}</td><td></td></tr>",
             cls = b.state,
             name = esc(b.guid.as_deref().unwrap_or(&b.name)),
             bind = esc(&b.bindings.join(" ")),
             w = b.weight,
             a = b.active,
             s = b.selected,
+            d = b.dispatch.1,
         );
     }
     o.push_str(
@@ -144,6 +149,7 @@ mod tests {
             tags: vec![("zone".into(), "a".into())],
             source: "registration",
             max_connections: 0,
+            dispatch: (Vec::new(), 0, None),
         }];
         let note = ["rebalancing on: up to 50 closes/s, 7 so far".to_string()];
         let html = status_html(&rows, 5, 1, 9, "0.1.0", (Some(42), 1024), &note);

@@ -339,6 +339,10 @@ pub fn write_error(status: u16, close: bool, out: &mut Vec<u8>) {
         // RFC 9110 §11.6.1: a 401 names the scheme that would work.
         out.extend_from_slice(b"WWW-Authenticate: Bearer realm=\"wslb\"\r\n");
     }
+    if status == 405 {
+        // RFC 9110 §15.5.6: a 405 lists the methods that would work (the dispatch path's).
+        out.extend_from_slice(b"Allow: GET\r\n");
+    }
     if status == 426 {
         out.extend_from_slice(b"Sec-WebSocket-Version: 13\r\n");
     }

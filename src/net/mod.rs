@@ -6,5 +6,6 @@ pub(crate) mod endpoint;
 pub(crate) mod fdlimit;
 pub(crate) mod fdpass;
 pub mod proxy_protocol;
+pub mod ticket;
 pub mod tls;
 pub(crate) mod transport;

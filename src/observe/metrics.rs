@@ -99,6 +99,8 @@ pub struct BackendSample<'a> {
     pub active: u32,
     /// Times selected.
     pub selected: u64,
+    /// Times dispatched (issue 18).
+    pub dispatched: u64,
 }
 
 /// A per-backend series: name, type, help, and how to read the value.
@@ -329,7 +331,7 @@ pub fn render(
         "WebSocket tunnels open.",
     );
     let _ = writeln!(o, "wslb_websocket_active {active_tunnels}");
-    let per_backend: [PerBackend; 2] = [
+    let per_backend: [PerBackend; 3] = [
         (
             "wslb_backend_active_connections",
             "gauge",
@@ -341,6 +343,12 @@ pub fn render(
             "counter",
             "Times each backend was chosen.",
             |b| b.selected,
+        ),
+        (
+            "wslb_dispatches_total",
+            "counter",
+            "Clients dispatched to each backend's public binding (--dispatch-path).",
+            |b| b.dispatched,
         ),
     ];
     for (name, kind, help, value) in per_backend {
@@ -390,6 +398,7 @@ mod tests {
             state: "ready",
             active: 2,
             selected: 7,
+            dispatched: 4,
         }];
         let text = render(&s, 1, 0, 5, &b);
         assert!(text.contains("wslb_connections_accepted_total 3\n"));

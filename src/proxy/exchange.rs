@@ -193,6 +193,8 @@ pub(super) enum Admission {
     /// No backend is eligible: 503. `close`: the connection cannot carry another request
     /// (the client asked to close, or an unread body would be taken for the next request).
     Unavailable { close: bool },
+    /// A request to `--dispatch-path`: answered with a backend's public binding.
+    Dispatch(super::dispatch::DispatchAs),
 }
 
 /// Decides what becomes of a request head (see [`Admission`]).
@@ -202,6 +204,9 @@ pub(super) fn admit(
     backends: &Registry,
     draining: bool,
 ) -> Admission {
+    if let Some(dispatch) = super::dispatch::classify(req, cfg) {
+        return dispatch;
+    }
     let refuse = |status, why| Admission::Refuse(Refusal { status, why });
     let ws_key = if req.wants_websocket {
         match handshake::validate_request(req) {
@@ -259,6 +264,10 @@ impl Conn {
                 );
                 self.fail(ctx, r.status);
                 return Step::Progress;
+            }
+            Admission::Dispatch(how) => {
+                let asked = super::dispatch::Asked::of(&req, self.peer, ctx);
+                return self.answer_dispatch(ctx, asked, how);
             }
             Admission::Unavailable { close } => {
                 log::debug("no backend", &[("client", &self.id)]);
@@ -695,5 +704,47 @@ mod tests {
             admit_raw(&bad_version, &Config::default(), &backends(1), false),
             Admission::Refuse(Refusal { status: 426, .. })
         ));
+    }
+
+    #[test]
+    fn the_dispatch_path_is_answered_by_the_balancer() {
+        let cfg = Config {
+            dispatch_path: Some("/connect".into()),
+            ..Config::default()
+        };
+        // Whatever the backends: the answer (or its 503) is the dispatcher's.
+        let none = backends(0);
+        let get = "GET /connect?foo=1&x HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(
+            admit_raw(get, &cfg, &none, false),
+            Admission::Dispatch(super::super::dispatch::DispatchAs::Json)
+        );
+        let redirect = "GET /connect?a=b&redirect=1 HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(
+            admit_raw(redirect, &cfg, &none, false),
+            Admission::Dispatch(super::super::dispatch::DispatchAs::Redirect)
+        );
+        let upgrade = UPGRADE.replace("/chat", "/connect");
+        assert!(matches!(
+            admit_raw(&upgrade, &cfg, &none, false),
+            Admission::Dispatch(super::super::dispatch::DispatchAs::WebSocket(_))
+        ));
+        let post = "POST /connect HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            admit_raw(post, &cfg, &none, false),
+            Admission::Refuse(Refusal { status: 405, .. })
+        ));
+        // Other paths, and a prefix of the path, are proxied as before.
+        for other in ["GET /connected HTTP/1.1\r\nHost: a\r\n\r\n", GET] {
+            assert_eq!(
+                admit_raw(other, &cfg, &backends(1), false),
+                Admission::Forward(None)
+            );
+        }
+        // Off by default.
+        assert_eq!(
+            admit_raw(get, &Config::default(), &backends(1), false),
+            Admission::Forward(None)
+        );
     }
 }

@@ -31,6 +31,7 @@ use crate::ws::frames::{encode_close_reason, Direction, FrameError, FrameTracker
 use crate::ws::handshake::{self, WsKey};
 use std::collections::VecDeque;
 
+mod dispatch;
 mod exchange;
 mod leg;
 mod messaging;
@@ -123,6 +124,8 @@ pub struct Ctx<'a> {
     pub hooks: Option<&'a mut (dyn Hooks + 'static)>,
     /// Signs and checks sticky cookies (cookie mode only).
     pub signer: Option<&'a crate::backends::sticky::CookieSigner>,
+    /// Signs dispatch tickets (`--dispatch-secret`).
+    pub tickets: Option<&'a crate::net::ticket::TicketSigner>,
     /// Conditions logged once per interval with a count.
     pub logs: &'a mut RepeatedLogs,
 }

@@ -139,6 +139,10 @@ impl Server {
                 let identity = c.identity.clone();
                 self.register_backend(key, gen, owned, *reg, peer, identity);
             }
+            ControlEvent::Load(n) => match owned {
+                Some(id) => self.backends.report_load(id, n),
+                None => c.refuse(&ControlError::NotRegistered),
+            },
             ControlEvent::Drain => match owned {
                 Some(id) => {
                     log::info(

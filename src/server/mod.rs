@@ -77,6 +77,7 @@ macro_rules! ctx {
             events: &mut $s.events,
             hooks: $s.hooks.as_deref_mut(),
             signer: $s.signer.as_ref(),
+            tickets: $s.tickets.as_ref(),
             logs: &mut $s.repeated_logs,
         }
     };
@@ -103,6 +104,8 @@ pub struct Server {
     events: EventSink,
     hooks: Option<Box<dyn Hooks>>,
     signer: Option<crate::backends::sticky::CookieSigner>,
+    /// `--dispatch-secret`: signs dispatch tickets (issue 18).
+    tickets: Option<crate::net::ticket::TicketSigner>,
     started: Instant,
     commands: (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     /// Proxy listeners; `true` = TLS.

@@ -90,6 +90,11 @@ impl Server {
                 tags: b.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 source: b.source.as_str(),
                 max_connections: b.max_connections,
+                dispatch: (
+                    b.dispatch.public.clone(),
+                    b.dispatch.dispatched,
+                    b.dispatch.reported,
+                ),
             })
             .collect()
     }
@@ -119,6 +124,7 @@ impl AdminApi for Server {
                 state: r.state,
                 active: r.active,
                 selected: r.selected,
+                dispatched: r.dispatch.1,
             })
             .collect();
         let uptime = self.started.elapsed().as_secs();

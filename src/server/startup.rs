@@ -210,6 +210,10 @@ impl Server {
             events,
             hooks: None,
             signer,
+            tickets: cfg
+                .dispatch_secret
+                .as_deref()
+                .map(|s| crate::net::ticket::TicketSigner::new(s.as_bytes())),
             started: Instant::now(),
             commands: mpsc::channel(),
             listeners,

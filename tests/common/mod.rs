@@ -667,6 +667,20 @@ impl Drop for Agent {
     }
 }
 
+/// Headless Chromium without a sandbox, GPU, QUIC or background traffic (docs in
+/// /work/shared/PEERS.md).
+pub const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+];
+
 /// The Python the tests drive third-party peers with: the project's virtual environment
 /// (`make test-deps` creates `.venv` and installs the peers there), else `python3`.
 pub fn python() -> PathBuf {
@@ -694,17 +708,7 @@ pub fn venv_tool(name: &str) -> PathBuf {
 /// work) and a fresh profile in `profile`; the caller adds what to do.
 pub fn headless_chromium(browser: &std::path::Path, profile: &std::path::Path) -> Command {
     let mut cmd = Command::new(browser);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()));
+    cmd.args(CHROMIUM_FLAGS)
+        .arg(format!("--user-data-dir={}", profile.display()));
     cmd
 }

@@ -147,3 +147,51 @@ fn answers_are_json() {
     let v: Value = serde_json::from_str(&unreachable("ws://10.0.0.1:9")).unwrap();
     assert_eq!(v["reason"], "unreachable");
 }
+
+#[test]
+fn dispatch_fields_public_bindings_and_load() {
+    // Optional: a version-1 registration without it has none, and encodes without it.
+    let BackendMsg::Register(r) = decode(GOOD).unwrap() else {
+        panic!()
+    };
+    assert!(r.public_bindings.is_empty());
+    assert!(!encode(&BackendMsg::Register(r)).contains("public_bindings"));
+    let with = GOOD.replace(
+        r#""weight":3"#,
+        r#""weight":3,"public_bindings":["wss://ws1.example.com/","ws://10.0.0.5:80"]"#,
+    );
+    let Ok(BackendMsg::Register(r)) = decode(&with) else {
+        panic!()
+    };
+    assert_eq!(r.public_bindings.len(), 2);
+    let again = decode(&encode(&BackendMsg::Register(r.clone()))).unwrap();
+    assert_eq!(again, BackendMsg::Register(r));
+    for bad in [r#"["ftp://x"]"#, r#""ws://a""#, r#"[1]"#, r#"["ws://a b"]"#] {
+        let msg = GOOD.replace(
+            r#""weight":3"#,
+            &format!(r#""weight":3,"public_bindings":{bad}"#),
+        );
+        assert!(
+            matches!(decode(&msg), Err(ControlError::BadField(_))),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        decode(r#"{"type":"load","clients":12}"#),
+        Ok(BackendMsg::Load(12))
+    );
+    assert_eq!(
+        decode(&encode(&BackendMsg::Load(7))),
+        Ok(BackendMsg::Load(7))
+    );
+    for bad in [
+        r#"{"type":"load"}"#,
+        r#"{"type":"load","clients":-1}"#,
+        r#"{"type":"load","clients":5000000000}"#,
+    ] {
+        assert!(
+            matches!(decode(bad), Err(ControlError::BadField(_))),
+            "{bad}"
+        );
+    }
+}
