@@ -1087,6 +1087,21 @@ fn silent_client_is_closed_at_header_timeout() {
 }
 
 #[test]
+fn header_timeout_restarts_after_a_kept_alive_503() {
+    // The 503 is the balancer's own answer (no backend) and keeps the connection: the
+    // header timeout must run from the next request, not from the first one.
+    let lb = Balancer::start(&["--header-timeout", "1s", "--idle-timeout", "10s"], &[]);
+    let mut c = HttpClient::connect(lb.addr());
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let first = c.read_response().unwrap();
+    assert_eq!(first.status, 503);
+    assert_ne!(first.header("connection"), Some("close"));
+    thread::sleep(Duration::from_millis(1500));
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 503);
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed_at_idle_timeout() {
     let b = Backend::start("a");
     let lb = Balancer::start(&["--idle-timeout", "1s"], &[&b]);

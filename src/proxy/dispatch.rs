@@ -148,11 +148,8 @@ impl Conn {
         });
         if close || status == 101 {
             self.enter_closing(ctx.now);
-        } else if let Phase::Head { started } = &mut self.phase {
-            // Answered without leaving `Head` (no exchange): the header timeout restarts
-            // for the next request, as `enter_head` does after an exchange; otherwise it
-            // would run from the first request of this keep-alive connection.
-            *started = (!self.from_client.is_empty()).then_some(ctx.now);
+        } else {
+            self.answered_in_head(ctx.now);
         }
         Step::Progress
     }

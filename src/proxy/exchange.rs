@@ -283,6 +283,8 @@ impl Conn {
                 ctx.stats.response(503);
                 if close {
                     self.enter_closing(ctx.now);
+                } else {
+                    self.answered_in_head(ctx.now);
                 }
                 return Step::Progress;
             }

@@ -97,6 +97,17 @@ impl Conn {
         let started = (!self.from_client.is_empty()).then_some(now);
         self.enter(Phase::Head { started });
     }
+
+    /// A request answered by the balancer itself without leaving `Head` (no backend, a
+    /// dispatch answer) on a connection kept alive: the header timeout restarts for the
+    /// next request, as `enter_head` does after an exchange; otherwise it would keep
+    /// running from the first request of the connection.
+    pub(super) fn answered_in_head(&mut self, now: Instant) {
+        let pending = !self.from_client.is_empty();
+        if let Phase::Head { started } = &mut self.phase {
+            *started = pending.then_some(now);
+        }
+    }
 }
 
 #[cfg(test)]
