@@ -76,6 +76,15 @@ impl Outbox {
         }
     }
 
+    /// Frees the head storage once it is all written: a tunnel rarely queues a head again
+    /// (only the balancer's own frames), so thousands of idle tunnels keep none.
+    pub fn shed_written_head(&mut self) {
+        if self.head_pos >= self.head.len() && self.head.capacity() > 0 {
+            self.head = Vec::new();
+            self.head_pos = 0;
+        }
+    }
+
     /// Writes as much as the socket takes (and any TLS records pending, even with nothing
     /// queued here). Returns bytes written, or the blocking outcome.
     pub fn flush(&mut self, stream: &mut Transport, ready: &mut Ready) -> Io {

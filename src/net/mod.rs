@@ -8,4 +8,5 @@ pub(crate) mod fdpass;
 pub mod proxy_protocol;
 pub mod ticket;
 pub mod tls;
+pub(crate) mod tls_server;
 pub(crate) mod transport;

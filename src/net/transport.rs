@@ -10,6 +10,8 @@ use std::net::Shutdown;
 
 use mio::net::TcpStream;
 
+use super::tls_server::ServerTls;
+
 /// Outcome of one non-blocking read or write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Io {
@@ -58,8 +60,10 @@ impl Ready {
 pub enum Transport {
     /// Plain TCP.
     Plain(TcpStream),
-    /// TLS over TCP (server side for clients, client side for backends).
+    /// TLS over TCP, client side (to `wss://` backends).
     Tls(Box<TlsStream>),
+    /// TLS over TCP, server side (clients), on buffers freed while idle.
+    TlsServer(Box<ServerTls>),
 }
 
 /// A socket and its rustls state.
@@ -90,6 +94,7 @@ impl Transport {
         match self {
             Transport::Plain(s) => s,
             Transport::Tls(t) => &t.sock,
+            Transport::TlsServer(t) => t.socket(),
         }
     }
 
@@ -98,6 +103,7 @@ impl Transport {
         match self {
             Transport::Plain(s) => s,
             Transport::Tls(t) => &mut t.sock,
+            Transport::TlsServer(t) => t.socket_mut(),
         }
     }
 
@@ -106,6 +112,7 @@ impl Transport {
         match self {
             Transport::Plain(_) => false,
             Transport::Tls(t) => t.conn.is_handshaking(),
+            Transport::TlsServer(t) => t.state().is_handshaking(),
         }
     }
 
@@ -114,12 +121,13 @@ impl Transport {
         match self {
             Transport::Plain(_) => None,
             Transport::Tls(t) => crate::net::tls::client_cert_name(&t.conn),
+            Transport::TlsServer(t) => crate::net::tls::client_cert_name(t.state()),
         }
     }
 
     /// Is this a TLS stream?
     pub fn is_tls(&self) -> bool {
-        matches!(self, Transport::Tls(_))
+        matches!(self, Transport::Tls(_) | Transport::TlsServer(_))
     }
 
     /// rustls has bytes to put on the wire.
@@ -127,6 +135,7 @@ impl Transport {
         match self {
             Transport::Plain(_) => false,
             Transport::Tls(t) => t.conn.wants_write(),
+            Transport::TlsServer(t) => t.wants_write(),
         }
     }
 
@@ -158,6 +167,7 @@ impl Transport {
                     },
                 };
             },
+            Transport::TlsServer(t) => t.read(ready, dst),
             Transport::Tls(t) => loop {
                 // Plaintext already decrypted comes first: no socket edge will announce it.
                 match t.conn.reader().read(dst) {
@@ -234,6 +244,7 @@ impl Transport {
                     },
                 };
             },
+            Transport::TlsServer(t) => t.write_pair(ready, first, second),
             Transport::Tls(t) => {
                 let mut writer = t.conn.writer();
                 let mut total = 0;
@@ -260,8 +271,10 @@ impl Transport {
 
     /// Puts pending TLS records on the wire until done or the socket would block.
     pub fn flush_tls(&mut self, ready: &mut Ready) -> Io {
-        let Transport::Tls(t) = self else {
-            return Io::WouldBlock;
+        let t = match self {
+            Transport::Plain(_) => return Io::WouldBlock,
+            Transport::TlsServer(t) => return t.flush(ready),
+            Transport::Tls(t) => t,
         };
         let mut total = 0;
         while t.conn.wants_write() && ready.writable {
@@ -284,8 +297,10 @@ impl Transport {
 
     /// Ends our sending side (TLS: close_notify first).
     pub fn shutdown_write(&mut self, ready: &mut Ready) {
-        if let Transport::Tls(t) = self {
-            t.conn.send_close_notify();
+        match self {
+            Transport::Tls(t) => t.conn.send_close_notify(),
+            Transport::TlsServer(t) => t.close_notify(),
+            Transport::Plain(_) => {}
         }
         let _ = self.flush_tls(ready);
         let _ = self.socket().shutdown(Shutdown::Write);

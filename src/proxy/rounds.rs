@@ -134,7 +134,12 @@ impl Conn {
             return Ok(());
         }
         match leg.to_backend.flush(&mut leg.stream, &mut leg.ready) {
-            Io::Progress(_) => r.progress = true,
+            Io::Progress(_) => {
+                r.progress = true;
+                if matches!(self.phase, Phase::Tunnel(_)) {
+                    leg.to_backend.shed_written_head();
+                }
+            }
             Io::Failed if matches!(self.phase, Phase::Tunnel(_) | Phase::Closing { .. }) => {
                 leg.eof = true;
                 leg.aborted = true;
@@ -250,7 +255,12 @@ impl Conn {
     fn write_client(&mut self, r: &mut Round) -> Flow {
         if !self.marks.flush_queued {
             match self.to_client.flush(&mut self.client, &mut self.c_ready) {
-                Io::Progress(_) => r.progress = true,
+                Io::Progress(_) => {
+                    r.progress = true;
+                    if matches!(self.phase, Phase::Tunnel(_)) {
+                        self.to_client.shed_written_head();
+                    }
+                }
                 Io::Failed => return Err(Step::Done),
                 _ => {}
             }

@@ -157,8 +157,8 @@ impl Server {
         sock: mio::net::TcpStream,
         cfg: &Arc<rustls::ServerConfig>,
     ) -> Option<Transport> {
-        match crate::net::tls::accept(cfg) {
-            Ok(conn) => Some(Transport::Tls(Box::new(TlsStream::new(sock, conn)))),
+        match crate::net::tls_server::ServerTls::new(sock, cfg) {
+            Ok(tls) => Some(Transport::TlsServer(Box::new(tls))),
             Err(e) => {
                 log::error("tls setup failed", &[("error", &e)]);
                 None

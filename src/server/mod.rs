@@ -27,7 +27,7 @@ use crate::control::protocol::{self as control_protocol, ControlError};
 use crate::control::session::{ControlConn, ControlDrive, ControlEvent};
 use crate::hooks::Hooks;
 use crate::net::fdlimit;
-use crate::net::transport::{TlsStream, Transport};
+use crate::net::transport::Transport;
 use crate::observe::events::{Event, EventSink};
 use crate::observe::log;
 use crate::observe::metrics::{self, BackendSample, Stats};

@@ -1,0 +1,500 @@
+//! Server-side TLS on buffers we own (rustls' unbuffered API), so that an idle TLS client
+//! holds no read or write buffer at all, as a plain one does.
+//!
+//! rustls' buffered `ServerConnection` keeps a 4 KiB read buffer per connection for its whole
+//! life (it shrinks to 4 KiB, never to 0) plus its own queues: with thousands of idle secure
+//! WebSockets that buffer was the largest item per connection. Here the TLS bytes read and
+//! the records to send live in storage taken from a small per-thread free list when there is
+//! something to hold and given back as soon as it is empty.
+//!
+//! The interface mirrors the buffered stream's in [`super::transport`]: `read` hands out
+//! plaintext (decrypting what has arrived, reading the socket when the edge allows), `write`
+//! encrypts plaintext into the outgoing records, `flush` puts them on the wire.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use mio::net::TcpStream;
+use rustls::server::{ServerConfig, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
+
+use super::transport::{Io, Ready};
+
+/// The largest TLS record on the wire (rustls' bound: 16 KiB of payload, 2 KiB of
+/// expansion, 5 bytes of header). Every storage block holds one.
+const RECORD_MAX: usize = 16 * 1024 + 2048 + 5;
+
+/// A handshake message may span records up to 64 KiB (rustls' own limit, e.g. a client
+/// certificate chain); the read storage grows that far for it and no further.
+const INCOMING_MAX: usize = 0xffff + RECORD_MAX;
+
+/// Plaintext encrypted per `write`: one full record.
+const PLAINTEXT_PER_WRITE: usize = 16 * 1024;
+
+/// Storage blocks kept for reuse by busy connections (bounded, so a burst does not pin
+/// memory: 64 × 18 KiB).
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_block() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0; RECORD_MAX])
+}
+
+fn give_back(block: Vec<u8>) {
+    // Only standard blocks go back; one grown for a large handshake message is freed.
+    if block.len() == RECORD_MAX {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(block);
+            }
+        });
+    }
+}
+
+/// An accepted client socket and its server-side TLS state.
+pub struct ServerTls {
+    sock: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// TLS bytes read and not processed yet: `incoming[..used]` (no storage while empty).
+    incoming: Vec<u8>,
+    used: usize,
+    /// Records to send: `outgoing[sent..queued]` (no storage while empty).
+    outgoing: Vec<u8>,
+    sent: usize,
+    queued: usize,
+    /// Decrypted bytes the reader had no room for: `plain[plain_pos..]`.
+    plain: Vec<u8>,
+    plain_pos: usize,
+    /// The client's close_notify arrived: reads end once `plain` is handed out.
+    peer_closed: bool,
+    /// A TLS error ended the connection.
+    failed: bool,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("sock", &self.sock)
+            .field("handshaking", &self.conn.is_handshaking())
+            .field("incoming", &self.used)
+            .field("outgoing", &(self.queued - self.sent))
+            .field("plain", &(self.plain.len() - self.plain_pos))
+            .finish()
+    }
+}
+
+impl ServerTls {
+    /// Starts the server side of a handshake on a freshly accepted socket.
+    pub fn new(sock: TcpStream, cfg: &Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(ServerTls {
+            sock,
+            conn: UnbufferedServerConnection::new(cfg.clone())?,
+            incoming: Vec::new(),
+            used: 0,
+            outgoing: Vec::new(),
+            sent: 0,
+            queued: 0,
+            plain: Vec::new(),
+            plain_pos: 0,
+            peer_closed: false,
+            failed: false,
+        })
+    }
+
+    /// The socket, for registration and shutdown.
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// The socket, for (de)registration.
+    pub fn socket_mut(&mut self) -> &mut TcpStream {
+        &mut self.sock
+    }
+
+    /// rustls' view of the connection (handshake state, peer certificates).
+    pub fn state(&self) -> &rustls::CommonState {
+        &self.conn
+    }
+
+    /// Records wait to be sent.
+    pub fn wants_write(&self) -> bool {
+        self.sent < self.queued
+    }
+
+    /// Reads plaintext into `dst`: first what was decrypted earlier, then records already
+    /// read, then the socket (only while `ready.readable`).
+    pub fn read(&mut self, ready: &mut Ready, dst: &mut [u8]) -> Io {
+        let mut n = self.take_plain(dst);
+        let mut fresh = false;
+        loop {
+            if n > 0 {
+                self.shed();
+                self.keep_reading_if_pending(ready);
+                return Io::Progress(n);
+            }
+            if self.failed {
+                return Io::Failed;
+            }
+            if self.used > 0 || fresh {
+                match self.process(dst) {
+                    Ok(k) => n += k,
+                    Err(e) => return self.fail(&e),
+                }
+                fresh = false;
+                if n > 0 {
+                    continue;
+                }
+            }
+            if self.peer_closed {
+                return Io::Eof;
+            }
+            if !ready.readable {
+                self.shed();
+                return Io::WouldBlock;
+            }
+            if self.used == self.incoming.len() && !self.grow_incoming() {
+                return self.fail(&"a handshake message over 64 KiB");
+            }
+            let room = self.incoming.len() - self.used;
+            match self.sock.read(&mut self.incoming[self.used..]) {
+                Ok(0) => return Io::Eof,
+                Ok(k) => {
+                    self.used += k;
+                    fresh = true;
+                    // A short read emptied the socket (see the plain stream's read).
+                    if k < room && !ready.read_closed {
+                        ready.readable = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.readable = false;
+                    self.shed();
+                    return Io::WouldBlock;
+                }
+                Err(_) => return Io::Failed,
+            }
+        }
+    }
+
+    /// Encrypts up to one record of `first` then `second` into the outgoing records (call
+    /// [`ServerTls::flush`] after). Nothing is taken during the handshake or while two
+    /// records already wait to be sent.
+    pub fn write_pair(&mut self, ready: &mut Ready, first: &[u8], second: &[u8]) -> Io {
+        if self.failed {
+            return Io::Failed;
+        }
+        if self.conn.is_handshaking() || self.queued - self.sent >= RECORD_MAX {
+            return Io::WouldBlock;
+        }
+        let mut total = 0;
+        for part in [first, second] {
+            let take = part.len().min(PLAINTEXT_PER_WRITE - total);
+            let Some(chunk) = part.get(..take).filter(|c| !c.is_empty()) else {
+                continue;
+            };
+            let encrypted = self.encrypt(Some(chunk));
+            // Records decrypted on the way wait in `plain`: the owner must come and read.
+            self.keep_reading_if_pending(ready);
+            match encrypted {
+                Ok(()) => total += take,
+                Err(e) => return self.fail(&e),
+            }
+            if take < part.len() {
+                break;
+            }
+        }
+        if total == 0 {
+            Io::WouldBlock
+        } else {
+            Io::Progress(total)
+        }
+    }
+
+    /// Queues a close_notify (once the handshake is done; before, closing the socket is all
+    /// there is to say).
+    pub fn close_notify(&mut self) {
+        if !self.failed && !self.conn.is_handshaking() {
+            if let Err(e) = self.encrypt(None) {
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// Puts queued records on the wire until done or the socket would block.
+    pub fn flush(&mut self, ready: &mut Ready) -> Io {
+        let mut total = 0;
+        while self.sent < self.queued && ready.writable {
+            match self.sock.write(&self.outgoing[self.sent..self.queued]) {
+                Ok(0) => return Io::Failed,
+                Ok(n) => {
+                    self.sent += n;
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.writable = false,
+                Err(_) => return Io::Failed,
+            }
+        }
+        if self.sent == self.queued {
+            self.release_outgoing();
+        }
+        if total > 0 {
+            Io::Progress(total)
+        } else {
+            Io::WouldBlock
+        }
+    }
+
+    /// The owner reads only while `ready.readable`, and no socket edge will announce bytes
+    /// already decrypted or records already read: keep the bit set while any wait.
+    fn keep_reading_if_pending(&self, ready: &mut Ready) {
+        if self.used > 0 || self.plain_pos < self.plain.len() {
+            ready.readable = true;
+        }
+    }
+
+    fn fail(&mut self, why: &dyn std::fmt::Display) -> Io {
+        crate::observe::log::debug("tls error", &[("error", &why)]);
+        self.failed = true;
+        Io::Failed
+    }
+
+    fn take_plain(&mut self, dst: &mut [u8]) -> usize {
+        let pending = self.plain.get(self.plain_pos..).unwrap_or_default();
+        let n = pending.len().min(dst.len());
+        if let (Some(d), Some(s)) = (dst.get_mut(..n), pending.get(..n)) {
+            d.copy_from_slice(s);
+        }
+        self.plain_pos += n;
+        if self.plain_pos >= self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_pos = 0;
+        }
+        n
+    }
+
+    /// Runs rustls over the records read until it needs more input or has nothing more to
+    /// do; decrypted bytes go to `dst`, what does not fit to `plain`. Stops once `dst` is
+    /// full so that undelivered plaintext stays bounded by one record.
+    fn process(&mut self, dst: &mut [u8]) -> Result<usize, rustls::Error> {
+        let mut delivered = 0;
+        loop {
+            let UnbufferedStatus { mut discard, state } = self
+                .conn
+                .process_tls_records(self.incoming.get_mut(..self.used).unwrap_or_default());
+            let stop = match state? {
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record?;
+                        discard += record.discard;
+                        let room = dst.get_mut(delivered..).unwrap_or_default();
+                        let n = room.len().min(record.payload.len());
+                        if let (Some(d), Some(s)) = (room.get_mut(..n), record.payload.get(..n)) {
+                            d.copy_from_slice(s);
+                        }
+                        delivered += n;
+                        self.plain
+                            .extend_from_slice(record.payload.get(n..).unwrap_or_default());
+                    }
+                    delivered == dst.len()
+                }
+                ConnectionState::EncodeTlsData(mut encoder) => {
+                    encode_into(
+                        &mut self.outgoing,
+                        &mut self.sent,
+                        &mut self.queued,
+                        &mut |out| encoder.encode(out).map_err(encode_error),
+                    )
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                    false
+                }
+                // The records wait in `outgoing` until `flush`; rustls only needs to know
+                // they are taken care of.
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    false
+                }
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    false
+                }
+                ConnectionState::Closed => {
+                    self.peer_closed = true;
+                    true
+                }
+                ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => true,
+                // Early data is never enabled in our configuration; a newer state is not one
+                // this loop knows how to serve.
+                _ => return Err(rustls::Error::General("unexpected TLS state".into())),
+            };
+            self.discard(discard);
+            if stop {
+                return Ok(delivered);
+            }
+        }
+    }
+
+    fn discard(&mut self, n: usize) {
+        let n = n.min(self.used);
+        if n > 0 {
+            self.incoming.copy_within(n..self.used, 0);
+            self.used -= n;
+        }
+    }
+
+    /// Encrypts `plaintext` (or a close_notify) into `outgoing`, encoding first whatever
+    /// handshake records rustls has queued (a key update, session tickets). Records that
+    /// arrived meanwhile are decrypted into `plain` for the next read.
+    fn encrypt(&mut self, plaintext: Option<&[u8]>) -> Result<(), EncryptOrTls> {
+        loop {
+            let UnbufferedStatus { mut discard, state } = self
+                .conn
+                .process_tls_records(self.incoming.get_mut(..self.used).unwrap_or_default());
+            let done = match state.map_err(EncryptOrTls::Tls)? {
+                ConnectionState::WriteTraffic(mut writer) => Some(encode_into(
+                    &mut self.outgoing,
+                    &mut self.sent,
+                    &mut self.queued,
+                    &mut |out| match plaintext {
+                        Some(data) => writer.encrypt(data, out),
+                        None => writer.queue_close_notify(out),
+                    },
+                )),
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(EncryptOrTls::Tls)?;
+                        discard += record.discard;
+                        self.plain.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut encoder) => {
+                    encode_into(
+                        &mut self.outgoing,
+                        &mut self.sent,
+                        &mut self.queued,
+                        &mut |out| encoder.encode(out).map_err(encode_error),
+                    )?;
+                    None
+                }
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    None
+                }
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    None
+                }
+                _ => Some(Err(EncryptOrTls::Tls(rustls::Error::General(
+                    "cannot write in this TLS state".into(),
+                )))),
+            };
+            self.discard(discard);
+            if let Some(result) = done {
+                return result;
+            }
+        }
+    }
+
+    fn grow_incoming(&mut self) -> bool {
+        if self.incoming.is_empty() {
+            self.incoming = take_block();
+            return true;
+        }
+        if self.incoming.len() >= INCOMING_MAX {
+            return false;
+        }
+        let to = (self.incoming.len() * 2).min(INCOMING_MAX);
+        self.incoming.resize(to, 0);
+        true
+    }
+
+    /// Gives back storage that holds nothing (called when a read stops).
+    fn shed(&mut self) {
+        if self.used == 0 && !self.incoming.is_empty() {
+            give_back(std::mem::take(&mut self.incoming));
+        }
+    }
+
+    fn release_outgoing(&mut self) {
+        self.sent = 0;
+        self.queued = 0;
+        if !self.outgoing.is_empty() {
+            give_back(std::mem::take(&mut self.outgoing));
+        }
+    }
+}
+
+impl Drop for ServerTls {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.incoming));
+        give_back(std::mem::take(&mut self.outgoing));
+    }
+}
+
+/// Appends what `produce` writes to `outgoing[queued..]`, growing the storage to the size
+/// rustls asks for.
+fn encode_into(
+    outgoing: &mut Vec<u8>,
+    sent: &mut usize,
+    queued: &mut usize,
+    produce: &mut dyn FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> Result<(), EncryptOrTls> {
+    if outgoing.is_empty() {
+        *outgoing = take_block();
+    } else if *sent > 0 {
+        outgoing.copy_within(*sent..*queued, 0);
+        *queued -= *sent;
+        *sent = 0;
+    }
+    loop {
+        match produce(outgoing.get_mut(*queued..).unwrap_or_default()) {
+            Ok(n) => {
+                *queued += n;
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                let want = *queued + required_size;
+                if want <= outgoing.len() {
+                    // rustls asked for no more than there is: do not loop on it.
+                    return Err(EncryptOrTls::Encrypt(EncryptError::EncryptExhausted));
+                }
+                outgoing.resize(want, 0);
+            }
+            Err(e) => return Err(EncryptOrTls::Encrypt(e)),
+        }
+    }
+}
+
+fn encode_error(e: EncodeError) -> EncryptError {
+    match e {
+        EncodeError::InsufficientSize(s) => EncryptError::InsufficientSize(s),
+        // Each chunk is encoded once by construction; treat a repeat as exhausted.
+        EncodeError::AlreadyEncoded => EncryptError::EncryptExhausted,
+    }
+}
+
+/// Why encrypting failed: the record layer, or the connection state.
+#[derive(Debug)]
+enum EncryptOrTls {
+    Encrypt(EncryptError),
+    Tls(rustls::Error),
+}
+
+impl std::fmt::Display for EncryptOrTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EncryptOrTls::Encrypt(e) => e.fmt(f),
+            EncryptOrTls::Tls(e) => e.fmt(f),
+        }
+    }
+}
