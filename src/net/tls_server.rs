@@ -498,3 +498,187 @@ impl std::fmt::Display for EncryptOrTls {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::tls::{client_config, server_config, CertPair};
+    use std::time::{Duration, Instant};
+
+    fn server_cfg() -> Arc<ServerConfig> {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("wslb-tls-server-{}-{seq}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        server_config(&[CertPair { cert, key }]).unwrap()
+    }
+
+    /// A rustls client on a blocking socket (its own thread) against a `ServerTls` driven
+    /// here, readiness re-armed each pass as epoll would after every edge.
+    fn pair() -> (ServerTls, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let server = ServerTls::new(TcpStream::from_std(sock), &server_cfg()).unwrap();
+        (server, client)
+    }
+
+    fn client_stream(
+        sock: std::net::TcpStream,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+        let cfg = client_config(None, true).unwrap();
+        let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+        rustls::StreamOwned::new(conn, sock)
+    }
+
+    fn armed() -> Ready {
+        Ready {
+            readable: true,
+            writable: true,
+            read_closed: false,
+        }
+    }
+
+    /// Echoes until the client's close_notify; reads into a small buffer so records are
+    /// handed out in pieces.
+    fn echo_until_eof(server: &mut ServerTls, dst_len: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut pending = Vec::new();
+        let mut dst = vec![0u8; dst_len];
+        loop {
+            assert!(Instant::now() < deadline, "echo did not finish: {server:?}");
+            let mut ready = armed();
+            match server.read(&mut ready, &mut dst) {
+                Io::Progress(n) => pending.extend_from_slice(&dst[..n]),
+                Io::Eof => break,
+                Io::Failed => panic!("server failed: {server:?}"),
+                Io::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+            }
+            while !pending.is_empty() {
+                let mut ready = armed();
+                let _ = server.flush(&mut ready);
+                match server.write_pair(&mut ready, &pending, &[]) {
+                    Io::Progress(n) => drop(pending.drain(..n)),
+                    Io::WouldBlock => break,
+                    other => panic!("write: {other:?}"),
+                }
+            }
+            let _ = server.flush(&mut armed());
+        }
+    }
+
+    #[test]
+    fn echoes_in_pieces_across_a_key_update_and_closes_cleanly() {
+        let (mut server, sock) = pair();
+        let client = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut tls = client_stream(sock);
+            let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let mut echoed = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            for (i, piece) in data.chunks(37_000).enumerate() {
+                if i == 3 {
+                    tls.conn.refresh_traffic_keys().unwrap();
+                }
+                tls.write_all(piece).unwrap();
+                tls.flush().unwrap();
+                let want = (i * 37_000 + piece.len()).min(data.len());
+                while echoed.len() < want {
+                    let n = tls.read(&mut buf).unwrap();
+                    assert!(n > 0, "eof after {} bytes", echoed.len());
+                    echoed.extend_from_slice(&buf[..n]);
+                }
+            }
+            assert!(echoed == data, "echo differs");
+            tls.conn.send_close_notify();
+            tls.flush().unwrap();
+            let mut rest = Vec::new();
+            // The server answers with its own close_notify: a clean end, no truncation error.
+            tls.read_to_end(&mut rest).map(|_| rest.len())
+        });
+        echo_until_eof(&mut server, 777);
+        server.close_notify();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.wants_write() && Instant::now() < deadline {
+            let _ = server.flush(&mut armed());
+        }
+        let _ = server.socket().shutdown(std::net::Shutdown::Write);
+        assert_eq!(client.join().unwrap().unwrap(), 0);
+    }
+
+    #[test]
+    fn an_idle_connection_holds_no_buffer() {
+        let (mut server, sock) = pair();
+        let client = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut tls = client_stream(sock);
+            tls.write_all(&[1u8; 20_000]).unwrap();
+            tls.flush().unwrap();
+            let mut got = 0;
+            let mut buf = vec![0u8; 65536];
+            while got < 20_000 {
+                got += tls.read(&mut buf).unwrap();
+            }
+            tls
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut echoed = 0;
+        let mut dst = vec![0u8; 16384];
+        while echoed < 20_000 {
+            assert!(Instant::now() < deadline);
+            let mut ready = armed();
+            if let Io::Progress(n) = server.read(&mut ready, &mut dst) {
+                let mut off = 0;
+                while off < n {
+                    let _ = server.flush(&mut armed());
+                    if let Io::Progress(k) = server.write_pair(&mut armed(), &dst[off..n], &[]) {
+                        off += k;
+                    }
+                }
+                echoed += n;
+            }
+            let _ = server.flush(&mut armed());
+        }
+        let _tls = client.join().unwrap();
+        // The next read finds nothing: storage goes back.
+        assert_eq!(server.read(&mut armed(), &mut dst), Io::WouldBlock);
+        assert!(!server.wants_write());
+        assert_eq!(
+            (
+                server.incoming.capacity(),
+                server.outgoing.capacity(),
+                server.plain.capacity()
+            ),
+            (0, 0, 0),
+            "{server:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_fails_the_connection_without_panicking() {
+        use std::io::Write;
+        let (mut server, mut sock) = pair();
+        sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut dst = [0u8; 1024];
+        loop {
+            assert!(Instant::now() < deadline);
+            match server.read(&mut armed(), &mut dst) {
+                Io::Failed => break,
+                Io::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(server.write_pair(&mut armed(), b"x", &[]), Io::Failed);
+    }
+}
