@@ -228,6 +228,72 @@ asyncio.run(main())
 }
 
 #[test]
+fn openssl_clients_resume_sessions_and_move_large_messages() {
+    // Python's ssl module is OpenSSL: a client we did not write, checking that sessions
+    // resume (stateless tickets, TLS 1.2 and 1.3) and that messages larger than a record
+    // cross the balancer's own TLS buffers intact both ways.
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("localhost", &["localhost"]);
+    let a = Backend::start("resume");
+    let lb = Balancer::start(&tls_args(&cert, &key), &[&a]);
+    let script = format!(
+        r#"
+import asyncio, socket, ssl, websockets
+ca, port = {ca:?}, {port}
+def get(ctx, session=None):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            body = b""
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                body += d
+            assert body.startswith(b"HTTP/1.1 200"), body[:80]
+            return s.session, s.session_reused, s.version()
+for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ctx.maximum_version = version
+    session, reused, v = get(ctx)
+    assert not reused
+    _, reused, v2 = get(ctx, session)
+    print(v, v2, "resumed" if reused else "full")
+async def big():
+    ctx = ssl.create_default_context(cafile=ca)
+    async with websockets.connect(f"wss://localhost:{{port}}/", ssl=ctx, max_size=None, open_timeout=10) as ws:
+        for size in (16383, 16384, 16385, 70000, 1000000):
+            data = bytes(i % 251 for i in range(size))
+            await ws.send(data)
+            assert await asyncio.wait_for(ws.recv(), 10) == data, size
+    print("large ok")
+asyncio.run(big())
+"#,
+        ca = pki.ca.to_str().unwrap(),
+        port = lb.tls_addr().port()
+    );
+    let out = Command::new(common::python())
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "TLSv1.2 TLSv1.2 resumed",
+            "TLSv1.3 TLSv1.3 resumed",
+            "large ok"
+        ],
+        "{stdout}"
+    );
+}
+
+#[test]
 fn sni_selects_the_matching_certificate() {
     let pki = Pki::new();
     let (c1, k1) = pki.leaf("one", &["localhost"]);
