@@ -146,7 +146,10 @@ impl ServerTls {
             if self.used > 0 || fresh {
                 match self.process(dst) {
                     Ok(k) => n += k,
-                    Err(e) => return self.fail(&e),
+                    Err(e) => {
+                        self.send_alert(ready);
+                        return self.fail(&e);
+                    }
                 }
                 fresh = false;
                 if n > 0 {
@@ -260,6 +263,34 @@ impl ServerTls {
         if self.used > 0 || self.plain_pos < self.plain.len() {
             ready.readable = true;
         }
+    }
+
+    /// Last gasp after a TLS error: rustls queued an alert saying why (protocol version,
+    /// handshake failure, bad record); encode it and try to put it on the wire once.
+    fn send_alert(&mut self, ready: &mut Ready) {
+        // Only while rustls has records queued: each call then hands out one before looking
+        // at the input again (processing input after an error would fail it twice). An
+        // empty input keeps rustls from reading anything more.
+        let mut budget = 4;
+        while self.conn.wants_write() && budget > 0 {
+            budget -= 1;
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            let Ok(ConnectionState::EncodeTlsData(mut encoder)) = state else {
+                break;
+            };
+            if encode_into(
+                &mut self.outgoing,
+                &mut self.sent,
+                &mut self.queued,
+                &mut |out| encoder.encode(out).map_err(encode_error),
+            )
+            .is_err()
+            {
+                break;
+            }
+        }
+        ready.writable = true;
+        let _ = self.flush(ready);
     }
 
     fn fail(&mut self, why: &dyn std::fmt::Display) -> Io {
@@ -680,5 +711,10 @@ mod tests {
             }
         }
         assert_eq!(server.write_pair(&mut armed(), b"x", &[]), Io::Failed);
+        // The client is told why: a TLS alert record (content type 21).
+        use std::io::Read;
+        let mut alert = [0u8; 7];
+        sock.read_exact(&mut alert).unwrap();
+        assert_eq!(alert[0], 21, "{alert:?}");
     }
 }
