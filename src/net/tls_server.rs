@@ -473,16 +473,16 @@ impl Drop for ServerTls {
 }
 
 /// Appends what `produce` writes to `outgoing[queued..]`, growing the storage to the size
-/// rustls asks for.
+/// rustls asks for: small records (a WebSocket message, a close_notify, a ticket) get an
+/// allocation of their own size, so a client that does not read holds what it is owed and
+/// not a full block; records of 4 KiB and more use a pooled block.
 fn encode_into(
     outgoing: &mut Vec<u8>,
     sent: &mut usize,
     queued: &mut usize,
     produce: &mut dyn FnMut(&mut [u8]) -> Result<usize, EncryptError>,
 ) -> Result<(), EncryptOrTls> {
-    if outgoing.is_empty() {
-        *outgoing = take_block();
-    } else if *sent > 0 {
+    if *sent > 0 {
         outgoing.copy_within(*sent..*queued, 0);
         *queued -= *sent;
         *sent = 0;
@@ -499,7 +499,11 @@ fn encode_into(
                     // rustls asked for no more than there is: do not loop on it.
                     return Err(EncryptOrTls::Encrypt(EncryptError::EncryptExhausted));
                 }
-                outgoing.resize(want, 0);
+                if outgoing.is_empty() && (4096..=RECORD_MAX).contains(&want) {
+                    *outgoing = take_block();
+                } else {
+                    outgoing.resize(want, 0);
+                }
             }
             Err(e) => return Err(EncryptOrTls::Encrypt(e)),
         }
