@@ -8,6 +8,9 @@
 //! loadgen http    --target ADDR [--conns 64] [--secs 10] [--warmup 0] [--path /]
 //! loadgen ws-rate --target ADDR [--conns 8] [--secs 5] [--warmup 0]
 //! loadgen ws-hold --target ADDR [--n 10000] [--parallel 256] [--echo 1|0]
+//! loadgen tls-hs  --target ADDR [--conns 8] [--secs 5] [--warmup 0] [--resume]
+//! (TLS, all but tls-hs need --tls: [--tls] [--tls-version 1.2|1.3] [--ca FILE] [--sni NAME]
+//!  [--label NAME])
 //! loadgen free-ports [--n 1]
 //! loadgen report --in RAW.jsonl --json OUT.json --md OUT.md
 //! ```
@@ -20,6 +23,13 @@
 //! `"ready"` line, then holds them idle until stdin closes (or SIGTERM), and prints a final
 //! line with how many were lost meanwhile. An op still unanswered a second after the end of
 //! the run counts as a `stalled` error.
+//!
+//! `--tls` runs ws-echo, ws-hold, http (or ws-rate) over TLS (module `tls`, in
+//! `examples/loadgen/tls.rs`): full handshakes only, certificates not verified unless
+//! `--ca`; the JSON then has `tls` (version, suite, group negotiated). `tls-hs`: one op =
+//! TCP connect + TLS handshake + close_notify + close; `--resume` adds `resumed`,
+//! `resumed_frac`, `tickets_missing` (see the module). `--label NAME` replaces the
+//! `scenario` name in the JSON (bench/run.sh: one name per certificate and version).
 //!
 //! `report` turns the records `bench/run.sh` collected (one JSON object a line: `meta`,
 //! `run`, `mem`, `size`) into the summary JSON and the markdown table: medians over rounds,
@@ -40,6 +50,9 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
 
+#[path = "loadgen/tls.rs"]
+mod tls;
+
 /// Connect + handshake (and any single op) must finish within this, else an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// An op outstanding longer than this when the run ends is reported as `stalled`.
@@ -55,6 +68,7 @@ enum Scenario {
     Http,
     WsRate,
     WsHold,
+    TlsHs,
 }
 
 #[derive(Clone)]
@@ -70,6 +84,10 @@ struct Cfg {
     parallel: usize,
     /// ws-hold: one echo on each connection before holding it (`--echo 0`: upgrade only).
     hold_echo: bool,
+    /// `--tls` (always for tls-hs).
+    tls: Option<tls::Opts>,
+    /// `--label`: the scenario name to report.
+    label: Option<String>,
 }
 
 fn main() {
@@ -80,14 +98,35 @@ fn main() {
         let Some(name) = a.strip_prefix("--") else {
             usage(&format!("unexpected argument {a}"))
         };
+        if FLAGS.contains(&name) {
+            opts.insert(name.to_string(), "1".into());
+            continue;
+        }
         let v = args
             .next()
             .unwrap_or_else(|| usage(&format!("{a} needs a value")));
         opts.insert(name.to_string(), v);
     }
     let known = [
-        "target", "conns", "size", "secs", "warmup", "path", "threads", "n", "parallel", "echo",
-        "in", "json", "md",
+        "target",
+        "conns",
+        "size",
+        "secs",
+        "warmup",
+        "path",
+        "threads",
+        "n",
+        "parallel",
+        "echo",
+        "in",
+        "json",
+        "md",
+        "tls",
+        "tls-version",
+        "ca",
+        "sni",
+        "resume",
+        "label",
     ];
     if let Some(k) = opts.keys().find(|k| !known.contains(&k.as_str())) {
         usage(&format!("unknown option --{k}"));
@@ -105,6 +144,7 @@ fn main() {
         "http" => Scenario::Http,
         "ws-rate" => Scenario::WsRate,
         "ws-hold" => Scenario::WsHold,
+        "tls-hs" => Scenario::TlsHs,
         "free-ports" => return free_ports(num("n", 1.0) as usize),
         "report" => {
             let get = |k: &str| {
@@ -122,7 +162,7 @@ fn main() {
         .parse()
         .unwrap_or_else(|_| usage("--target must be IP:PORT"));
     let default_conns = match scenario {
-        Scenario::WsRate => 8.0,
+        Scenario::WsRate | Scenario::TlsHs => 8.0,
         Scenario::WsHold => num("n", 10000.0),
         _ => 64.0,
     };
@@ -133,7 +173,7 @@ fn main() {
         size: num("size", 128.0) as usize,
         secs: num(
             "secs",
-            if scenario == Scenario::WsRate {
+            if matches!(scenario, Scenario::WsRate | Scenario::TlsHs) {
                 5.0
             } else {
                 10.0
@@ -151,16 +191,30 @@ fn main() {
         threads: (num("threads", 1.0) as usize).clamp(1, 64),
         parallel: (num("parallel", 256.0) as usize).max(1),
         hold_echo: num("echo", 1.0) > 0.0,
+        tls: (scenario == Scenario::TlsHs || opts.contains_key("tls")).then(|| {
+            tls::Opts::new(
+                opts.get("tls-version").map(String::as_str),
+                opts.get("ca").cloned(),
+                opts.get("sni").map_or("localhost", String::as_str),
+                opts.contains_key("resume"),
+            )
+            .unwrap_or_else(|| usage("--tls-version must be 1.2 or 1.3, --sni a name or IP"))
+        }),
+        label: opts.get("label").cloned(),
     };
     let result = run(&cfg);
     println!("{result}");
 }
 
+/// Options that take no value.
+const FLAGS: [&str; 2] = ["tls", "resume"];
+
 fn usage(msg: &str) -> ! {
     eprintln!(
-        "loadgen: {msg}\nusage: loadgen ws-echo|http|ws-rate|ws-hold|free-ports --target ADDR \
-         [--conns N] [--size BYTES] [--secs S] [--warmup S] [--path P] [--threads N] [--n N] \
-         [--parallel N] [--echo 0|1]"
+        "loadgen: {msg}\nusage: loadgen ws-echo|http|ws-rate|ws-hold|tls-hs|free-ports \
+         --target ADDR [--conns N] [--size BYTES] [--secs S] [--warmup S] [--path P] \
+         [--threads N] [--n N] [--parallel N] [--echo 0|1] [--tls] [--tls-version 1.2|1.3] \
+         [--ca FILE] [--sni NAME] [--resume] [--label NAME]"
     );
     process::exit(2)
 }
@@ -184,6 +238,11 @@ struct Stats {
     reconnects: u64,
     held: u64,
     lost: u64,
+    /// tls-hs: handshakes that resumed a session, and TLS 1.3 ones that saw no ticket.
+    resumed: u64,
+    tickets_missing: u64,
+    /// TLS: what the first established connection negotiated.
+    tls: Option<String>,
 }
 
 impl Stats {
@@ -200,6 +259,9 @@ impl Stats {
         self.reconnects += o.reconnects;
         self.held += o.held;
         self.lost += o.lost;
+        self.resumed += o.resumed;
+        self.tickets_missing += o.tickets_missing;
+        self.tls = self.tls.take().or(o.tls);
     }
 }
 
@@ -214,6 +276,9 @@ fn run(cfg: &Cfg) -> serde_json::Value {
         let (cfg, barrier, stop, ready_tx) =
             (cfg.clone(), barrier.clone(), stop.clone(), ready_tx.clone());
         handles.push(thread::spawn(move || {
+            if cfg.scenario == Scenario::TlsHs {
+                return tls::HsWorker::new(cfg, share).run(&barrier);
+            }
             Worker::new(cfg, share).run(&barrier, &stop, &ready_tx)
         }));
     }
@@ -258,7 +323,9 @@ fn report(cfg: &Cfg, mut s: Stats) -> serde_json::Value {
         Scenario::Http => "http",
         Scenario::WsRate => "ws-rate",
         Scenario::WsHold => "ws-hold",
+        Scenario::TlsHs => "tls-hs",
     };
+    let name = cfg.label.as_deref().unwrap_or(name);
     let secs = if cfg.scenario == Scenario::WsHold {
         0.0
     } else {
@@ -290,6 +357,19 @@ fn report(cfg: &Cfg, mut s: Stats) -> serde_json::Value {
     if cfg.scenario == Scenario::WsHold {
         v["held"] = json!(s.held);
         v["lost"] = json!(s.lost);
+    }
+    if let Some(t) = &cfg.tls {
+        v["tls"] = json!(s.tls);
+        if cfg.scenario == Scenario::TlsHs {
+            v["resume"] = json!(t.resume);
+            v["resumed"] = json!(s.resumed);
+            v["resumed_frac"] = json!(if s.ops > 0 {
+                (s.resumed as f64 / s.ops as f64 * 1000.0).round() / 1000.0
+            } else {
+                0.0
+            });
+            v["tickets_missing"] = json!(s.tickets_missing);
+        }
     }
     v
 }
@@ -323,6 +403,8 @@ struct Client {
     sent_at: Instant,
     cycle_start: Instant,
     attempts: u32,
+    /// `--tls`: the session over `sock`, new with each connection.
+    tls: Option<rustls::ClientConnection>,
 }
 
 struct Worker {
@@ -337,6 +419,8 @@ struct Worker {
     next_to_start: usize,
     in_flight: usize,
     rng: SmallRng,
+    /// `--tls`: one configuration for all the clients (no resumption).
+    tls_config: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Worker {
@@ -355,6 +439,7 @@ impl Worker {
                 sent_at: now,
                 cycle_start: now,
                 attempts: 0,
+                tls: None,
             })
             .collect();
         let est = if cfg.scenario == Scenario::WsHold {
@@ -375,6 +460,7 @@ impl Worker {
             next_to_start: 0,
             in_flight: 0,
             rng: SmallRng::from_os_rng(),
+            tls_config: cfg.tls.as_ref().map(tls::Opts::fresh_config),
             cfg,
         }
     }
@@ -494,6 +580,16 @@ impl Worker {
         let now = Instant::now();
         c.sent_at = now;
         c.cycle_start = now;
+        c.tls = None;
+        if let (Some(opts), Some(cfg)) = (&self.cfg.tls, &self.tls_config) {
+            match opts.connection(cfg) {
+                Ok(conn) => c.tls = Some(conn),
+                Err(kind) => {
+                    c.state = State::Off;
+                    return self.stats.error(kind);
+                }
+            }
+        }
         match TcpStream::connect(self.cfg.target) {
             Ok(mut s) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
@@ -550,14 +646,10 @@ impl Worker {
     fn on_event(&mut self, i: usize, setup: bool) {
         if self.clients[i].state == State::Connecting {
             let s = self.clients[i].sock.as_ref().expect("socket");
-            match s.take_error() {
-                Ok(Some(_)) | Err(_) => return self.fail(i, "connect", setup),
-                Ok(None) => {}
-            }
-            match s.peer_addr() {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::NotConnected => return,
-                Err(_) => return self.fail(i, "connect", setup),
+            match connect_result(s) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(kind) => return self.fail(i, kind, setup),
             }
             let _ = s.set_nodelay(true);
             self.on_connected(i);
@@ -565,18 +657,16 @@ impl Worker {
         if let Err(kind) = self.flush(i) {
             return self.fail(i, kind, setup);
         }
+        if self.clients[i].tls.is_some() {
+            return self.on_tls_readable(i, setup);
+        }
         // Read until WouldBlock, processing as we go.
         loop {
             let c = &mut self.clients[i];
             let Some(sock) = c.sock.as_mut() else { return };
             match sock.read(&mut self.scratch) {
                 Ok(0) => {
-                    let kind = match c.state {
-                        State::Handshake => "eof_handshake",
-                        State::Waiting => "eof_waiting",
-                        State::Closing => "eof_closing",
-                        _ => "eof_idle",
-                    };
+                    let kind = eof_kind(c.state);
                     return self.fail(i, kind, setup);
                 }
                 Ok(n) => {
@@ -598,6 +688,34 @@ impl Worker {
                 }
                 Err(_) => return self.fail(i, "read", setup),
             }
+        }
+    }
+
+    /// `--tls`: [`tls::read`] to `WouldBlock`, then the same processing as plain reads.
+    fn on_tls_readable(&mut self, i: usize, setup: bool) {
+        let c = &mut self.clients[i];
+        let (Some(sock), Some(conn)) = (c.sock.as_mut(), c.tls.as_mut()) else {
+            return;
+        };
+        let closed = match tls::read(conn, sock, &mut c.rbuf) {
+            Ok(closed) => closed,
+            Err(kind) => return self.fail(i, kind, setup),
+        };
+        if self.stats.tls.is_none() && !conn.is_handshaking() {
+            self.stats.tls = Some(tls::describe(conn));
+        }
+        let attempts = c.attempts;
+        if let Err(kind) = self.process(i, setup) {
+            return self.fail(i, kind, setup);
+        }
+        if let Err(kind) = self.flush(i) {
+            return self.fail(i, kind, setup);
+        }
+        // (ws-rate may have finished this connection and started the next one meanwhile)
+        let c = &self.clients[i];
+        if closed && c.sock.is_some() && c.attempts == attempts {
+            let kind = eof_kind(c.state);
+            self.fail(i, kind, setup);
         }
     }
 
@@ -659,6 +777,14 @@ impl Worker {
         let Some(sock) = c.sock.as_mut() else {
             return Ok(());
         };
+        if let Some(conn) = c.tls.as_mut() {
+            tls::send(conn, sock, &c.wbuf, &mut c.wpos)?;
+            if c.wpos >= c.wbuf.len() {
+                c.wbuf.clear();
+                c.wpos = 0;
+            }
+            return Ok(());
+        }
         while c.wpos < c.wbuf.len() {
             match sock.write(&c.wbuf[c.wpos..]) {
                 Ok(0) => return Err("write"),
@@ -818,6 +944,29 @@ impl Worker {
                 self.fail(i, kind, false);
             }
         }
+    }
+}
+
+/// A non-blocking connect's outcome once the socket signalled: `Ok(false)` = not yet.
+fn connect_result(s: &TcpStream) -> Result<bool, &'static str> {
+    match s.take_error() {
+        Ok(Some(_)) | Err(_) => return Err("connect"),
+        Ok(None) => {}
+    }
+    match s.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotConnected => Ok(false),
+        Err(_) => Err("connect"),
+    }
+}
+
+/// The error kind of a connection the server closed while in `state`.
+fn eof_kind(state: State) -> &'static str {
+    match state {
+        State::Handshake => "eof_handshake",
+        State::Waiting => "eof_waiting",
+        State::Closing => "eof_closing",
+        _ => "eof_idle",
     }
 }
 
