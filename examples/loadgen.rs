@@ -1092,6 +1092,18 @@ mod report {
 
     const PROXIES: [&str; 3] = ["wslb", "haproxy", "nginx"];
     const COLUMNS: [&str; 4] = ["direct", "wslb", "haproxy", "nginx"];
+    /// `bench/run.sh` labels of the full-handshake runs: (scenario, row label, short label).
+    const TLS_HANDSHAKE_ROWS: [(&str, &str, &str); 4] = [
+        ("tls-hs-ecdsa-1.3", "ECDSA P-256, TLS 1.3", "ecdsa 1.3"),
+        ("tls-hs-ecdsa-1.2", "ECDSA P-256, TLS 1.2", "ecdsa 1.2"),
+        ("tls-hs-rsa-1.3", "RSA 2048, TLS 1.3", "rsa 1.3"),
+        ("tls-hs-rsa-1.2", "RSA 2048, TLS 1.2", "rsa 1.2"),
+    ];
+    /// The resumption runs: (scenario, row label).
+    const TLS_RESUME_ROWS: [(&str, &str); 2] = [
+        ("tls-resume-1.3", "TLS 1.3 session ticket"),
+        ("tls-resume-1.2", "TLS 1.2 session id/ticket"),
+    ];
 
     pub fn main(input: &str, json_out: &str, md_out: &str) {
         let text = std::fs::read_to_string(input).unwrap_or_else(|e| {
@@ -1199,14 +1211,40 @@ mod report {
                         "errors": rs.iter().filter_map(|r| r["result"]["errors"].as_u64()).sum::<u64>(),
                         "error_kinds": kinds,
                         "rounds_ops_per_sec": rs.iter().filter_map(|r| f(&r["result"], "ops_per_sec")).collect::<Vec<_>>(),
+                        "resumed_frac": col("resumed_frac"),
+                        "tickets_missing": rs.iter().filter_map(|r| r["result"]["tickets_missing"].as_u64()).reduce(|a, b| a + b),
+                        "tls": rs.iter().find_map(|r| r["result"]["tls"].as_str()),
                         "rounds_p99_us": rs.iter().filter_map(|r| f(&r["result"], "p99_us")).collect::<Vec<_>>(),
                     }),
                 );
             }
             scenarios.insert(scen.clone(), Value::Object(out));
         }
+        let mut size = serde_json::Map::new();
+        for s in kind("size") {
+            let target = s["target"].as_str().unwrap_or("?").to_string();
+            size.insert(
+                target,
+                json!({"bytes": s["bytes"], "with_libs": s["with_libs"]}),
+            );
+        }
+        let mut v = json!({
+            "meta": meta,
+            "scenarios": scenarios,
+            "memory": memory(kind("mem")),
+            "memory_tls": memory(kind("mem-tls")),
+            "size": size,
+        });
+        let ratios = ratios(&v);
+        v["ratios"] = ratios;
+        v["goals"] = goals(&v);
+        v
+    }
+
+    /// The `mem` (plain) or `mem-tls` records by target: RSS and bytes per held connection.
+    fn memory<'a>(recs: impl Iterator<Item = &'a Value>) -> Value {
         let mut memory = serde_json::Map::new();
-        for m in kind("mem") {
+        for m in recs {
             let target = m["target"].as_str().unwrap_or("?").to_string();
             let held = m["hold"]["held"]
                 .as_f64()
@@ -1228,27 +1266,12 @@ mod report {
                     "errors": m["hold"]["errors"],
                     "error_kinds": m["hold"]["error_kinds"],
                     "per_conn_bytes": per_conn,
+                    "per_conn_kib": per_conn.map(|b| (b / 1024.0 * 10.0).round() / 10.0),
+                    "tls": m["hold"]["tls"],
                 }),
             );
         }
-        let mut size = serde_json::Map::new();
-        for s in kind("size") {
-            let target = s["target"].as_str().unwrap_or("?").to_string();
-            size.insert(
-                target,
-                json!({"bytes": s["bytes"], "with_libs": s["with_libs"]}),
-            );
-        }
-        let mut v = json!({
-            "meta": meta,
-            "scenarios": scenarios,
-            "memory": memory,
-            "size": size,
-        });
-        let ratios = ratios(&v);
-        v["ratios"] = ratios;
-        v["goals"] = goals(&v);
-        v
+        Value::Object(memory)
     }
 
     fn get(v: &Value, path: &[&str]) -> Option<f64> {
@@ -1279,15 +1302,17 @@ mod report {
                 out.insert(format!("{name}.{metric}"), Value::Object(m));
             }
         }
-        let mut m = serde_json::Map::new();
-        for other in ["haproxy", "nginx"] {
-            let r = ratio(
-                get(v, &["memory", "wslb", "per_conn_bytes"]),
-                get(v, &["memory", other, "per_conn_bytes"]),
-            );
-            m.insert(format!("wslb/{other}"), json!(r));
+        for section in ["memory", "memory_tls"] {
+            let mut m = serde_json::Map::new();
+            for other in ["haproxy", "nginx"] {
+                let r = ratio(
+                    get(v, &[section, "wslb", "per_conn_bytes"]),
+                    get(v, &[section, other, "per_conn_bytes"]),
+                );
+                m.insert(format!("wslb/{other}"), json!(r));
+            }
+            out.insert(format!("{section}.per_conn_bytes"), Value::Object(m));
         }
-        out.insert("memory.per_conn_bytes".into(), Value::Object(m));
         Value::Object(out)
     }
 
@@ -1344,6 +1369,41 @@ mod report {
                 fmt_num(best)
             ),
         );
+        for (key, label, _) in TLS_HANDSHAKE_ROWS {
+            let (w, o) = (
+                s(key, "wslb", "ops_per_sec"),
+                s(key, "haproxy", "ops_per_sec"),
+            );
+            if w.is_none() && o.is_none() {
+                continue;
+            }
+            goal(
+                format!("TLS handshakes/s >= haproxy ({label})"),
+                w.zip(o).map(|(w, o)| w >= o),
+                format!(
+                    "{} vs {} handshakes/s, ratio {}",
+                    fmt_num(w),
+                    fmt_num(o),
+                    fmt_ratio(ratio(w, o))
+                ),
+            );
+        }
+        let kib = |t: &str| get(v, &["memory_tls", t, "per_conn_kib"]);
+        let best = [kib("haproxy"), kib("nginx")]
+            .into_iter()
+            .flatten()
+            .reduce(f64::min);
+        if kib("wslb").is_some() || best.is_some() {
+            goal(
+                "KiB per idle TLS WebSocket <= 0.5 x the better of haproxy/nginx".into(),
+                kib("wslb").zip(best).map(|(w, b)| w <= b / 2.0),
+                format!(
+                    "wslb {} KiB vs better anchor {} KiB",
+                    fmt_num(kib("wslb")),
+                    fmt_num(best)
+                ),
+            );
+        }
         Value::Array(out)
     }
 
@@ -1367,6 +1427,23 @@ mod report {
         }
     }
 
+    /// For a resumption row's label: the targets that resumed under 95% of their
+    /// handshakes (their rate is then mostly of full handshakes), or "".
+    fn not_resumed(by: &Value) -> String {
+        let low: Vec<String> = PROXIES
+            .iter()
+            .filter_map(|t| {
+                let frac = get(by, &[t, "resumed_frac"])?;
+                (frac < 0.95).then(|| format!("{t} {:.0}%", frac * 100.0))
+            })
+            .collect();
+        if low.is_empty() {
+            String::new()
+        } else {
+            format!(" (NOT resumed: {})", low.join(", "))
+        }
+    }
+
     fn fmt_ratio(v: Option<f64>) -> String {
         v.map_or("-".into(), |r| format!("{r:.2}x"))
     }
@@ -1377,8 +1454,10 @@ mod report {
         let _ = writeln!(md, "## wslb benchmark\n");
         let _ = writeln!(
             md,
-            "{} | {} CPUs, {} | kernel {} | {}\n",
+            "{} | host {} ({}) | {} CPUs, {} | kernel {} | {}\n",
             meta["date"].as_str().unwrap_or("?"),
+            meta["host"].as_str().unwrap_or("?"),
+            meta["cpu_model"].as_str().unwrap_or("?"),
             meta["cpus"],
             meta["placement"].as_str().unwrap_or("?"),
             meta["kernel"].as_str().unwrap_or("?"),
@@ -1421,26 +1500,63 @@ mod report {
                 cells.join(" | ")
             );
         };
-        let scen_rows: [(&str, &str, &str); 4] = [
-            ("ws-echo", "WS echo, 64 conns x 128 B", "msgs/s"),
-            ("http", "HTTP keep-alive GET, 64 conns", "req/s"),
-            ("http-wrk", "HTTP keep-alive GET, 64 conns (wrk)", "req/s"),
+        let mut scen_rows: Vec<(&str, String, &str, &str)> = vec![
+            (
+                "ws-echo",
+                "WS echo, 64 conns x 128 B".into(),
+                "msgs/s",
+                "op",
+            ),
+            (
+                "http",
+                "HTTP keep-alive GET, 64 conns".into(),
+                "req/s",
+                "op",
+            ),
+            (
+                "http-wrk",
+                "HTTP keep-alive GET, 64 conns (wrk)".into(),
+                "req/s",
+                "op",
+            ),
             (
                 "ws-rate",
-                "WS connect+upgrade+echo+close, 8 workers",
+                "WS connect+upgrade+echo+close, 8 workers".into(),
                 "conns/s",
+                "op",
             ),
         ];
-        for (key, label, unit) in scen_rows {
+        for (key, label, _) in TLS_HANDSHAKE_ROWS {
+            let label = format!("TLS full handshake, {label}, 8 workers");
+            scen_rows.push((key, label, "handshakes/s", "handshake"));
+        }
+        for (key, label) in TLS_RESUME_ROWS {
+            let label = format!(
+                "TLS resumed handshake, {label}, ECDSA, 8 workers{}",
+                not_resumed(&v["scenarios"][key])
+            );
+            scen_rows.push((key, label, "handshakes/s", "handshake"));
+        }
+        scen_rows.push((
+            "wss-echo",
+            "wss echo (ECDSA, TLS 1.3), 64 conns x 128 B".into(),
+            "msgs/s",
+            "msg",
+        ));
+        for (key, label, unit, op) in scen_rows {
             let Some(by) = v["scenarios"].get(key) else {
                 continue;
             };
             let col = |k: &str| COLUMNS.map(|t| get(by, &[t, k]));
-            row(label, unit, col("ops_per_sec"), true);
+            row(&label, unit, col("ops_per_sec"), true);
+            if key.starts_with("tls-resume") {
+                let pct = col("resumed_frac").map(|x| x.map(|f| (f * 1000.0).round() / 10.0));
+                row("", "resumed %", pct, false);
+            }
             row("", "p50 us", col("p50_us"), true);
             row("", "p99 us", col("p99_us"), true);
             row("", "CPU %", col("cpu_pct"), false);
-            row("", "CPU us per op", col("cpu_us_per_op"), true);
+            row("", &format!("CPU us per {op}"), col("cpu_us_per_op"), true);
             row("", "errors", col("errors"), false);
         }
         if let Some(mem) = v["memory"].as_object().filter(|m| !m.is_empty()) {
@@ -1459,6 +1575,29 @@ mod report {
             );
             row("", "per idle WS conn, bytes", col("per_conn_bytes"), true);
             row("", "WS held", col("held"), false);
+            row("", "lost while held", col("lost"), false);
+        }
+        if let Some(mem) = v["memory_tls"].as_object().filter(|m| !m.is_empty()) {
+            let mem = Value::Object(mem.clone());
+            let col = |k: &str| COLUMNS.map(|t| get(&mem, &[t, k]));
+            let held = PROXIES
+                .iter()
+                .filter_map(|t| get(&mem, &[t, "held"]))
+                .fold(0.0, f64::max);
+            row(
+                "Memory, TLS (ECDSA, TLS 1.3)",
+                "idle after load, KiB",
+                col("rss_idle_kb"),
+                true,
+            );
+            row(
+                "",
+                &format!("{} idle wss held, KiB", fmt_num(Some(held))),
+                col("rss_held_kb"),
+                true,
+            );
+            row("", "per idle wss conn, KiB", col("per_conn_kib"), true);
+            row("", "wss held", col("held"), false);
             row("", "lost while held", col("lost"), false);
         }
         if let Some(size) = v["size"].as_object().filter(|m| !m.is_empty()) {
@@ -1490,6 +1629,20 @@ mod report {
                 g["detail"].as_str().unwrap_or("")
             );
         }
+        let mut negotiated = String::new();
+        for (scen, by) in v["scenarios"].as_object().into_iter().flatten() {
+            let tls: Vec<String> = PROXIES
+                .iter()
+                .filter_map(|t| Some(format!("{t} {}", by.get(t)?["tls"].as_str()?)))
+                .collect();
+            if !tls.is_empty() {
+                let _ = writeln!(negotiated, "- {scen}: {}", tls.join("; "));
+            }
+        }
+        if !negotiated.is_empty() {
+            let _ = writeln!(md, "\n### TLS negotiated (first connection of each run)\n");
+            let _ = write!(md, "{negotiated}");
+        }
         let mut errs = String::new();
         for (scen, by) in v["scenarios"].as_object().into_iter().flatten() {
             for (t, r) in by.as_object().into_iter().flatten() {
@@ -1498,9 +1651,11 @@ mod report {
                 }
             }
         }
-        for (t, m) in v["memory"].as_object().into_iter().flatten() {
-            if let Some(k) = m["error_kinds"].as_object().filter(|k| !k.is_empty()) {
-                let _ = writeln!(errs, "- ws-hold / {t}: {}", Value::Object(k.clone()));
+        for (section, name) in [("memory", "ws-hold"), ("memory_tls", "ws-hold --tls")] {
+            for (t, m) in v[section].as_object().into_iter().flatten() {
+                if let Some(k) = m["error_kinds"].as_object().filter(|k| !k.is_empty()) {
+                    let _ = writeln!(errs, "- {name} / {t}: {}", Value::Object(k.clone()));
+                }
             }
         }
         if !errs.is_empty() {
