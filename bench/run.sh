@@ -345,7 +345,8 @@ run_one() {
     echo "{\"kind\":\"run\",\"target\":\"$target\",\"instance\":\"$inst\",\"round\":$round,\"cpu_pct\":$cpu,\"result\":$out}" >>"$RAW"
     local name resumed
     name=$(sed -n 's/.*"scenario":"\([^"]*\)".*/\1/p' <<<"$out")
-    resumed=$(sed -n 's/.*"resumed_frac":\([0-9.]*\).*/, resumed \1/p' <<<"$out")
+    resumed=""
+    grep -q '"resume":true' <<<"$out" && resumed=$(sed -n 's/.*"resumed_frac":\([0-9.]*\).*/, resumed \1/p' <<<"$out")
     log "round $round ${name:-$scen} $inst: $(sed 's/.*"ops_per_sec":\([0-9.]*\).*"p99_us":\([0-9]*\).*/\1 ops\/s p99 \2 us/' <<<"$out") errors $(sed -n 's/.*"errors":\([0-9]*\).*/\1/p' <<<"$out") cpu ${cpu}%$resumed"
 }
 
