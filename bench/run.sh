@@ -276,7 +276,7 @@ if [ "$TLS" = 1 ]; then
         rsa) alg=(-newkey rsa:2048) ;;
         esac
         openssl req -x509 "${alg[@]}" -nodes -days 30 -subj /CN=localhost \
-            -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+            -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
             -keyout "$WORK/certs/$c.key" -out "$WORK/certs/$c.crt" 2>/dev/null ||
             { echo "run.sh: openssl could not make the $c certificate" >&2; exit 1; }
         cat "$WORK/certs/$c.crt" "$WORK/certs/$c.key" >"$WORK/certs/$c.pem"

@@ -32,7 +32,7 @@ BACKEND=$(wait_addr "$WORK/backend.log")
 TLS_ARGS=()
 if command -v openssl >/dev/null; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
-        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
         -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
     TLS_ARGS=(--tls-listen 127.0.0.1:0 --cert "$WORK/cert.pem" --key "$WORK/key.pem")
 fi
