@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# ~5 s smoke of the benchmark harness (for `make test`): one bench backend + wslb, each load
+# ~8 s smoke of the benchmark harness (for `make test`): one bench backend + wslb, each load
 # generator scenario for 1 s against wslb; fails unless every scenario did some ops with zero
-# errors. Needs only wslb and the examples (no HAProxy/nginx).
+# errors. Needs only wslb and the examples (no HAProxy/nginx); the TLS checks (tls-hs, a
+# resumed tls-hs, wss echo against wslb's TLS listener) need openssl, else they are skipped.
 #   bash bench/smoke.sh [--release] [--no-build]
 # Debug binaries by default (`cargo test --all-targets` has built them already, so this is
 # only an incremental build); --release uses target/release.
@@ -28,9 +29,17 @@ source "$ROOT/bench/procs.sh" smoke
 "$BIN/examples/bench_backend" --listen 127.0.0.1:0 >"$WORK/backend.log" 2>&1 &
 PIDS+=($!)
 BACKEND=$(wait_addr "$WORK/backend.log")
-"$BIN/wslb" -l 127.0.0.1:0 -B "ws://$BACKEND" >"$WORK/wslb.log" 2>&1 &
+TLS_ARGS=()
+if command -v openssl >/dev/null; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
+        -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+    TLS_ARGS=(--tls-listen 127.0.0.1:0 --cert "$WORK/cert.pem" --key "$WORK/key.pem")
+fi
+"$BIN/wslb" -l 127.0.0.1:0 "${TLS_ARGS[@]}" -B "ws://$BACKEND" >"$WORK/wslb.log" 2>&1 &
 PIDS+=($!)
 WSLB=$(wait_addr "$WORK/wslb.log")
+[ ${#TLS_ARGS[@]} -gt 0 ] && WSLB_TLS=$(wait_addr "$WORK/wslb.log" "tls listening on ")
 
 fail=0
 check() { # NAME JSON: ops > 0 and errors == 0
@@ -56,11 +65,30 @@ else
     echo "smoke: ws-hold FAILED: $hold" >&2
     fail=1
 fi
+passed=5
+TLS_HS='{}'
+if [ -n "${WSLB_TLS:-}" ]; then
+    TLS_HS=$(timeout 30 "$LG" tls-hs --target "$WSLB_TLS" --conns 2 --secs 1 --label tls-hs-ecdsa-1.3)
+    check tls-hs "$TLS_HS"
+    resume=$(timeout 30 "$LG" tls-hs --target "$WSLB_TLS" --conns 2 --secs 0.5 --resume)
+    if [ "$(sed -n 's/.*"resumed":\([0-9]*\).*/\1/p' <<<"$resume")" -gt 0 ] 2>/dev/null; then
+        check "tls-hs --resume" "$resume"
+    else
+        echo "smoke: tls-hs --resume FAILED (nothing resumed): $resume" >&2
+        fail=1
+    fi
+    check "ws-echo --tls" "$(timeout 30 "$LG" ws-echo --tls --target "$WSLB_TLS" --conns 8 --size 128 --secs 1)"
+    passed=$((passed + 3))
+else
+    echo "smoke: no openssl: TLS checks skipped"
+fi
 # the report step of bench/run.sh, on a tiny record set
 printf '%s\n' '{"kind":"meta","cpus":1,"rounds":1}' \
     "{\"kind\":\"run\",\"target\":\"wslb\",\"round\":1,\"cpu_pct\":50,\"result\":$(timeout 30 "$LG" http --target "$WSLB" --conns 2 --secs 0.2)}" \
+    "{\"kind\":\"run\",\"target\":\"wslb\",\"round\":1,\"cpu_pct\":50,\"result\":$TLS_HS}" \
     >"$WORK/raw.jsonl"
-if "$LG" report --in "$WORK/raw.jsonl" --json "$WORK/out.json" --md "$WORK/out.md" && grep -q "req/s" "$WORK/out.md"; then
+if "$LG" report --in "$WORK/raw.jsonl" --json "$WORK/out.json" --md "$WORK/out.md" && grep -q "req/s" "$WORK/out.md" &&
+    { [ "$TLS_HS" = '{}' ] || grep -q "handshakes/s" "$WORK/out.md"; }; then
     echo "smoke: report ok"
 else
     echo "smoke: report FAILED" >&2
@@ -71,4 +99,4 @@ if [ "$fail" != 0 ]; then
     tail -20 "$WORK/wslb.log" >&2
     exit 1
 fi
-echo "smoke: 5 passed, 0 failed"
+echo "smoke: $passed passed, 0 failed"

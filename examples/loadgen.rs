@@ -8,6 +8,9 @@
 //! loadgen http    --target ADDR [--conns 64] [--secs 10] [--warmup 0] [--path /]
 //! loadgen ws-rate --target ADDR [--conns 8] [--secs 5] [--warmup 0]
 //! loadgen ws-hold --target ADDR [--n 10000] [--parallel 256] [--echo 1|0]
+//! loadgen tls-hs  --target ADDR [--conns 8] [--secs 5] [--warmup 0] [--resume]
+//! (TLS, all but tls-hs need --tls: [--tls] [--tls-version 1.2|1.3] [--ca FILE] [--sni NAME]
+//!  [--label NAME])
 //! loadgen free-ports [--n 1]
 //! loadgen report --in RAW.jsonl --json OUT.json --md OUT.md
 //! ```
@@ -20,6 +23,13 @@
 //! `"ready"` line, then holds them idle until stdin closes (or SIGTERM), and prints a final
 //! line with how many were lost meanwhile. An op still unanswered a second after the end of
 //! the run counts as a `stalled` error.
+//!
+//! `--tls` runs ws-echo, ws-hold, http (or ws-rate) over TLS (module `tls`, in
+//! `examples/loadgen/tls.rs`): full handshakes only, certificates not verified unless
+//! `--ca`; the JSON then has `tls` (version, suite, group negotiated). `tls-hs`: one op =
+//! TCP connect + TLS handshake + close_notify + close; `--resume` adds `resumed`,
+//! `resumed_frac`, `tickets_missing` (see the module). `--label NAME` replaces the
+//! `scenario` name in the JSON (bench/run.sh: one name per certificate and version).
 //!
 //! `report` turns the records `bench/run.sh` collected (one JSON object a line: `meta`,
 //! `run`, `mem`, `size`) into the summary JSON and the markdown table: medians over rounds,
@@ -40,6 +50,9 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
 
+#[path = "loadgen/tls.rs"]
+mod tls;
+
 /// Connect + handshake (and any single op) must finish within this, else an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// An op outstanding longer than this when the run ends is reported as `stalled`.
@@ -55,6 +68,7 @@ enum Scenario {
     Http,
     WsRate,
     WsHold,
+    TlsHs,
 }
 
 #[derive(Clone)]
@@ -70,6 +84,10 @@ struct Cfg {
     parallel: usize,
     /// ws-hold: one echo on each connection before holding it (`--echo 0`: upgrade only).
     hold_echo: bool,
+    /// `--tls` (always for tls-hs).
+    tls: Option<tls::Opts>,
+    /// `--label`: the scenario name to report.
+    label: Option<String>,
 }
 
 fn main() {
@@ -80,14 +98,35 @@ fn main() {
         let Some(name) = a.strip_prefix("--") else {
             usage(&format!("unexpected argument {a}"))
         };
+        if FLAGS.contains(&name) {
+            opts.insert(name.to_string(), "1".into());
+            continue;
+        }
         let v = args
             .next()
             .unwrap_or_else(|| usage(&format!("{a} needs a value")));
         opts.insert(name.to_string(), v);
     }
     let known = [
-        "target", "conns", "size", "secs", "warmup", "path", "threads", "n", "parallel", "echo",
-        "in", "json", "md",
+        "target",
+        "conns",
+        "size",
+        "secs",
+        "warmup",
+        "path",
+        "threads",
+        "n",
+        "parallel",
+        "echo",
+        "in",
+        "json",
+        "md",
+        "tls",
+        "tls-version",
+        "ca",
+        "sni",
+        "resume",
+        "label",
     ];
     if let Some(k) = opts.keys().find(|k| !known.contains(&k.as_str())) {
         usage(&format!("unknown option --{k}"));
@@ -105,6 +144,7 @@ fn main() {
         "http" => Scenario::Http,
         "ws-rate" => Scenario::WsRate,
         "ws-hold" => Scenario::WsHold,
+        "tls-hs" => Scenario::TlsHs,
         "free-ports" => return free_ports(num("n", 1.0) as usize),
         "report" => {
             let get = |k: &str| {
@@ -122,7 +162,7 @@ fn main() {
         .parse()
         .unwrap_or_else(|_| usage("--target must be IP:PORT"));
     let default_conns = match scenario {
-        Scenario::WsRate => 8.0,
+        Scenario::WsRate | Scenario::TlsHs => 8.0,
         Scenario::WsHold => num("n", 10000.0),
         _ => 64.0,
     };
@@ -133,7 +173,7 @@ fn main() {
         size: num("size", 128.0) as usize,
         secs: num(
             "secs",
-            if scenario == Scenario::WsRate {
+            if matches!(scenario, Scenario::WsRate | Scenario::TlsHs) {
                 5.0
             } else {
                 10.0
@@ -151,16 +191,30 @@ fn main() {
         threads: (num("threads", 1.0) as usize).clamp(1, 64),
         parallel: (num("parallel", 256.0) as usize).max(1),
         hold_echo: num("echo", 1.0) > 0.0,
+        tls: (scenario == Scenario::TlsHs || opts.contains_key("tls")).then(|| {
+            tls::Opts::new(
+                opts.get("tls-version").map(String::as_str),
+                opts.get("ca").cloned(),
+                opts.get("sni").map_or("localhost", String::as_str),
+                opts.contains_key("resume"),
+            )
+            .unwrap_or_else(|| usage("--tls-version must be 1.2 or 1.3, --sni a name or IP"))
+        }),
+        label: opts.get("label").cloned(),
     };
     let result = run(&cfg);
     println!("{result}");
 }
 
+/// Options that take no value.
+const FLAGS: [&str; 2] = ["tls", "resume"];
+
 fn usage(msg: &str) -> ! {
     eprintln!(
-        "loadgen: {msg}\nusage: loadgen ws-echo|http|ws-rate|ws-hold|free-ports --target ADDR \
-         [--conns N] [--size BYTES] [--secs S] [--warmup S] [--path P] [--threads N] [--n N] \
-         [--parallel N] [--echo 0|1]"
+        "loadgen: {msg}\nusage: loadgen ws-echo|http|ws-rate|ws-hold|tls-hs|free-ports \
+         --target ADDR [--conns N] [--size BYTES] [--secs S] [--warmup S] [--path P] \
+         [--threads N] [--n N] [--parallel N] [--echo 0|1] [--tls] [--tls-version 1.2|1.3] \
+         [--ca FILE] [--sni NAME] [--resume] [--label NAME]"
     );
     process::exit(2)
 }
@@ -184,6 +238,11 @@ struct Stats {
     reconnects: u64,
     held: u64,
     lost: u64,
+    /// tls-hs: handshakes that resumed a session, and TLS 1.3 ones that saw no ticket.
+    resumed: u64,
+    tickets_missing: u64,
+    /// TLS: what the first established connection negotiated.
+    tls: Option<String>,
 }
 
 impl Stats {
@@ -200,6 +259,9 @@ impl Stats {
         self.reconnects += o.reconnects;
         self.held += o.held;
         self.lost += o.lost;
+        self.resumed += o.resumed;
+        self.tickets_missing += o.tickets_missing;
+        self.tls = self.tls.take().or(o.tls);
     }
 }
 
@@ -214,6 +276,9 @@ fn run(cfg: &Cfg) -> serde_json::Value {
         let (cfg, barrier, stop, ready_tx) =
             (cfg.clone(), barrier.clone(), stop.clone(), ready_tx.clone());
         handles.push(thread::spawn(move || {
+            if cfg.scenario == Scenario::TlsHs {
+                return tls::HsWorker::new(cfg, share).run(&barrier);
+            }
             Worker::new(cfg, share).run(&barrier, &stop, &ready_tx)
         }));
     }
@@ -258,7 +323,9 @@ fn report(cfg: &Cfg, mut s: Stats) -> serde_json::Value {
         Scenario::Http => "http",
         Scenario::WsRate => "ws-rate",
         Scenario::WsHold => "ws-hold",
+        Scenario::TlsHs => "tls-hs",
     };
+    let name = cfg.label.as_deref().unwrap_or(name);
     let secs = if cfg.scenario == Scenario::WsHold {
         0.0
     } else {
@@ -290,6 +357,19 @@ fn report(cfg: &Cfg, mut s: Stats) -> serde_json::Value {
     if cfg.scenario == Scenario::WsHold {
         v["held"] = json!(s.held);
         v["lost"] = json!(s.lost);
+    }
+    if let Some(t) = &cfg.tls {
+        v["tls"] = json!(s.tls);
+        if cfg.scenario == Scenario::TlsHs {
+            v["resume"] = json!(t.resume);
+            v["resumed"] = json!(s.resumed);
+            v["resumed_frac"] = json!(if s.ops > 0 {
+                (s.resumed as f64 / s.ops as f64 * 1000.0).round() / 1000.0
+            } else {
+                0.0
+            });
+            v["tickets_missing"] = json!(s.tickets_missing);
+        }
     }
     v
 }
@@ -323,6 +403,8 @@ struct Client {
     sent_at: Instant,
     cycle_start: Instant,
     attempts: u32,
+    /// `--tls`: the session over `sock`, new with each connection.
+    tls: Option<rustls::ClientConnection>,
 }
 
 struct Worker {
@@ -337,6 +419,8 @@ struct Worker {
     next_to_start: usize,
     in_flight: usize,
     rng: SmallRng,
+    /// `--tls`: one configuration for all the clients (no resumption).
+    tls_config: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Worker {
@@ -355,6 +439,7 @@ impl Worker {
                 sent_at: now,
                 cycle_start: now,
                 attempts: 0,
+                tls: None,
             })
             .collect();
         let est = if cfg.scenario == Scenario::WsHold {
@@ -375,6 +460,7 @@ impl Worker {
             next_to_start: 0,
             in_flight: 0,
             rng: SmallRng::from_os_rng(),
+            tls_config: cfg.tls.as_ref().map(tls::Opts::fresh_config),
             cfg,
         }
     }
@@ -494,6 +580,16 @@ impl Worker {
         let now = Instant::now();
         c.sent_at = now;
         c.cycle_start = now;
+        c.tls = None;
+        if let (Some(opts), Some(cfg)) = (&self.cfg.tls, &self.tls_config) {
+            match opts.connection(cfg) {
+                Ok(conn) => c.tls = Some(conn),
+                Err(kind) => {
+                    c.state = State::Off;
+                    return self.stats.error(kind);
+                }
+            }
+        }
         match TcpStream::connect(self.cfg.target) {
             Ok(mut s) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
@@ -550,14 +646,10 @@ impl Worker {
     fn on_event(&mut self, i: usize, setup: bool) {
         if self.clients[i].state == State::Connecting {
             let s = self.clients[i].sock.as_ref().expect("socket");
-            match s.take_error() {
-                Ok(Some(_)) | Err(_) => return self.fail(i, "connect", setup),
-                Ok(None) => {}
-            }
-            match s.peer_addr() {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::NotConnected => return,
-                Err(_) => return self.fail(i, "connect", setup),
+            match connect_result(s) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(kind) => return self.fail(i, kind, setup),
             }
             let _ = s.set_nodelay(true);
             self.on_connected(i);
@@ -565,18 +657,16 @@ impl Worker {
         if let Err(kind) = self.flush(i) {
             return self.fail(i, kind, setup);
         }
+        if self.clients[i].tls.is_some() {
+            return self.on_tls_readable(i, setup);
+        }
         // Read until WouldBlock, processing as we go.
         loop {
             let c = &mut self.clients[i];
             let Some(sock) = c.sock.as_mut() else { return };
             match sock.read(&mut self.scratch) {
                 Ok(0) => {
-                    let kind = match c.state {
-                        State::Handshake => "eof_handshake",
-                        State::Waiting => "eof_waiting",
-                        State::Closing => "eof_closing",
-                        _ => "eof_idle",
-                    };
+                    let kind = eof_kind(c.state);
                     return self.fail(i, kind, setup);
                 }
                 Ok(n) => {
@@ -598,6 +688,34 @@ impl Worker {
                 }
                 Err(_) => return self.fail(i, "read", setup),
             }
+        }
+    }
+
+    /// `--tls`: [`tls::read`] to `WouldBlock`, then the same processing as plain reads.
+    fn on_tls_readable(&mut self, i: usize, setup: bool) {
+        let c = &mut self.clients[i];
+        let (Some(sock), Some(conn)) = (c.sock.as_mut(), c.tls.as_mut()) else {
+            return;
+        };
+        let closed = match tls::read(conn, sock, &mut c.rbuf) {
+            Ok(closed) => closed,
+            Err(kind) => return self.fail(i, kind, setup),
+        };
+        if self.stats.tls.is_none() && !conn.is_handshaking() {
+            self.stats.tls = Some(tls::describe(conn));
+        }
+        let attempts = c.attempts;
+        if let Err(kind) = self.process(i, setup) {
+            return self.fail(i, kind, setup);
+        }
+        if let Err(kind) = self.flush(i) {
+            return self.fail(i, kind, setup);
+        }
+        // (ws-rate may have finished this connection and started the next one meanwhile)
+        let c = &self.clients[i];
+        if closed && c.sock.is_some() && c.attempts == attempts {
+            let kind = eof_kind(c.state);
+            self.fail(i, kind, setup);
         }
     }
 
@@ -659,6 +777,14 @@ impl Worker {
         let Some(sock) = c.sock.as_mut() else {
             return Ok(());
         };
+        if let Some(conn) = c.tls.as_mut() {
+            tls::send(conn, sock, &c.wbuf, &mut c.wpos)?;
+            if c.wpos >= c.wbuf.len() {
+                c.wbuf.clear();
+                c.wpos = 0;
+            }
+            return Ok(());
+        }
         while c.wpos < c.wbuf.len() {
             match sock.write(&c.wbuf[c.wpos..]) {
                 Ok(0) => return Err("write"),
@@ -821,6 +947,29 @@ impl Worker {
     }
 }
 
+/// A non-blocking connect's outcome once the socket signalled: `Ok(false)` = not yet.
+fn connect_result(s: &TcpStream) -> Result<bool, &'static str> {
+    match s.take_error() {
+        Ok(Some(_)) | Err(_) => return Err("connect"),
+        Ok(None) => {}
+    }
+    match s.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotConnected => Ok(false),
+        Err(_) => Err("connect"),
+    }
+}
+
+/// The error kind of a connection the server closed while in `state`.
+fn eof_kind(state: State) -> &'static str {
+    match state {
+        State::Handshake => "eof_handshake",
+        State::Waiting => "eof_waiting",
+        State::Closing => "eof_closing",
+        _ => "eof_idle",
+    }
+}
+
 /// A masked client frame, FIN set.
 fn client_frame(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut f = Vec::with_capacity(payload.len() + 14);
@@ -943,6 +1092,18 @@ mod report {
 
     const PROXIES: [&str; 3] = ["wslb", "haproxy", "nginx"];
     const COLUMNS: [&str; 4] = ["direct", "wslb", "haproxy", "nginx"];
+    /// `bench/run.sh` labels of the full-handshake runs: (scenario, row label, short label).
+    const TLS_HANDSHAKE_ROWS: [(&str, &str, &str); 4] = [
+        ("tls-hs-ecdsa-1.3", "ECDSA P-256, TLS 1.3", "ecdsa 1.3"),
+        ("tls-hs-ecdsa-1.2", "ECDSA P-256, TLS 1.2", "ecdsa 1.2"),
+        ("tls-hs-rsa-1.3", "RSA 2048, TLS 1.3", "rsa 1.3"),
+        ("tls-hs-rsa-1.2", "RSA 2048, TLS 1.2", "rsa 1.2"),
+    ];
+    /// The resumption runs: (scenario, row label).
+    const TLS_RESUME_ROWS: [(&str, &str); 2] = [
+        ("tls-resume-1.3", "TLS 1.3 session ticket"),
+        ("tls-resume-1.2", "TLS 1.2 session id/ticket"),
+    ];
 
     pub fn main(input: &str, json_out: &str, md_out: &str) {
         let text = std::fs::read_to_string(input).unwrap_or_else(|e| {
@@ -1050,14 +1211,40 @@ mod report {
                         "errors": rs.iter().filter_map(|r| r["result"]["errors"].as_u64()).sum::<u64>(),
                         "error_kinds": kinds,
                         "rounds_ops_per_sec": rs.iter().filter_map(|r| f(&r["result"], "ops_per_sec")).collect::<Vec<_>>(),
+                        "resumed_frac": col("resumed_frac"),
+                        "tickets_missing": rs.iter().filter_map(|r| r["result"]["tickets_missing"].as_u64()).reduce(|a, b| a + b),
+                        "tls": rs.iter().find_map(|r| r["result"]["tls"].as_str()),
                         "rounds_p99_us": rs.iter().filter_map(|r| f(&r["result"], "p99_us")).collect::<Vec<_>>(),
                     }),
                 );
             }
             scenarios.insert(scen.clone(), Value::Object(out));
         }
+        let mut size = serde_json::Map::new();
+        for s in kind("size") {
+            let target = s["target"].as_str().unwrap_or("?").to_string();
+            size.insert(
+                target,
+                json!({"bytes": s["bytes"], "with_libs": s["with_libs"]}),
+            );
+        }
+        let mut v = json!({
+            "meta": meta,
+            "scenarios": scenarios,
+            "memory": memory(kind("mem")),
+            "memory_tls": memory(kind("mem-tls")),
+            "size": size,
+        });
+        let ratios = ratios(&v);
+        v["ratios"] = ratios;
+        v["goals"] = goals(&v);
+        v
+    }
+
+    /// The `mem` (plain) or `mem-tls` records by target: RSS and bytes per held connection.
+    fn memory<'a>(recs: impl Iterator<Item = &'a Value>) -> Value {
         let mut memory = serde_json::Map::new();
-        for m in kind("mem") {
+        for m in recs {
             let target = m["target"].as_str().unwrap_or("?").to_string();
             let held = m["hold"]["held"]
                 .as_f64()
@@ -1079,27 +1266,12 @@ mod report {
                     "errors": m["hold"]["errors"],
                     "error_kinds": m["hold"]["error_kinds"],
                     "per_conn_bytes": per_conn,
+                    "per_conn_kib": per_conn.map(|b| (b / 1024.0 * 10.0).round() / 10.0),
+                    "tls": m["hold"]["tls"],
                 }),
             );
         }
-        let mut size = serde_json::Map::new();
-        for s in kind("size") {
-            let target = s["target"].as_str().unwrap_or("?").to_string();
-            size.insert(
-                target,
-                json!({"bytes": s["bytes"], "with_libs": s["with_libs"]}),
-            );
-        }
-        let mut v = json!({
-            "meta": meta,
-            "scenarios": scenarios,
-            "memory": memory,
-            "size": size,
-        });
-        let ratios = ratios(&v);
-        v["ratios"] = ratios;
-        v["goals"] = goals(&v);
-        v
+        Value::Object(memory)
     }
 
     fn get(v: &Value, path: &[&str]) -> Option<f64> {
@@ -1130,15 +1302,17 @@ mod report {
                 out.insert(format!("{name}.{metric}"), Value::Object(m));
             }
         }
-        let mut m = serde_json::Map::new();
-        for other in ["haproxy", "nginx"] {
-            let r = ratio(
-                get(v, &["memory", "wslb", "per_conn_bytes"]),
-                get(v, &["memory", other, "per_conn_bytes"]),
-            );
-            m.insert(format!("wslb/{other}"), json!(r));
+        for section in ["memory", "memory_tls"] {
+            let mut m = serde_json::Map::new();
+            for other in ["haproxy", "nginx"] {
+                let r = ratio(
+                    get(v, &[section, "wslb", "per_conn_bytes"]),
+                    get(v, &[section, other, "per_conn_bytes"]),
+                );
+                m.insert(format!("wslb/{other}"), json!(r));
+            }
+            out.insert(format!("{section}.per_conn_bytes"), Value::Object(m));
         }
-        out.insert("memory.per_conn_bytes".into(), Value::Object(m));
         Value::Object(out)
     }
 
@@ -1195,6 +1369,41 @@ mod report {
                 fmt_num(best)
             ),
         );
+        for (key, label, _) in TLS_HANDSHAKE_ROWS {
+            let (w, o) = (
+                s(key, "wslb", "ops_per_sec"),
+                s(key, "haproxy", "ops_per_sec"),
+            );
+            if w.is_none() && o.is_none() {
+                continue;
+            }
+            goal(
+                format!("TLS handshakes/s >= haproxy ({label})"),
+                w.zip(o).map(|(w, o)| w >= o),
+                format!(
+                    "{} vs {} handshakes/s, ratio {}",
+                    fmt_num(w),
+                    fmt_num(o),
+                    fmt_ratio(ratio(w, o))
+                ),
+            );
+        }
+        let kib = |t: &str| get(v, &["memory_tls", t, "per_conn_kib"]);
+        let best = [kib("haproxy"), kib("nginx")]
+            .into_iter()
+            .flatten()
+            .reduce(f64::min);
+        if kib("wslb").is_some() || best.is_some() {
+            goal(
+                "KiB per idle TLS WebSocket <= 0.5 x the better of haproxy/nginx".into(),
+                kib("wslb").zip(best).map(|(w, b)| w <= b / 2.0),
+                format!(
+                    "wslb {} KiB vs better anchor {} KiB",
+                    fmt_num(kib("wslb")),
+                    fmt_num(best)
+                ),
+            );
+        }
         Value::Array(out)
     }
 
@@ -1218,6 +1427,23 @@ mod report {
         }
     }
 
+    /// For a resumption row's label: the targets that resumed under 95% of their
+    /// handshakes (their rate is then mostly of full handshakes), or "".
+    fn not_resumed(by: &Value) -> String {
+        let low: Vec<String> = PROXIES
+            .iter()
+            .filter_map(|t| {
+                let frac = get(by, &[t, "resumed_frac"])?;
+                (frac < 0.95).then(|| format!("{t} {:.0}%", frac * 100.0))
+            })
+            .collect();
+        if low.is_empty() {
+            String::new()
+        } else {
+            format!(" (NOT resumed: {})", low.join(", "))
+        }
+    }
+
     fn fmt_ratio(v: Option<f64>) -> String {
         v.map_or("-".into(), |r| format!("{r:.2}x"))
     }
@@ -1228,8 +1454,10 @@ mod report {
         let _ = writeln!(md, "## wslb benchmark\n");
         let _ = writeln!(
             md,
-            "{} | {} CPUs, {} | kernel {} | {}\n",
+            "{} | host {} ({}) | {} CPUs, {} | kernel {} | {}\n",
             meta["date"].as_str().unwrap_or("?"),
+            meta["host"].as_str().unwrap_or("?"),
+            meta["cpu_model"].as_str().unwrap_or("?"),
             meta["cpus"],
             meta["placement"].as_str().unwrap_or("?"),
             meta["kernel"].as_str().unwrap_or("?"),
@@ -1272,26 +1500,63 @@ mod report {
                 cells.join(" | ")
             );
         };
-        let scen_rows: [(&str, &str, &str); 4] = [
-            ("ws-echo", "WS echo, 64 conns x 128 B", "msgs/s"),
-            ("http", "HTTP keep-alive GET, 64 conns", "req/s"),
-            ("http-wrk", "HTTP keep-alive GET, 64 conns (wrk)", "req/s"),
+        let mut scen_rows: Vec<(&str, String, &str, &str)> = vec![
+            (
+                "ws-echo",
+                "WS echo, 64 conns x 128 B".into(),
+                "msgs/s",
+                "op",
+            ),
+            (
+                "http",
+                "HTTP keep-alive GET, 64 conns".into(),
+                "req/s",
+                "op",
+            ),
+            (
+                "http-wrk",
+                "HTTP keep-alive GET, 64 conns (wrk)".into(),
+                "req/s",
+                "op",
+            ),
             (
                 "ws-rate",
-                "WS connect+upgrade+echo+close, 8 workers",
+                "WS connect+upgrade+echo+close, 8 workers".into(),
                 "conns/s",
+                "op",
             ),
         ];
-        for (key, label, unit) in scen_rows {
+        for (key, label, _) in TLS_HANDSHAKE_ROWS {
+            let label = format!("TLS full handshake, {label}, 8 workers");
+            scen_rows.push((key, label, "handshakes/s", "handshake"));
+        }
+        for (key, label) in TLS_RESUME_ROWS {
+            let label = format!(
+                "TLS resumed handshake, {label}, ECDSA, 8 workers{}",
+                not_resumed(&v["scenarios"][key])
+            );
+            scen_rows.push((key, label, "handshakes/s", "handshake"));
+        }
+        scen_rows.push((
+            "wss-echo",
+            "wss echo (ECDSA, TLS 1.3), 64 conns x 128 B".into(),
+            "msgs/s",
+            "msg",
+        ));
+        for (key, label, unit, op) in scen_rows {
             let Some(by) = v["scenarios"].get(key) else {
                 continue;
             };
             let col = |k: &str| COLUMNS.map(|t| get(by, &[t, k]));
-            row(label, unit, col("ops_per_sec"), true);
+            row(&label, unit, col("ops_per_sec"), true);
+            if key.starts_with("tls-resume") {
+                let pct = col("resumed_frac").map(|x| x.map(|f| (f * 1000.0).round() / 10.0));
+                row("", "resumed %", pct, false);
+            }
             row("", "p50 us", col("p50_us"), true);
             row("", "p99 us", col("p99_us"), true);
             row("", "CPU %", col("cpu_pct"), false);
-            row("", "CPU us per op", col("cpu_us_per_op"), true);
+            row("", &format!("CPU us per {op}"), col("cpu_us_per_op"), true);
             row("", "errors", col("errors"), false);
         }
         if let Some(mem) = v["memory"].as_object().filter(|m| !m.is_empty()) {
@@ -1310,6 +1575,29 @@ mod report {
             );
             row("", "per idle WS conn, bytes", col("per_conn_bytes"), true);
             row("", "WS held", col("held"), false);
+            row("", "lost while held", col("lost"), false);
+        }
+        if let Some(mem) = v["memory_tls"].as_object().filter(|m| !m.is_empty()) {
+            let mem = Value::Object(mem.clone());
+            let col = |k: &str| COLUMNS.map(|t| get(&mem, &[t, k]));
+            let held = PROXIES
+                .iter()
+                .filter_map(|t| get(&mem, &[t, "held"]))
+                .fold(0.0, f64::max);
+            row(
+                "Memory, TLS (ECDSA, TLS 1.3)",
+                "idle after load, KiB",
+                col("rss_idle_kb"),
+                true,
+            );
+            row(
+                "",
+                &format!("{} idle wss held, KiB", fmt_num(Some(held))),
+                col("rss_held_kb"),
+                true,
+            );
+            row("", "per idle wss conn, KiB", col("per_conn_kib"), true);
+            row("", "wss held", col("held"), false);
             row("", "lost while held", col("lost"), false);
         }
         if let Some(size) = v["size"].as_object().filter(|m| !m.is_empty()) {
@@ -1341,6 +1629,20 @@ mod report {
                 g["detail"].as_str().unwrap_or("")
             );
         }
+        let mut negotiated = String::new();
+        for (scen, by) in v["scenarios"].as_object().into_iter().flatten() {
+            let tls: Vec<String> = PROXIES
+                .iter()
+                .filter_map(|t| Some(format!("{t} {}", by.get(t)?["tls"].as_str()?)))
+                .collect();
+            if !tls.is_empty() {
+                let _ = writeln!(negotiated, "- {scen}: {}", tls.join("; "));
+            }
+        }
+        if !negotiated.is_empty() {
+            let _ = writeln!(md, "\n### TLS negotiated (first connection of each run)\n");
+            let _ = write!(md, "{negotiated}");
+        }
         let mut errs = String::new();
         for (scen, by) in v["scenarios"].as_object().into_iter().flatten() {
             for (t, r) in by.as_object().into_iter().flatten() {
@@ -1349,9 +1651,11 @@ mod report {
                 }
             }
         }
-        for (t, m) in v["memory"].as_object().into_iter().flatten() {
-            if let Some(k) = m["error_kinds"].as_object().filter(|k| !k.is_empty()) {
-                let _ = writeln!(errs, "- ws-hold / {t}: {}", Value::Object(k.clone()));
+        for (section, name) in [("memory", "ws-hold"), ("memory_tls", "ws-hold --tls")] {
+            for (t, m) in v[section].as_object().into_iter().flatten() {
+                if let Some(k) = m["error_kinds"].as_object().filter(|k| !k.is_empty()) {
+                    let _ = writeln!(errs, "- {name} / {t}: {}", Value::Object(k.clone()));
+                }
             }
         }
         if !errs.is_empty() {
