@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Soak (`make soak`, not part of `make test`): SOAK_SECS (default 600) of churn through one
-# release wslb — WebSockets opening and closing, echo messages both ways, HTTP requests, and
+# release wslb — WebSockets opening and closing (plain and TLS), echo messages both ways
+# (TLS ones over a record in size), TLS handshakes (resumed), HTTP requests, and
 # a backend whose agent is restarted (deregisters, registers again) every SOAK_REREGISTER
 # seconds (default 60) — while RSS and open descriptors are sampled every 10 s.
 #
@@ -30,11 +31,17 @@ PIDS+=($!)
 PIDS+=($!)
 S1=$(wait_addr "$WORK/s1.out")
 S2=$(wait_addr "$WORK/s2.out")
-"$BIN/wslb" -l 127.0.0.1:0 --control 127.0.0.1:0 -B "ws://$S1" -B "ws://$S2" \
+# TLS churn too: client-side TLS runs on buffers taken and given back per read and write.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+"$BIN/wslb" -l 127.0.0.1:0 --tls-listen 127.0.0.1:0 --cert "$WORK/cert.pem" --key "$WORK/key.pem" \
+    --control 127.0.0.1:0 -B "ws://$S1" -B "ws://$S2" \
     --heartbeat 1s >"$WORK/wslb.log" 2>&1 &
 LB=$!
 PIDS+=($LB)
-ADDR=$(wait_addr "$WORK/wslb.log")
+ADDR=$(wait_addr "$WORK/wslb.log" "info: listening on ")
+TLS_ADDR=$(wait_addr "$WORK/wslb.log" "tls listening on ")
 CONTROL=$(wait_addr "$WORK/wslb.log" "control listening on ")
 
 AGENT=
@@ -61,6 +68,12 @@ PIDS+=($!)
 churn "$EX/loadgen" ws-echo --target "$ADDR" --conns 16 --secs 5 &
 PIDS+=($!)
 churn "$EX/loadgen" http --target "$ADDR" --conns 8 --secs 5 &
+PIDS+=($!)
+churn "$EX/loadgen" ws-hold --tls --target "$TLS_ADDR" --n 100 --parallel 20 --echo 1 &
+PIDS+=($!)
+churn "$EX/loadgen" ws-echo --tls --target "$TLS_ADDR" --conns 4 --size 20000 --secs 5 &
+PIDS+=($!)
+churn "$EX/loadgen" tls-hs --resume --target "$TLS_ADDR" --conns 2 --secs 5 &
 PIDS+=($!)
 
 sample() { # seconds-since-start rss-kib fds
