@@ -4,8 +4,10 @@
 # Writes bench/results/latest.{jsonl,json,md} and prints the markdown table.
 #
 #   bash bench/run.sh [--rounds N] [--secs S] [--rate-secs S] [--hold N] [--targets "direct wslb haproxy nginx"]
-#                     [--no-build] [--no-wrk] [--placement auto|split|float] [--fanout N]
+#                     [--no-build] [--no-wrk] [--placement auto|split|float] [--fanout N] [--scale]
 #
+# --scale also runs bench/scale.sh afterwards (default steps; cost per held WebSocket, each
+# proxy in turn) and prints its report (bench/results/scale.md).
 # --fanout N also runs bench/fanout.sh (wslb only: backend broadcast to N clients) and
 # writes its JSON line to bench/results/fanout.json.
 #
@@ -15,7 +17,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
-ROUNDS=3 SECS=10 RATE_SECS=5 WARMUP=1 HOLD=10000 BUILD=1 WRK=1 PLACEMENT_MODE=auto FANOUT=0
+ROUNDS=3 SECS=10 RATE_SECS=5 WARMUP=1 HOLD=10000 BUILD=1 WRK=1 PLACEMENT_MODE=auto FANOUT=0 SCALE=0
 TARGETS="direct wslb haproxy nginx"
 while [ $# -gt 0 ]; do
     case $1 in
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
     --no-wrk) WRK=0; shift ;;
     --placement) PLACEMENT_MODE=$2; shift 2 ;; # auto | split | float
     --fanout) FANOUT=$2; shift 2 ;;
+    --scale) SCALE=1; shift ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -180,4 +183,12 @@ cat "$ROOT/bench/results/latest.md"
 if [ "$FANOUT" -gt 0 ]; then
     log "backend broadcast fan-out to $FANOUT clients (bench/fanout.sh)"
     bash "$ROOT/bench/fanout.sh" --no-build --n "$FANOUT" | tee "$ROOT/bench/results/fanout.json"
+fi
+if [ "$SCALE" = 1 ]; then
+    log "scale: cost per held WebSocket (bench/scale.sh)"
+    # our targets stop first: scale.sh runs one proxy at a time with nothing else holding
+    cleanup
+    trap - EXIT
+    scale_targets=$(for t in wslb haproxy nginx; do want "$t" && printf '%s ' "$t"; done)
+    bash "$ROOT/bench/scale.sh" --no-build --placement "$PLACEMENT_MODE" --targets "${scale_targets:-wslb}"
 fi

@@ -165,6 +165,10 @@ echo_json() {
     printf '"cpu_pct":%s,"cpu_us_per_msg":%s,"echo":%s' "$cpu" "$us" "$out"
 }
 
+# jfield JSON KEY: a number from a flat JSON line.
+jfield() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1" | sed -n 1p; }
+echo_summary() { echo "$(jfield "$1" ops_per_sec) msgs/s, p50 $(jfield "$1" p50_us) us, p99 $(jfield "$1" p99_us) us, errors $(jfield "$1" errors), proxy CPU $(jfield "$1" cpu_pct)%"; }
+
 # Timestamps each line (bash's EPOCHREALTIME: no fork): when "ready" arrived.
 stamp() { local l; while IFS= read -r l; do printf '%s %s\n' "$EPOCHREALTIME" "$l"; done; }
 
@@ -239,7 +243,7 @@ run_proxy() {
         "$t" "$r" "${TADDR[$t]}" "$rss0" "$fds0" "$idle" "$idle_fds" "$(json_str "$note")" "$(kernel_kb)" >>"$RAW"
     printf '{"kind":"step","target":"%s","round":%s,"step":0,"held":0,"rss_kb":%s,"fds":%s,%s}\n' \
         "$t" "$r" "$idle" "$idle_fds" "$e" >>"$RAW"
-    log "$t: start $rss0 KiB, idle $idle KiB, $idle_fds fds; echo at 0 held: $(sed -n 's/.*"ops_per_sec":\([0-9.]*\).*"p99_us":\([0-9]*\).*/\1 msgs\/s p99 \2 us/p' <<<"$e")"
+    log "$t: start $rss0 KiB, idle $idle KiB, $idle_fds fds; echo at 0 held: $(echo_summary "$e")"
     rm -f "$WORK/hold.in" && mkfifo "$WORK/hold.in"
     exec 7<>"$WORK/hold.in" # the hold processes read it; they stop when it closes
     local prev=0
@@ -252,7 +256,7 @@ run_proxy() {
         e=$(echo_json "$t")
         printf '{"kind":"step","target":"%s","round":%s,"step":%s,"held":%s,"rss_kb":%s,"fds":%s,%s,%s}\n' \
             "$t" "$r" "$s" "$held" "$rss" "$fds" "$k" "$e" >>"$RAW"
-        log "$t: $held held: RSS $rss KiB ($(awk -v a="$rss" -v b="$idle" -v n="$held" 'BEGIN {if (n > 0) printf "%.2f", (a - b) / n}') KiB/conn), $fds fds; echo: $(sed -n 's/.*"ops_per_sec":\([0-9.]*\).*"p99_us":\([0-9]*\).*"errors":\([0-9]*\).*/\1 msgs\/s p99 \2 us errors \3/p' <<<"$e")"
+        log "$t: $held held: RSS $rss KiB ($(awk -v a="$rss" -v b="$idle" -v n="$held" 'BEGIN {if (n > 0) printf "%.2f", (a - b) / n}') KiB/conn), $fds fds; echo: $(echo_summary "$e")"
     done
     release "$t" "$r"
     for ((i = 0; i < 100; i++)); do # until the proxy has closed what it held (10 s at most)

@@ -213,7 +213,8 @@ def markdown(meta, end, summary, proxies, steps):
     for p in proxies:
         note = summary["proxies"][p].get("note")
         if note:
-            w(f"**{NAMES[p]}:** {note}.\n")
+            w(f"**{NAMES[p]}** logged at start: \"{note}\" — it accepts no more client connections "
+              "than that (held + the echo ones).\n")
     w(
         "Columns: *held* = WebSockets the proxy held (each did one echo, then idle); *RSS* = "
         "resident memory of all the proxy's processes; *KiB/conn* = (RSS − RSS idle before "
@@ -348,7 +349,9 @@ def markdown(meta, end, summary, proxies, steps):
     )
     w(
         f"| net.ipv4.ip_local_port_range | widen to `1024 65535` (keep listening ports out of it or "
-        f"reserve them with ip_local_reserved_ports) | with ≥ 2 backends | needed |"
+        f"reserve them with ip_local_reserved_ports): fewer backend addresses or source IPs needed | "
+        f"optional ({a['backend_tuples']} → {a['backend_tuples_full_range']}) | recommended "
+        f"({b['backend_tuples']} → {b['backend_tuples_full_range']}) |"
     )
     w(
         f"| net.core.somaxconn, net.ipv4.tcp_max_syn_backlog, the listener's backlog | reconnect "
