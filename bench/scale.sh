@@ -260,7 +260,7 @@ run_proxy() {
     done
     release "$t" "$r"
     for ((i = 0; i < 100; i++)); do # until the proxy has closed what it held (10 s at most)
-        [ "$(fds_of "$t")" -le $((idle_fds + 8)) ] && break
+        [ "$(fds_of "$t")" -le $((idle_fds + 32)) ] && break
         sleep 0.1
     done
     after_rss=$(rss_of "$t") after_fds=$(fds_of "$t")

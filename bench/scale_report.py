@@ -18,6 +18,9 @@ import sys
 PROXIES = ["wslb", "haproxy", "nginx"]
 NAMES = {"wslb": "wslb", "haproxy": "HAProxy", "nginx": "nginx"}
 PREDICT = [100_000, 1_000_000]
+# Echo figures: blank when the echo failed. Rows without a ratio: counts, not costs.
+ECHO_KEYS = {"msgs_per_sec", "p50_us", "p99_us", "cpu_pct", "cpu_us_per_msg"}
+NO_RATIO = {"held", "fds", "climb_errors", "echo_errors", "cpu_pct"}
 
 
 def median(xs):
@@ -126,14 +129,18 @@ def main(raw_path, json_path, md_path):
             points += [(r["held"], r["rss_kb"]) for r in rs]
         f = fit(points)
         top = max(per_step) if per_step else 0
-        base, last = per_step.get(0, {}), per_step.get(top, {})
+        # p99 growth: up to the most held with a working echo (no errors, some messages).
+        ok = [k for k, v in per_step.items() if (v["msgs_per_sec"] or 0) > 0 and not v["echo_errors"]]
+        base, last = per_step.get(0, {}), per_step.get(max(ok) if ok else top, {})
+        failed = sorted(k for k in per_step if k not in ok)
         rel = [r for r in of("release") if r["target"] == p]
         # Kernel memory of the whole machine (4 sockets per proxied connection here: client,
         # proxy front and back, backend) per held connection, slab and TCP buffers.
         k0 = median([r.get("slab_kb") for r in starts])
         kern = None
-        if k0 is not None and last.get("slab_kb") is not None and last.get("held"):
-            kern = (last["slab_kb"] - k0) / last["held"]
+        tops = per_step.get(top, {})
+        if k0 is not None and tops.get("slab_kb") is not None and tops.get("held"):
+            kern = (tops["slab_kb"] - k0) / tops["held"]
         summary["proxies"][p] = {
             "rss_start_kb": median([r["rss_start_kb"] for r in starts]),
             "rss_idle_kb": idle,
@@ -157,6 +164,8 @@ def main(raw_path, json_path, md_path):
                 if base.get("p99_us") and last.get("p99_us")
                 else None,
             },
+            "echo_failed_at": failed,
+            "short_of_step": {str(k): v["held"] for k, v in per_step.items() if k and v["held"] is not None and v["held"] < k},
             "lost_while_held": max([r["lost"] for r in rel], default=None),
             "rss_after_release_kb": median([r["rss_after_kb"] for r in rel]),
             "fds_after_release": median([r["fds_after"] for r in rel]),
@@ -222,7 +231,9 @@ def markdown(meta, end, summary, proxies, steps):
         "established per second while climbing to this step (time from starting `loadgen "
         "ws-hold` to its ready line) and the proxy's CPU µs per connection established; "
         "*msgs/s, p50, p99* = 128-byte echo on 64 more connections while the others are held; "
-        "*CPU µs/msg* = the proxy's CPU time over the echo run per message.\n"
+        "*CPU µs/msg* = the proxy's CPU time over the echo run per message. Ratios are wslb / "
+        "the other: below 1 is better for memory, latency and CPU, above 1 for rates. A "
+        "busy machine (see above) skews the echo and climb figures, not the memory ones.\n"
     )
     rows = [
         ("held", "held", 0, ""),
@@ -255,17 +266,32 @@ def markdown(meta, end, summary, proxies, steps):
         for label, key, digits, _ in rows:
             if s == 0 and key in ("held", "kib_per_conn", "conns_per_sec", "climb_cpu_us_per_conn", "climb_errors"):
                 continue
-            vals = {}
+            vals, cells = {}, {}
             for p in proxies:
                 st = summary["proxies"][p]["steps"].get(str(s), {})
                 v = mib(st.get("rss_kb")) if key == "rss_mib" else st.get(key)
-                vals[p] = v
-            line = f"| {label} | " + " | ".join(fmt(vals[p], digits) for p in proxies)
+                cell = fmt(v, digits)
+                if key in ECHO_KEYS and not st.get("msgs_per_sec"):
+                    v, cell = None, "failed"  # no message echoed at all
+                elif key in ECHO_KEYS and st.get("echo_errors"):
+                    v, cell = None, cell + " ⚠"  # some echo connections failed
+                vals[p], cells[p] = v, cell
+            line = f"| {label} | " + " | ".join(cells[p] for p in proxies)
+            comparable = key not in NO_RATIO and "wslb" in vals
             if has_h:
-                line += " | " + (ratio(vals.get("wslb"), vals["haproxy"]) if "wslb" in vals else "–")
+                line += " | " + (ratio(vals["wslb"], vals["haproxy"]) if comparable else "")
             if has_n:
-                line += " | " + (ratio(vals.get("wslb"), vals["nginx"]) if "wslb" in vals else "–")
+                line += " | " + (ratio(vals["wslb"], vals["nginx"]) if comparable else "")
             w(line + " |")
+        w(
+            "\n⚠ = some of the 64 echo connections failed (errors: the proxy was out of "
+            "descriptors or connection slots), so the figure is not comparable."
+            if any(
+                summary["proxies"][p]["steps"].get(str(s), {}).get("echo_errors")
+                for p in proxies
+            )
+            else ""
+        )
 
     w("\n## Slope: RSS vs held connections (least squares)\n")
     w(
@@ -292,6 +318,17 @@ def markdown(meta, end, summary, proxies, steps):
             )
             + f" | {growth} | {fmt(s['lost_while_held'])} | {fmt(mib(s['rss_after_release_kb']), 1)} |"
         )
+    for p in proxies:
+        s = summary["proxies"][p]
+        short = ", ".join(f"{int(k):,} → {int(v):,}" for k, v in s.get("short_of_step", {}).items())
+        if short:
+            w(f"\n**{NAMES[p]} held fewer than asked** (step → held): {short}.")
+        if s.get("echo_failed_at"):
+            w(
+                f"\n**{NAMES[p]}: the echo failed** (errors or no messages) at step "
+                + ", ".join(f"{k:,}" for k in s["echo_failed_at"])
+                + "; its p99 growth stops at the last step that worked."
+            )
     fits = {p: summary["proxies"][p]["fit"] for p in proxies if summary["proxies"][p].get("fit")}
     if "wslb" in fits and len(fits) > 1:
         parts = [
