@@ -13,13 +13,14 @@
 #
 #   bash bench/scale.sh [--steps "2500 5000 9900"] [--max N] [--secs 5] [--warmup 1]
 #                       [--rounds 1] [--targets "wslb haproxy nginx"] [--parallel 128]
-#                       [--no-build] [--placement auto|split|float]
+#                       [--no-build] [--placement auto|split|float] [--plan]
 #
 # --max N: the top step (steps N/4 N/2 N unless --steps is given; with --steps, steps above
 # N are dropped and N added). Steps are capped by the descriptor limit (the proxy needs 2
 # per held WebSocket, plus the 64 echo connections and headroom) and by the ephemeral port
 # range (every client connection goes from 127.0.0.1 to one proxy port); the script says so
-# when it caps. Where the limits allow more, pass a bigger --max.
+# when it caps. Where the limits allow more, pass a bigger --max. --plan prints the steps
+# after capping and exits.
 #
 # Env: CARGO (cargo), CARGO_TARGET_DIR (target), HAPROXY (haproxy), NGINX (nginx).
 set -euo pipefail
@@ -28,7 +29,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LOG_TAG=scale
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
-STEPS="" MAX=0 SECS=5 WARMUP=1 ROUNDS=1 PARALLEL=128 BUILD=1 PLACEMENT_MODE=auto
+STEPS="" MAX=0 SECS=5 WARMUP=1 ROUNDS=1 PARALLEL=128 BUILD=1 PLACEMENT_MODE=auto PLAN=0
 TARGETS="wslb haproxy nginx"
 ECHO_CONNS=64
 while [ $# -gt 0 ]; do
@@ -42,10 +43,15 @@ while [ $# -gt 0 ]; do
     --parallel) PARALLEL=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --placement) PLACEMENT_MODE=$2; shift 2 ;;
+    --plan) PLAN=1; shift ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "scale.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+for v in $STEPS $MAX $ROUNDS $PARALLEL; do
+    [[ $v =~ ^[0-9]+$ ]] || { echo "scale.sh: $v is not a whole number (--steps, --max, --rounds, --parallel)" >&2; exit 2; }
+done
+[[ $SECS =~ ^[0-9.]+$ && $WARMUP =~ ^[0-9.]+$ ]] || { echo "scale.sh: --secs and --warmup take seconds" >&2; exit 2; }
 command -v python3 >/dev/null || { echo "scale.sh: python3 is needed for the report" >&2; exit 1; }
 
 # --- steps ----------------------------------------------------------------------------------
@@ -111,6 +117,7 @@ MAXCONN=$(((NOFILE - 40) / 2))
 # The load generator needs one descriptor per connection: split an increment over processes.
 CHUNK=$((NOFILE - 64))
 log "steps: $STEPS (nofile $NOFILE, ports $PORT_LO-$PORT_HI); proxies: ${PROXIES[*]}; echo ${SECS}s + ${WARMUP}s warm-up"
+[ "$PLAN" = 1 ] && exit 0
 
 setup_placement "$PLACEMENT_MODE"
 log "$PLACEMENT"
