@@ -166,6 +166,8 @@ start_backends() {
     local b line
     BPIDS=() BADDRS=()
     for b in 1 2; do
+        # a log left by an earlier start would be read before the new process truncates it
+        rm -f "$WORK/backend$b.log"
         "${PIN_BACKEND[@]}" "$BACKEND" --listen 127.0.0.1:0 --threads 1 >"$WORK/backend$b.log" 2>&1 &
         PIDS+=($!) BPIDS+=($!)
         line=$(wait_line "$WORK/backend$b.log" "listening on" 10) || { cat "$WORK/backend$b.log" >&2; exit 1; }
@@ -181,6 +183,7 @@ start_target() {
     local line port
     case $1 in
     wslb)
+        rm -f "$WORK/wslb.log"
         "${PIN_PROXY[@]}" "$WSLB" -l 127.0.0.1:0 -B "ws://127.0.0.1:$B1" -B "ws://127.0.0.1:$B2" \
             --max-connections 20000 --idle-timeout 300s >"$WORK/wslb.log" 2>&1 &
         PIDS+=($!) TPID[wslb]=$!

@@ -158,18 +158,26 @@ kernel_kb() {
     printf '"tcp_mem_kb":%s,"slab_kb":%s' "$((${tcp_pages:-0} * $(getconf PAGESIZE) / 1024))" "${slab:-0}"
 }
 
-# echo_json TARGET: the 128-byte echo on 64 connections, with the proxy's CPU over the run.
+# echo_json TARGET: the 128-byte echo on 64 connections, with the proxy's CPU over the run;
+# sets ECHO_JSON. The load generator runs in the background and this shell `wait`s for it,
+# so a TERM or INT to the script is acted on at once.
 echo_json() {
-    local t0 t1 s0 s1 out cpu us
+    local t0 t1 s0 s1 out cpu us lp
     t0=$(ticks_of "$1") s0=$(date +%s%N)
-    out=$("${PIN_LOAD[@]}" "$LOADGEN" ws-echo --target "${TADDR[$1]}" --threads "$LOAD_THREADS" \
-        --conns "$ECHO_CONNS" --size 128 --secs "$SECS" --warmup "$WARMUP" 7>&-) || out='{"error":"loadgen failed"}'
+    "${PIN_LOAD[@]}" "$LOADGEN" ws-echo --target "${TADDR[$1]}" --threads "$LOAD_THREADS" \
+        --conns "$ECHO_CONNS" --size 128 --secs "$SECS" --warmup "$WARMUP" >"$WORK/echo.out" 7>&- &
+    lp=$!
+    PIDS+=("$lp")
+    wait "$lp" || true
+    out=$(grep -m1 '^{' "$WORK/echo.out" || true)
+    [ -n "$out" ] || out='{"error":"loadgen failed","errors":1}'
+    stop_pids "$lp" # already exited: only forgets it
     t1=$(ticks_of "$1") s1=$(date +%s%N)
     cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v ns=$((s1 - s0)) 'BEGIN {printf "%.1f", 100 * d / hz / (ns / 1e9)}')
     # CPU µs per message: the run's CPU share over the measured rate (as bench/run.sh's report).
-    us=$(awk -v c="$cpu" -v r="$(sed -n 's/.*"ops_per_sec":\([0-9.]*\).*/\1/p' <<<"$out")" \
+    us=$(awk -v c="$cpu" -v r="$(jfield "$out" ops_per_sec)" \
         'BEGIN {if (r > 0) printf "%.1f", c / 100 * 1e6 / r; else print "null"}')
-    printf '"cpu_pct":%s,"cpu_us_per_msg":%s,"echo":%s' "$cpu" "$us" "$out"
+    ECHO_JSON=$(printf '"cpu_pct":%s,"cpu_us_per_msg":%s,"echo":%s' "$cpu" "$us" "$out")
 }
 
 # jfield JSON KEY: a number from a flat JSON line.
@@ -178,6 +186,21 @@ echo_summary() { echo "$(jfield "$1" ops_per_sec) msgs/s, p50 $(jfield "$1" p50_
 
 # Timestamps each line (bash's EPOCHREALTIME: no fork): when "ready" arrived.
 stamp() { local l; while IFS= read -r l; do printf '%s %s\n' "$EPOCHREALTIME" "$l"; done; }
+
+# wait_ready FILE SECONDS: sets READY to ws-hold's stamped "ready" line. Loops in this shell
+# (not in a $(...) subshell) so that a TERM or INT to the script acts within 50 ms.
+wait_ready() {
+    local i
+    READY=""
+    for ((i = 0; i < $2 * 20; i++)); do
+        if [ -s "$1" ]; then
+            READY=$(grep -m1 '"ready"' "$1" || true)
+            [ -n "$READY" ] && return 0
+        fi
+        sleep 0.05
+    done
+    return 1
+}
 
 HOLD_PIDS=() HOLD_OUTS=()
 # climb TARGET ROUND FROM TO: hold TO-FROM more WebSockets (one ws-hold process per CHUNK).
@@ -195,8 +218,8 @@ climb() {
         outs+=("$out") HOLD_OUTS+=("$out")
     done
     for out in "${outs[@]}"; do
-        line=$(wait_line "$out" '"ready"' 200) || { log "$t: no ready line from ws-hold ($out)"; cat "$out.err" >&2; continue; }
-        ts=${line%% *} line=${line#* }
+        wait_ready "$out" 200 || { log "$t: no ready line from ws-hold ($out)"; cat "$out.err" >&2; continue; }
+        ts=${READY%% *} line=${READY#* }
         held=$((held + $(sed -n 's/.*"held":\([0-9]*\).*/\1/p' <<<"$line")))
         errors=$((errors + $(sed -n 's/.*"errors":\([0-9]*\).*/\1/p' <<<"$line")))
         end=$(awk -v a="$end" -v b="$ts" 'BEGIN {print (b > a ? b : a)}')
@@ -243,7 +266,8 @@ run_proxy() {
         note=$(grep -o 'max-connections [0-9]* lowered to [0-9]*[^"]*' "$WORK/wslb.log" | head -1 || true)
         [ -n "$note" ] && log "wslb: $note"
     fi
-    e=$(echo_json "$t")
+    echo_json "$t"
+    e=$ECHO_JSON
     sleep 1
     idle=$(rss_of "$t") idle_fds=$(fds_of "$t")
     printf '{"kind":"start","target":"%s","round":%s,"addr":"%s","rss_start_kb":%s,"fds_start":%s,"rss_idle_kb":%s,"fds_idle":%s,"note":%s,%s}\n' \
@@ -260,7 +284,8 @@ run_proxy() {
         sleep 1
         rss=$(rss_of "$t") fds=$(fds_of "$t")
         local k; k=$(kernel_kb)
-        e=$(echo_json "$t")
+        echo_json "$t"
+    e=$ECHO_JSON
         printf '{"kind":"step","target":"%s","round":%s,"step":%s,"held":%s,"rss_kb":%s,"fds":%s,%s,%s}\n' \
             "$t" "$r" "$s" "$held" "$rss" "$fds" "$k" "$e" >>"$RAW"
         log "$t: $held held: RSS $rss KiB ($(awk -v a="$rss" -v b="$idle" -v n="$held" 'BEGIN {if (n > 0) printf "%.2f", (a - b) / n}') KiB/conn), $fds fds; echo: $(echo_summary "$e")"
