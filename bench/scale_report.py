@@ -20,6 +20,7 @@ NAMES = {"wslb": "wslb", "haproxy": "HAProxy", "nginx": "nginx"}
 PREDICT = [100_000, 1_000_000]
 # Echo figures: blank when the echo failed. Rows without a ratio: counts, not costs.
 ECHO_KEYS = {"msgs_per_sec", "p50_us", "p99_us", "cpu_pct", "cpu_us_per_msg"}
+CLIMB_KEYS = {"conns_per_sec", "climb_cpu_us_per_conn"}
 NO_RATIO = {"held", "fds", "climb_errors", "echo_errors", "cpu_pct"}
 
 
@@ -275,6 +276,8 @@ def markdown(meta, end, summary, proxies, steps):
                     v, cell = None, "failed"  # no message echoed at all
                 elif key in ECHO_KEYS and st.get("echo_errors"):
                     v, cell = None, cell + " ⚠"  # some echo connections failed
+                elif key in CLIMB_KEYS and st.get("climb_errors"):
+                    v, cell = None, cell + " ⚠"  # the climb waited for connections that failed
                 vals[p], cells[p] = v, cell
             line = f"| {label} | " + " | ".join(cells[p] for p in proxies)
             comparable = key not in NO_RATIO and "wslb" in vals
@@ -284,11 +287,13 @@ def markdown(meta, end, summary, proxies, steps):
                 line += " | " + (ratio(vals["wslb"], vals["nginx"]) if comparable else "")
             w(line + " |")
         w(
-            "\n⚠ = some of the 64 echo connections failed (errors: the proxy was out of "
-            "descriptors or connection slots), so the figure is not comparable."
+            "\n⚠ = some connections failed (echo or climb errors: the proxy was out of "
+            "descriptors or connection slots; a climb then waits for ws-hold's time-outs), so "
+            "the figure is not comparable."
             if any(
-                summary["proxies"][p]["steps"].get(str(s), {}).get("echo_errors")
+                summary["proxies"][p]["steps"].get(str(s), {}).get(k)
                 for p in proxies
+                for k in ("echo_errors", "climb_errors")
             )
             else ""
         )
