@@ -255,6 +255,20 @@ release() {
     RELEASE_LOST=$lost
 }
 
+# settle_fds TARGET LIMIT: after an echo run, until the proxy has closed those connections
+# (its descriptors ≤ LIMIT), 10 s at most, so that the next climb starts from what is held.
+# Sets SETTLE to the seconds it took (HAProxy can keep closed tunnels a few seconds).
+settle_fds() {
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [ "$(fds_of "$1")" -le "$2" ] && break
+        sleep 0.1
+    done
+    SETTLE=$(awk -v i="$i" 'BEGIN {printf "%.1f", i / 10}')
+    [ "$i" = 100 ] && log "$1: still $(fds_of "$1") descriptors 10 s after the echo (expected <= $2)"
+    return 0
+}
+
 # run_proxy TARGET ROUND: one proxy through every step, then everything stopped.
 run_proxy() {
     local t=$1 r=$2 rss0 fds0 idle idle_fds held=0 s rss fds e after_rss after_fds i note=""
@@ -268,6 +282,8 @@ run_proxy() {
     fi
     echo_json "$t"
     e=$ECHO_JSON
+    settle_fds "$t" $((fds0 + 16))
+    e+=",\"echo_close_secs\":$SETTLE"
     sleep 1
     idle=$(rss_of "$t") idle_fds=$(fds_of "$t")
     printf '{"kind":"start","target":"%s","round":%s,"addr":"%s","rss_start_kb":%s,"fds_start":%s,"rss_idle_kb":%s,"fds_idle":%s,"note":%s,%s}\n' \
@@ -285,7 +301,9 @@ run_proxy() {
         rss=$(rss_of "$t") fds=$(fds_of "$t")
         local k; k=$(kernel_kb)
         echo_json "$t"
-    e=$ECHO_JSON
+        e=$ECHO_JSON
+        settle_fds "$t" $((fds0 + 2 * held + 16))
+        e+=",\"echo_close_secs\":$SETTLE"
         printf '{"kind":"step","target":"%s","round":%s,"step":%s,"held":%s,"rss_kb":%s,"fds":%s,%s,%s}\n' \
             "$t" "$r" "$s" "$held" "$rss" "$fds" "$k" "$e" >>"$RAW"
         log "$t: $held held: RSS $rss KiB ($(awk -v a="$rss" -v b="$idle" -v n="$held" 'BEGIN {if (n > 0) printf "%.2f", (a - b) / n}') KiB/conn), $fds fds; echo: $(echo_summary "$e")"

@@ -21,7 +21,7 @@ PREDICT = [100_000, 1_000_000]
 # Echo figures: blank when the echo failed. Rows without a ratio: counts, not costs.
 ECHO_KEYS = {"msgs_per_sec", "p50_us", "p99_us", "cpu_pct", "cpu_us_per_msg"}
 CLIMB_KEYS = {"conns_per_sec", "climb_cpu_us_per_conn"}
-NO_RATIO = {"held", "fds", "climb_errors", "echo_errors", "cpu_pct"}
+NO_RATIO = {"held", "fds", "climb_errors", "echo_errors", "cpu_pct", "echo_close_secs"}
 
 
 def median(xs):
@@ -121,6 +121,7 @@ def main(raw_path, json_path, md_path):
                 "msgs_per_sec": echo("ops_per_sec"),
                 "p50_us": echo("p50_us"),
                 "p99_us": echo("p99_us"),
+                "echo_close_secs": median([r.get("echo_close_secs") for r in rs]),
                 "echo_errors": max([r.get("echo", {}).get("errors", 0) or 0 for r in rs]),
                 "cpu_pct": median([r.get("cpu_pct") for r in rs]),
                 "cpu_us_per_msg": median([r.get("cpu_us_per_msg") for r in rs]),
@@ -232,7 +233,9 @@ def markdown(meta, end, summary, proxies, steps):
         "established per second while climbing to this step (time from starting `loadgen "
         "ws-hold` to its ready line) and the proxy's CPU µs per connection established; "
         "*msgs/s, p50, p99* = 128-byte echo on 64 more connections while the others are held; "
-        "*CPU µs/msg* = the proxy's CPU time over the echo run per message. Ratios are wslb / "
+        "*CPU µs/msg* = the proxy's CPU time over the echo run per message; *echo conns closed "
+        "after* = how long the proxy took to close the echo's connections after the run (the "
+        "next climb waits for it, 10 s at most). Ratios are wslb / "
         "the other: below 1 is better for memory, latency and CPU, above 1 for rates. A "
         "busy machine (see above) skews the echo and climb figures, not the memory ones.\n"
     )
@@ -248,6 +251,7 @@ def markdown(meta, end, summary, proxies, steps):
         ("echo p50 µs", "p50_us", 0, ""),
         ("echo p99 µs", "p99_us", 0, ""),
         ("echo errors", "echo_errors", 0, ""),
+        ("echo conns closed after s", "echo_close_secs", 1, ""),
         ("CPU %", "cpu_pct", 1, ""),
         ("CPU µs/msg", "cpu_us_per_msg", 1, ""),
     ]
