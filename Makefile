@@ -4,7 +4,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CI_SECONDS ?= 20
 APT ?= $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: all build run test test-deps test-unit fmt fmt-check clippy fuzz fuzz-ci bench bench-deps bench-smoke soak clean \
+.PHONY: all build run test test-deps test-unit fmt fmt-check clippy fuzz fuzz-ci bench bench-deps bench-scale bench-smoke soak clean \
 	autobahn-deps autobahn-quick conformance ws-witness-deps ws-witness
 
 all: build
@@ -59,8 +59,17 @@ bench-deps:
 	@command -v haproxy >/dev/null && command -v nginx >/dev/null && command -v wrk >/dev/null || \
 		($(APT) update -qq && $(APT) install -y -qq haproxy nginx-light wrk)
 
+# The comparison (bench/run.sh), then the scale run (bench/scale.sh: cost per held WebSocket).
 bench: build
 	bash bench/run.sh
+	bash bench/scale.sh --no-build
+
+# RSS, KiB per connection, climb rate and echo p99 while 2,500/5,000/9,900 WebSockets are
+# held, per proxy; SCALE_ARGS passes options, e.g. SCALE_ARGS='--max 50000' where the
+# descriptor limit allows.
+SCALE_ARGS ?=
+bench-scale: build
+	bash bench/scale.sh --no-build $(SCALE_ARGS)
 
 bench-smoke:
 	bash bench/smoke.sh

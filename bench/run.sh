@@ -4,7 +4,7 @@
 # Writes bench/results/latest.{jsonl,json,md} and prints the markdown table.
 #
 #   bash bench/run.sh [--rounds N] [--secs S] [--rate-secs S] [--hold N] [--targets "direct wslb haproxy nginx"]
-#                     [--no-build] [--no-wrk] [--placement auto|split|float] [--fanout N]
+#                     [--no-build] [--no-wrk] [--placement auto|split|float] [--fanout N] [--scale]
 #                     [--no-tls | --tls-only]
 #
 # TLS (unless --no-tls; needs openssl): each proxy also runs twice more, terminating TLS with
@@ -12,6 +12,8 @@
 # bench/nginx-tls.conf.in, wslb --tls-listen), for full and resumed handshakes, wss echo and
 # the idle TLS WebSocket memory. --tls-only skips the plain scenarios and plain memory.
 #
+# --scale also runs bench/scale.sh afterwards (default steps; cost per held WebSocket, each
+# proxy in turn) and prints its report (bench/results/scale.md).
 # --fanout N also runs bench/fanout.sh (wslb only: backend broadcast to N clients) and
 # writes its JSON line to bench/results/fanout.json.
 #
@@ -19,11 +21,9 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CARGO=${CARGO:-cargo}
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-HAPROXY=${HAPROXY:-haproxy}
-NGINX=${NGINX:-nginx}
-ROUNDS=3 SECS=10 RATE_SECS=5 WARMUP=1 HOLD=10000 BUILD=1 WRK=1 PLACEMENT_MODE=auto FANOUT=0 TLS=1 PLAIN=1
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+ROUNDS=3 SECS=10 RATE_SECS=5 WARMUP=1 HOLD=10000 BUILD=1 WRK=1 PLACEMENT_MODE=auto FANOUT=0 SCALE=0 TLS=1 PLAIN=1
 TARGETS="direct wslb haproxy nginx"
 while [ $# -gt 0 ]; do
     case $1 in
@@ -38,36 +38,13 @@ while [ $# -gt 0 ]; do
     --fanout) FANOUT=$2; shift 2 ;;
     --no-tls) TLS=0; shift ;;
     --tls-only) PLAIN=0; shift ;;
+    --scale) SCALE=1; shift ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
 
-log() { echo "[bench $(date +%T)] $*" >&2; }
-
-# --- processes: every one we start is recorded and killed on exit -------------------------
-PIDS=()
-WORK=$(mktemp -d /tmp/wslb-bench.XXXXXX)
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    sleep 0.3
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# --- build --------------------------------------------------------------------------------
-if [ "$BUILD" = 1 ]; then
-    log "building release binaries"
-    (cd "$ROOT" && "$CARGO" build --release --bins --examples --quiet)
-fi
-BIN=$TARGET_DIR/release
-WSLB=$BIN/wslb BACKEND=$BIN/examples/bench_backend LOADGEN=$BIN/examples/loadgen
-for b in "$WSLB" "$BACKEND" "$LOADGEN"; do
-    [ -x "$b" ] || { echo "run.sh: $b missing (cargo build --release --bins --examples)" >&2; exit 1; }
-done
+bench_init bench
+bench_binaries "$BUILD"
 
 # --- which targets can run ----------------------------------------------------------------
 want() { case " $TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -84,14 +61,7 @@ fi
 [ "$TLS" = 0 ] && [ "$PLAIN" = 0 ] && { echo "run.sh: --tls-only without TLS" >&2; exit 2; }
 
 # --- file descriptors: a proxy holding N WebSockets needs 2N + a few ------------------------
-HARD=$(ulimit -Hn)
-if [ "$HARD" != unlimited ] && [ "$HARD" -lt 65536 ]; then
-    ulimit -Hn 65536 2>/dev/null || true
-    HARD=$(ulimit -Hn)
-fi
-[ "$HARD" = unlimited ] && HARD=65536
-NOFILE=$((HARD < 65536 ? HARD : 65536))
-ulimit -n "$NOFILE"
+raise_nofile
 # Headroom: listeners, idle keep-alive pools to the backends (nginx keeps up to 128), logs.
 MAX_HOLD=$(((NOFILE - 600) / 2))
 if [ "$HOLD" -gt "$MAX_HOLD" ]; then
@@ -100,164 +70,21 @@ if [ "$HOLD" -gt "$MAX_HOLD" ]; then
 fi
 MAXCONN=$(((NOFILE - 100) / 2))
 
-# --- CPU placement ------------------------------------------------------------------------
-# With 4+ CPUs: proxy alone on CPU 0, backends on CPU 1, loadgen on the rest. With 2-3 CPUs
-# nothing is pinned: pinning the proxy to one core and loadgen + backends to the other leaves
-# the proxies ~40% busy, waiting on the starved load side (cross-core wake-ups for every hop),
-# so every target looks the same; floating lets the busy side take the slack. `--placement
-# split` forces the pinned layout anyway. Every bench process runs at nice -10 (when allowed)
-# so other work on the machine disturbs it less; the same for every target.
-NCPU=$(nproc)
-PIN_PROXY=() PIN_LOAD=() PIN_BACKEND=() LOAD_THREADS=1
-[ "$PLACEMENT_MODE" = auto ] && { [ "$NCPU" -ge 4 ] && PLACEMENT_MODE=split || PLACEMENT_MODE=float; }
-if [ "$PLACEMENT_MODE" = split ] && [ "$NCPU" -ge 2 ] && command -v taskset >/dev/null; then
-    PIN_PROXY=(taskset -c 0)
-    if [ "$NCPU" -ge 4 ]; then
-        PIN_BACKEND=(taskset -c 1)
-        PIN_LOAD=(taskset -c "2-$((NCPU - 1))")
-        LOAD_THREADS=$((NCPU - 2 < 4 ? NCPU - 2 : 4))
-        PLACEMENT="pinned: proxy CPU 0, backends CPU 1, loadgen ($LOAD_THREADS threads) CPUs 2-$((NCPU - 1))"
-    else
-        PIN_BACKEND=(taskset -c "1-$((NCPU - 1))")
-        PIN_LOAD=(taskset -c "1-$((NCPU - 1))")
-        PLACEMENT="pinned: proxy CPU 0, backends + loadgen (1 thread) CPU 1-$((NCPU - 1))"
-    fi
-else
-    PLACEMENT="not pinned: proxy, 2 backends (1 thread each), loadgen (1 thread) float over $NCPU CPUs"
-fi
-if nice -n -10 true 2>/dev/null; then
-    PIN_PROXY=(nice -n -10 "${PIN_PROXY[@]}") PIN_BACKEND=(nice -n -10 "${PIN_BACKEND[@]}")
-    PIN_LOAD=(nice -n -10 "${PIN_LOAD[@]}")
-    PLACEMENT+=", all at nice -10"
-fi
+# --- CPU placement (bench/lib.sh) ----------------------------------------------------------
+setup_placement "$PLACEMENT_MODE"
 log "$PLACEMENT"
 
-# Other work on the machine skews everything: measure how busy it is before we start.
-busy_pct() {
-    local a b
-    a=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
-    sleep 2
-    b=$(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN {split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.0f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0)}'
-}
 BUSY_BEFORE=$(busy_pct)
 [ "$BUSY_BEFORE" -gt 10 ] && log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark: numbers will be noisy"
-
-# --- helpers ------------------------------------------------------------------------------
-free_port() { "$LOADGEN" free-ports --n 1; }
-
-# wait_line FILE PATTERN SECONDS: the first line of FILE matching PATTERN (empty on timeout).
-wait_line() {
-    local i
-    for ((i = 0; i < $3 * 20; i++)); do
-        if grep -q -- "$2" "$1" 2>/dev/null; then grep -m1 -- "$2" "$1"; return 0; fi
-        sleep 0.05
-    done
-    return 1
-}
-
-# wait_port PORT SECONDS: until 127.0.0.1:PORT accepts a connection.
-wait_port() {
-    local i
-    for ((i = 0; i < $2 * 20; i++)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    return 1
-}
-
-addr_of() { sed -n 's/.*listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' <<<"$1" | sed -n 1p; }
-
-# Process ids making up a target instance: wslb, nginx, ... or a TLS one, wslb:ecdsa,
-# nginx:rsa, ... (nginx: master + worker).
-pids_of() {
-    case $1 in
-    nginx*) echo "${TPID[$1]}" $(pgrep -P "${TPID[$1]}" 2>/dev/null || true) ;;
-    direct) echo "${BPIDS[@]}" ;;
-    *) echo "${TPID[$1]}" ;;
-    esac
-}
-
-# CPU ticks (user + system) of a target's processes.
-ticks_of() {
-    local p t=0 s
-    for p in $(pids_of "$1"); do
-        s=$(cut -d')' -f2 "/proc/$p/stat" 2>/dev/null) || continue
-        set -- $s
-        t=$((t + ${12} + ${13}))
-    done
-    echo "$t"
-}
-
-# RSS in KiB of a target's processes.
-rss_of() {
-    local p t=0 r
-    for p in $(pids_of "$1"); do
-        r=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
-        t=$((t + ${r:-0}))
-    done
-    echo "$t"
-}
 
 CLK_TCK=$(getconf CLK_TCK)
 RAW=$WORK/raw.jsonl
 : >"$RAW"
 
 # --- start everything ---------------------------------------------------------------------
-declare -A TADDR TPID
-BPIDS=() BADDRS=()
-for b in 1 2; do
-    "${PIN_BACKEND[@]}" "$BACKEND" --listen 127.0.0.1:0 --threads 1 >"$WORK/backend$b.log" 2>&1 &
-    PIDS+=($!) BPIDS+=($!)
-    line=$(wait_line "$WORK/backend$b.log" "listening on" 10) || { cat "$WORK/backend$b.log" >&2; exit 1; }
-    BADDRS+=("$(addr_of "$line")")
-done
-B1=${BADDRS[0]##*:} B2=${BADDRS[1]##*:}
+start_backends
 log "backends on ${BADDRS[*]}"
-TADDR[direct]=${BADDRS[0]}
-
-# One proxy instance each: INSTANCE is the target (wslb, haproxy, nginx) or, for the TLS
-# ones, TARGET:CERT (wslb:ecdsa, ...). Files are named after it with - for :.
-# start_wslb INSTANCE [--tls-listen ... --cert C --key K]
-start_wslb() {
-    local key=$1 f=${1/:/-} pattern="listening on" line
-    shift
-    [ $# -gt 0 ] && pattern="tls listening on"
-    "${PIN_PROXY[@]}" "$WSLB" -l 127.0.0.1:0 "$@" -B "ws://127.0.0.1:$B1" -B "ws://127.0.0.1:$B2" \
-        --max-connections 20000 --idle-timeout 300s >"$WORK/$f.log" 2>&1 &
-    PIDS+=($!) TPID[$key]=$!
-    line=$(wait_line "$WORK/$f.log" "$pattern" 10) || { cat "$WORK/$f.log" >&2; exit 1; }
-    TADDR[$key]=$(addr_of "$line")
-}
-# start_haproxy INSTANCE TEMPLATE [CERT+KEY PEM]
-start_haproxy() {
-    local key=$1 f=${1/:/-} port
-    port=$(free_port)
-    sed -e "s/@PORT@/$port/; s/@B1@/$B1/; s/@B2@/$B2/; s/@MAXCONN@/$MAXCONN/; s#@CRT@#${3:-}#" \
-        "$2" >"$WORK/$f.cfg"
-    "${PIN_PROXY[@]}" "$HAPROXY" -db -f "$WORK/$f.cfg" >"$WORK/$f.log" 2>&1 &
-    PIDS+=($!) TPID[$key]=$!
-    wait_port "$port" 10 || { cat "$WORK/$f.log" >&2; exit 1; }
-    TADDR[$key]=127.0.0.1:$port
-}
-# start_nginx INSTANCE TEMPLATE [CERT KEY]
-start_nginx() {
-    local key=$1 f=${1/:/-} port
-    port=$(free_port)
-    mkdir -p "$WORK/$f"
-    sed -e "s/@PORT@/$port/; s/@B1@/$B1/; s/@B2@/$B2/; s/@CONNS@/$((NOFILE * 2))/" \
-        -e "s/@NOFILE@/$NOFILE/; s#@DIR@#$WORK/$f#g; s#@CERT@#${3:-}#; s#@KEY@#${4:-}#" \
-        "$2" >"$WORK/$f/nginx.conf"
-    "${PIN_PROXY[@]}" "$NGINX" -p "$WORK/$f" -c "$WORK/$f/nginx.conf" -e "$WORK/$f/error.log" \
-        >"$WORK/$f.log" 2>&1 &
-    PIDS+=($!) TPID[$key]=$!
-    wait_port "$port" 10 || { cat "$WORK/$f.log" "$WORK/$f/error.log" >&2; exit 1; }
-    TADDR[$key]=127.0.0.1:$port
-}
-
-want wslb && start_wslb wslb
-want haproxy && start_haproxy haproxy "$ROOT/bench/haproxy.cfg.in"
-want nginx && start_nginx nginx "$ROOT/bench/nginx.conf.in"
+for t in wslb haproxy nginx; do want "$t" && start_target "$t"; done
 PROXIES=()
 for t in wslb haproxy nginx; do want "$t" && PROXIES+=("$t"); done
 RUN_TARGETS=()
@@ -295,7 +122,6 @@ declare -A RSS_START
 for t in "${INSTANCES[@]}"; do RSS_START[$t]=$(rss_of "$t"); done
 
 # --- meta, sizes --------------------------------------------------------------------------
-json_str() { printf '"%s"' "$(sed 's/\\/\\\\/g; s/"/\\"/g' <<<"$1")"; }
 VERSIONS="wslb $("$WSLB" -V 2>&1 | sed -n 1p)"
 command -v "$HAPROXY" >/dev/null && VERSIONS+="; $("$HAPROXY" -v 2>&1 | sed -n 1p | cut -d' ' -f1-3)"
 command -v "$NGINX" >/dev/null && VERSIONS+="; $("$NGINX" -v 2>&1 | sed -n 1p)"
@@ -409,7 +235,7 @@ hold_mem() {
     "${PIN_LOAD[@]}" "$LOADGEN" ws-hold --target "${TADDR[$inst]}" --n "$HOLD" --parallel 128 "$@" \
         <"$WORK/hold.in" >"$WORK/hold.out" 2>&1 &
     hpid=$!
-    PIDS+=($hpid)
+    PIDS+=("$hpid")
     exec 7>"$WORK/hold.in"
     ready=$(wait_line "$WORK/hold.out" '"ready"' 180) || ready=""
     sleep 1
@@ -452,4 +278,12 @@ cat "$ROOT/bench/results/latest.md"
 if [ "$FANOUT" -gt 0 ]; then
     log "backend broadcast fan-out to $FANOUT clients (bench/fanout.sh)"
     bash "$ROOT/bench/fanout.sh" --no-build --n "$FANOUT" | tee "$ROOT/bench/results/fanout.json"
+fi
+if [ "$SCALE" = 1 ]; then
+    log "scale: cost per held WebSocket (bench/scale.sh)"
+    # our targets stop first: scale.sh runs one proxy at a time with nothing else holding
+    cleanup
+    trap - EXIT
+    scale_targets=$(for t in wslb haproxy nginx; do want "$t" && printf '%s ' "$t"; done)
+    bash "$ROOT/bench/scale.sh" --no-build --placement "$PLACEMENT_MODE" --targets "${scale_targets:-wslb}"
 fi

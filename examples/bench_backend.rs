@@ -110,7 +110,12 @@ fn event_loop(mut listener: TcpListener) -> io::Result<()> {
             let Some(conn) = conns.get_mut(key) else {
                 continue;
             };
-            let keep = drive(conn, &mut scratch, ev.is_readable() || ev.is_read_closed());
+            let keep = drive(
+                conn,
+                &mut scratch,
+                ev.is_readable() || ev.is_read_closed(),
+                ev.is_read_closed(),
+            );
             let keep = keep && update_interest(conn, &poll, key);
             if !keep {
                 let mut c = conns.remove(key);
@@ -155,7 +160,10 @@ fn accept_all(listener: &TcpListener, poll: &Poll, conns: &mut slab::Slab<Conn>)
 }
 
 /// Reads what is there, answers it, writes what it can. `false`: drop the connection.
-fn drive(conn: &mut Conn, scratch: &mut [u8], readable: bool) -> bool {
+/// `read_closed`: the peer's FIN came with this event; read on to the 0 that shows it (the
+/// short-read shortcut would leave it unread, and no further edge comes: the connection
+/// stayed half-closed, its proxy holding two descriptors for it).
+fn drive(conn: &mut Conn, scratch: &mut [u8], readable: bool, read_closed: bool) -> bool {
     if readable && !conn.close_after {
         loop {
             match conn.sock.read(scratch) {
@@ -184,7 +192,7 @@ fn drive(conn: &mut Conn, scratch: &mut [u8], readable: bool) -> bool {
                     if !ok || conn.rbuf.len() > MAX_PENDING {
                         return false;
                     }
-                    if n < scratch.len() {
+                    if n < scratch.len() && !read_closed {
                         break; // short read: the socket is drained (saves a read syscall)
                     }
                 }
