@@ -15,21 +15,25 @@ const NOFILE: u64 = 512;
 
 /// The connection limit wslb derived, from its startup line.
 fn derived_limit(lb: &Balancer) -> usize {
+    derived_limit_of(lb, NOFILE)
+}
+
+fn derived_limit_of(lb: &Balancer, nofile: u64) -> usize {
     assert!(lb.wait_log("limited by the descriptor limit", TIMEOUT));
     let lines = lb.stderr_lines();
     let line = lines
         .iter()
         .find(|l| l.contains("limited by the descriptor limit"))
         .unwrap();
-    assert!(line.contains(&format!("fd_limit={NOFILE}")), "{line}");
+    assert!(line.contains(&format!("fd_limit={nofile}")), "{line}");
     let n = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("max_connections="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no max_connections in {line}"));
     assert!(
-        (100..NOFILE as usize / 2).contains(&n),
-        "{n} connections for {NOFILE} descriptors"
+        (100..nofile as usize / 2).contains(&n),
+        "{n} connections for {nofile} descriptors"
     );
     n
 }
@@ -139,4 +143,35 @@ fn max_connections_above_what_fits_is_lowered_with_one_warning() {
     // What fits is served.
     let r = get(lb.addr(), "/");
     assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_full_keep_alive_pool_gives_way_to_websockets_at_the_limit() {
+    // The idle pool is not set aside from the descriptor limit: it uses what clients leave
+    // free (closing when a client needs the descriptor: unit-tested in the registry; here
+    // upgrades also take pooled connections). Fill it first (128 concurrent keep-alive
+    // requests, then the clients leave: 128 idle descriptors, far more than the 32 kept
+    // spare), then hold as many WebSockets as fit: every one must reach its backend.
+    const LIMIT: u64 = 2048;
+    let b = Backend::start("a");
+    let lb = Balancer::start_limited(&[], &[&b], Some(LIMIT));
+    let fit = derived_limit_of(&lb, LIMIT);
+    let mut clients: Vec<HttpClient> = (0..128).map(|_| HttpClient::connect(lb.addr())).collect();
+    for c in &mut clients {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    }
+    for c in &mut clients {
+        assert_eq!(c.read_response().unwrap().status, 200);
+    }
+    drop(clients);
+    let mut held: Vec<_> = (0..fit).map(|_| ws_connect(lb.addr(), "/ws")).collect();
+    for (i, ws) in held.iter_mut().enumerate().step_by(7) {
+        ws.send(Message::text(format!("m{i}"))).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text(format!("m{i}")));
+    }
+    let lines = lb.stderr_lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("out of file descriptors")),
+        "{lines:#?}"
+    );
 }

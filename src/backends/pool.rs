@@ -105,6 +105,11 @@ impl IdlePool {
         before - self.idle.len()
     }
 
+    /// Closes the oldest one (its descriptor is wanted by a client); false when empty.
+    pub fn close_oldest(&mut self) -> bool {
+        self.idle.pop_front().is_some()
+    }
+
     /// Drops connections past their age.
     pub fn sweep(&mut self, now: Instant) {
         self.idle

@@ -161,6 +161,9 @@ pub struct Registry {
     pub unreachable: Vec<Unreachable>,
     /// Most idle pooled connections over all backends (their descriptors are budgeted).
     pool_max: usize,
+    /// Descriptors the clients leave free for idle pooled connections (None: unbounded,
+    /// until the server sets it).
+    pool_room: Option<usize>,
     /// Connections this process opened, so its listeners can recognise them.
     pub self_dial: crate::netpolicy::SelfDial,
     /// Which load `pick` compares; [`Registry::choose_for_dispatch`] switches it for one
@@ -231,6 +234,30 @@ impl Registry {
     /// Caps the idle pooled connections over all backends.
     pub fn set_pool_max(&mut self, max: usize) {
         self.pool_max = max;
+    }
+
+    /// Descriptors the clients do not need now (two per client slot still free): idle pooled
+    /// connections may use them and no more. Past it, the oldest idle ones close at once, so
+    /// a client accepted near the descriptor limit finds one for its backend leg.
+    pub fn set_pool_room(&mut self, room: usize) {
+        self.pool_room = Some(room);
+        let mut pooled = self.pooled();
+        while pooled > room {
+            // The backend whose oldest idle connection goes: the one holding the most.
+            let fullest = self
+                .backends
+                .iter_mut()
+                .max_by_key(|(_, b)| b.idle.len())
+                .map(|(_, b)| b);
+            if !fullest.is_some_and(|b| b.idle.close_oldest()) {
+                break;
+            }
+            pooled -= 1;
+        }
+    }
+
+    fn pooled(&self) -> usize {
+        self.backends.iter().map(|(_, b)| b.idle.len()).sum()
     }
 
     /// Remembers a backend connection just opened (its source port is now bound), so that
@@ -529,8 +556,7 @@ impl Registry {
     pub fn checkin(&mut self, id: usize, stream: Transport, now: Instant, token: Token) {
         // The descriptor budget counts idle pooled connections: over it, this one closes.
         // (O(backends) per check-in; a handful in practice.)
-        let pooled: usize = self.backends.iter().map(|(_, b)| b.idle.len()).sum();
-        if pooled >= self.pool_max {
+        if self.pooled() >= self.pool_max.min(self.pool_room.unwrap_or(usize::MAX)) {
             return;
         }
         if let Some(b) = self
@@ -709,6 +735,28 @@ mod tests {
                 Token(7)
             )
             .is_none());
+    }
+
+    #[test]
+    fn idle_pooled_connections_give_their_descriptors_to_clients() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let mut r = Registry::from_specs(&[parse_backend(&url).unwrap()]);
+        let now = Instant::now();
+        for token in 0..4 {
+            r.checkin(0, pooled_socket(&listener).0, now, Token(token));
+        }
+        assert_eq!(r.pooled(), 4);
+        // Clients near the limit leave room for 2: the two oldest close at once.
+        r.set_pool_room(2);
+        assert_eq!(r.pooled(), 2);
+        let (s, _) = r.checkout(0, now, Token(100)).unwrap();
+        r.checkin(0, s, now, Token(100));
+        r.checkin(0, pooled_socket(&listener).0, now, Token(5));
+        assert_eq!(r.pooled(), 2, "a check-in past the room closes");
+        r.set_pool_room(0);
+        assert_eq!(r.pooled(), 0);
+        assert!(r.checkout(0, now, Token(100)).is_none());
     }
 
     #[test]

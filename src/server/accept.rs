@@ -10,6 +10,14 @@ impl Server {
         }
     }
 
+    /// Idle pooled backend connections use the descriptors clients leave free: after each
+    /// accept and reap, so a client near the limit never lacks one for its backend leg.
+    pub(super) fn size_pool_room(&mut self) {
+        let clients = self.conns.len() + self.awaiting_header.len();
+        self.backends
+            .set_pool_room(2 * self.fd_clients.saturating_sub(clients));
+    }
+
     pub(super) fn accept(&mut self, idx: usize) {
         loop {
             if self.draining {
@@ -135,6 +143,7 @@ impl Server {
         if let Some(at) = conn.deadline(&self.cfg) {
             self.conns.arm(&mut self.timers, key, at);
         }
+        self.size_pool_room();
     }
 
     /// Wraps an accepted socket in TLS when it came from a TLS listener.

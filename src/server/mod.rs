@@ -139,6 +139,8 @@ pub struct Server {
     accept_blocked: bool,
     /// The descriptor limit in force (soft `RLIMIT_NOFILE`).
     fd_limit: u64,
+    /// Client connections the descriptor limit allows (two descriptors each).
+    fd_clients: usize,
     /// Most control connections at once; beyond, they wait in the backlog.
     control_max: usize,
     /// The control listener has connections waiting for a free control slot.

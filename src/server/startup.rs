@@ -241,6 +241,7 @@ impl Server {
             stop: Arc::new(AtomicBool::new(false)),
             accept_blocked: false,
             fd_limit: fds.limit,
+            fd_clients: fds.clients,
             control_max: fds.control,
             control_accept_blocked: false,
             accept_paused: log::Repeated::every(REPEATED_LOG_INTERVAL),

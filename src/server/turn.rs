@@ -112,6 +112,7 @@ impl Server {
                 h.on_client_disconnect(conn.id);
             }
         }
+        self.size_pool_room();
         if self.accept_blocked && self.conns.len() < self.cfg.max_connections {
             self.accept_all();
         }
