@@ -166,8 +166,9 @@ impl ServerTls {
             if self.used == self.incoming.len() && !self.grow_incoming() {
                 return self.fail(&"a handshake message over 64 KiB");
             }
-            let room = self.incoming.len() - self.used;
-            match self.sock.read(&mut self.incoming[self.used..]) {
+            let space = self.incoming.get_mut(self.used..).unwrap_or_default();
+            let room = space.len();
+            match self.sock.read(space) {
                 Ok(0) => return Io::Eof,
                 Ok(k) => {
                     self.used += k;
@@ -236,7 +237,8 @@ impl ServerTls {
     pub fn flush(&mut self, ready: &mut Ready) -> Io {
         let mut total = 0;
         while self.sent < self.queued && ready.writable {
-            match self.sock.write(&self.outgoing[self.sent..self.queued]) {
+            let pending = self.outgoing.get(self.sent..self.queued).unwrap_or_default();
+            match self.sock.write(pending) {
                 Ok(0) => return Io::Failed,
                 Ok(n) => {
                     self.sent += n;
