@@ -237,7 +237,10 @@ impl ServerTls {
     pub fn flush(&mut self, ready: &mut Ready) -> Io {
         let mut total = 0;
         while self.sent < self.queued && ready.writable {
-            let pending = self.outgoing.get(self.sent..self.queued).unwrap_or_default();
+            let pending = self
+                .outgoing
+                .get(self.sent..self.queued)
+                .unwrap_or_default();
             match self.sock.write(pending) {
                 Ok(0) => return Io::Failed,
                 Ok(n) => {
