@@ -18,19 +18,17 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{
     ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
     Tls13ClientSessionValue,
 };
-use rustls::crypto::CryptoProvider;
 use rustls::version::{TLS12, TLS13};
 use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, NamedGroup,
-    ProtocolVersion, RootCertStore, SignatureScheme, SupportedProtocolVersion,
+    ClientConfig, ClientConnection, HandshakeKind, NamedGroup, ProtocolVersion, RootCertStore,
+    SupportedProtocolVersion,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
 
 use super::{connect_result, Cfg, Stats, OP_TIMEOUT, STALL};
 
@@ -72,7 +70,7 @@ impl Opts {
     /// A client configuration offering ALPN `http/1.1`, with `resumption`.
     pub fn config(&self, resumption: Resumption) -> Arc<ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider.clone())
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(self.versions)
             .expect("ring supports TLS 1.2 and 1.3");
         let mut cfg = match &self.ca {
@@ -90,7 +88,7 @@ impl Opts {
             }
             None => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
+                .with_custom_certificate_verifier(wslb::tls::AcceptAnything::new())
                 .with_no_client_auth(),
         };
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -106,57 +104,6 @@ impl Opts {
 
     pub fn connection(&self, cfg: &Arc<ClientConfig>) -> Result<ClientConnection, &'static str> {
         ClientConnection::new(cfg.clone(), self.sni.clone()).map_err(|_| "tls_new")
-    }
-}
-
-/// Certificate verification off (signatures over the handshake are still checked, as
-/// `src/net/tls.rs` does for `--backend-insecure`): the benchmark's certificates are
-/// self-signed and verification is client-side work anyway.
-#[derive(Debug)]
-struct AcceptAnything(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnything {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -177,8 +177,17 @@ pub fn client_cert_name(conn: &rustls::CommonState) -> Option<String> {
     ee.valid_dns_names().next().map(str::to_string)
 }
 
+/// Accepts any server certificate, still checking the handshake signatures: for
+/// `--backend-insecure` (development only) and the benchmark's self-signed certificates.
 #[derive(Debug)]
-struct AcceptAnything(Arc<CryptoProvider>);
+pub struct AcceptAnything(Arc<CryptoProvider>);
+
+impl AcceptAnything {
+    /// With the ring provider's signature algorithms.
+    pub fn new() -> Arc<Self> {
+        Arc::new(AcceptAnything(provider()))
+    }
+}
 
 impl ServerCertVerifier for AcceptAnything {
     fn verify_server_cert(
@@ -234,7 +243,7 @@ pub fn client_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<ClientConf
     let mut cfg = if insecure {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider())))
+            .with_custom_certificate_verifier(AcceptAnything::new())
             .with_no_client_auth()
     } else {
         let mut roots = RootCertStore::empty();

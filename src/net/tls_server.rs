@@ -16,9 +16,11 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use mio::net::TcpStream;
+use rustls::server::ServerConnectionData;
 use rustls::server::{ServerConfig, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+    UnbufferedStatus,
 };
 
 use super::transport::{Io, Ready};
@@ -283,14 +285,8 @@ impl ServerTls {
             let Ok(ConnectionState::EncodeTlsData(mut encoder)) = state else {
                 break;
             };
-            if encode_into(
-                &mut self.outgoing,
-                &mut self.sent,
-                &mut self.queued,
-                &mut |out| encoder.encode(out).map_err(encode_error),
-            )
-            .is_err()
-            {
+            let (out, sent, queued) = (&mut self.outgoing, &mut self.sent, &mut self.queued);
+            if encode_handshake(out, sent, queued, &mut encoder).is_err() {
                 break;
             }
         }
@@ -344,13 +340,10 @@ impl ServerTls {
                     delivered == dst.len()
                 }
                 ConnectionState::EncodeTlsData(mut encoder) => {
-                    encode_into(
-                        &mut self.outgoing,
-                        &mut self.sent,
-                        &mut self.queued,
-                        &mut |out| encoder.encode(out).map_err(encode_error),
-                    )
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                    let (out, sent, queued) =
+                        (&mut self.outgoing, &mut self.sent, &mut self.queued);
+                    encode_handshake(out, sent, queued, &mut encoder)
+                        .map_err(|e| rustls::Error::General(e.to_string()))?;
                     false
                 }
                 // The records wait in `outgoing` until `flush`; rustls only needs to know
@@ -414,12 +407,9 @@ impl ServerTls {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut encoder) => {
-                    encode_into(
-                        &mut self.outgoing,
-                        &mut self.sent,
-                        &mut self.queued,
-                        &mut |out| encoder.encode(out).map_err(encode_error),
-                    )?;
+                    let (out, sent, queued) =
+                        (&mut self.outgoing, &mut self.sent, &mut self.queued);
+                    encode_handshake(out, sent, queued, &mut encoder)?;
                     None
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
@@ -513,6 +503,18 @@ fn encode_into(
             Err(e) => return Err(EncryptOrTls::Encrypt(e)),
         }
     }
+}
+
+/// Copies one record rustls prepared (handshake, alert, ticket, key update) to `outgoing`.
+fn encode_handshake(
+    outgoing: &mut Vec<u8>,
+    sent: &mut usize,
+    queued: &mut usize,
+    encoder: &mut EncodeTlsData<'_, ServerConnectionData>,
+) -> Result<(), EncryptOrTls> {
+    encode_into(outgoing, sent, queued, &mut |out| {
+        encoder.encode(out).map_err(encode_error)
+    })
 }
 
 fn encode_error(e: EncodeError) -> EncryptError {
