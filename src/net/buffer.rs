@@ -24,24 +24,53 @@ pub const BUF_SIZE: usize = 16 * 1024;
 /// so that a burst does not pin memory forever.
 const POOL_MAX: usize = 256;
 
+/// Storage blocks of one size kept for reuse on this thread (the loop is single-threaded),
+/// at most `max` of them, so that a burst does not pin memory forever. A block of another
+/// size (one grown past the standard) is freed, not kept.
+#[derive(Debug)]
+pub(crate) struct FreeList {
+    size: usize,
+    max: usize,
+    blocks: RefCell<Vec<Vec<u8>>>,
+}
+
+impl FreeList {
+    /// An empty list of `size`-byte blocks, holding at most `max`.
+    pub(crate) const fn new(size: usize, max: usize) -> Self {
+        FreeList {
+            size,
+            max,
+            blocks: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// A kept block, or a fresh zeroed one.
+    pub(crate) fn take(&self) -> Vec<u8> {
+        self.blocks
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0; self.size])
+    }
+
+    /// Keeps `block` for the next `take`, if it is a standard one and there is room.
+    pub(crate) fn give_back(&self, block: Vec<u8>) {
+        let mut blocks = self.blocks.borrow_mut();
+        if block.len() == self.size && blocks.len() < self.max {
+            blocks.push(block);
+        }
+    }
+}
+
 thread_local! {
-    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static POOL: FreeList = const { FreeList::new(BUF_SIZE, POOL_MAX) };
 }
 
 fn take_storage() -> Vec<u8> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; BUF_SIZE])
+    POOL.with(FreeList::take)
 }
 
 fn give_back(v: Vec<u8>) {
-    if v.len() == BUF_SIZE {
-        POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
-                p.push(v);
-            }
-        });
-    }
+    POOL.with(|p| p.give_back(v));
 }
 
 impl Drop for Buffer {

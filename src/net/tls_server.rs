@@ -11,7 +11,6 @@
 //! plaintext (decrypting what has arrived, reading the socket when the edge allows), `write`
 //! encrypts plaintext into the outgoing records, `flush` puts them on the wire.
 
-use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
@@ -23,6 +22,7 @@ use rustls::unbuffered::{
     UnbufferedStatus,
 };
 
+use super::buffer::FreeList;
 use super::transport::{Io, Ready};
 
 /// The largest TLS record on the wire (rustls' bound: 16 KiB of payload, 2 KiB of
@@ -41,24 +41,16 @@ const PLAINTEXT_PER_WRITE: usize = 16 * 1024;
 const POOL_MAX: usize = 64;
 
 thread_local! {
-    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static BLOCKS: FreeList = const { FreeList::new(RECORD_MAX, POOL_MAX) };
 }
 
 fn take_block() -> Vec<u8> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; RECORD_MAX])
+    BLOCKS.with(FreeList::take)
 }
 
+/// Only standard blocks go back; one grown for a large handshake message is freed.
 fn give_back(block: Vec<u8>) {
-    // Only standard blocks go back; one grown for a large handshake message is freed.
-    if block.len() == RECORD_MAX {
-        POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
-                p.push(block);
-            }
-        });
-    }
+    BLOCKS.with(|b| b.give_back(block));
 }
 
 /// An accepted client socket and its server-side TLS state.
@@ -192,8 +184,8 @@ impl ServerTls {
     }
 
     /// Encrypts up to one record of `first` then `second` into the outgoing records (call
-    /// [`ServerTls::flush`] after). Nothing is taken during the handshake or while two
-    /// records already wait to be sent.
+    /// [`ServerTls::flush`] after). Nothing is taken during the handshake or while a full
+    /// record's worth already waits to be sent.
     pub fn write_pair(&mut self, ready: &mut Ready, first: &[u8], second: &[u8]) -> Io {
         if self.failed {
             return Io::Failed;
