@@ -89,7 +89,9 @@ impl Server {
     }
 
     pub(super) fn reap(&mut self) {
-        for (_, mut conn) in self.conns.take_finished() {
+        let finished = self.conns.take_finished();
+        let reaped = !finished.is_empty();
+        for (_, mut conn) in finished {
             let mut ctx = ctx!(self);
             conn.teardown(&mut ctx);
             if conn.counts_for_ip {
@@ -112,7 +114,9 @@ impl Server {
                 h.on_client_disconnect(conn.id);
             }
         }
-        self.size_pool_room();
+        if reaped {
+            self.size_pool_room();
+        }
         if self.accept_blocked && self.conns.len() < self.cfg.max_connections {
             self.accept_all();
         }
