@@ -41,16 +41,25 @@ cleanup() {
     rm -rf "$WORK"
 }
 
-# stop_pids PID...: TERM them, wait up to 3 s, KILL what is left, drop them from PIDS.
-stop_pids() {
-    local p i alive keep=()
-    for p in "$@"; do kill "$p" 2>/dev/null || true; done
-    for ((i = 0; i < 60; i++)); do
+# wait_exit TICKS PID...: until none of the PIDs runs, TICKS x 50 ms at most; fails if
+# some still run.
+wait_exit() {
+    local ticks=$1 p i alive
+    shift
+    for ((i = 0; i < ticks; i++)); do
         alive=0
         for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
+        [ "$alive" = 0 ] && return 0
         sleep 0.05
     done
+    return 1
+}
+
+# stop_pids PID...: TERM them, wait up to 3 s, KILL what is left, drop them from PIDS.
+stop_pids() {
+    local p keep=()
+    for p in "$@"; do kill "$p" 2>/dev/null || true; done
+    wait_exit 60 "$@" || true
     for p in "$@"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do
         case " $* " in *" $p "*) ;; *) keep+=("$p") ;; esac
@@ -119,6 +128,16 @@ setup_placement() {
         PIN_LOAD=(nice -n -10 "${PIN_LOAD[@]}")
         PLACEMENT+=", all at nice -10"
     fi
+}
+
+# announce_machine MODE: CPU placement (see setup_placement), logged, and BUSY_BEFORE, with a
+# warning when other work already keeps the machine busy.
+announce_machine() {
+    setup_placement "$1"
+    log "$PLACEMENT"
+    BUSY_BEFORE=$(busy_pct)
+    [ "$BUSY_BEFORE" -gt 10 ] && log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark: numbers will be noisy"
+    return 0
 }
 
 # Other work on the machine skews everything: how busy it is (%), over 2 s.

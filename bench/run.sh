@@ -70,12 +70,8 @@ if [ "$HOLD" -gt "$MAX_HOLD" ]; then
 fi
 MAXCONN=$(((NOFILE - 100) / 2))
 
-# --- CPU placement (bench/lib.sh) ----------------------------------------------------------
-setup_placement "$PLACEMENT_MODE"
-log "$PLACEMENT"
-
-BUSY_BEFORE=$(busy_pct)
-[ "$BUSY_BEFORE" -gt 10 ] && log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark: numbers will be noisy"
+# --- CPU placement, how busy the machine is (bench/lib.sh) --------------------------------
+announce_machine "$PLACEMENT_MODE"
 
 CLK_TCK=$(getconf CLK_TCK)
 RAW=$WORK/raw.jsonl

@@ -119,10 +119,7 @@ CHUNK=$((NOFILE - 64))
 log "steps: $STEPS (nofile $NOFILE, ports $PORT_LO-$PORT_HI); proxies: ${PROXIES[*]}; echo ${SECS}s + ${WARMUP}s warm-up"
 [ "$PLAN" = 1 ] && exit 0
 
-setup_placement "$PLACEMENT_MODE"
-log "$PLACEMENT"
-BUSY_BEFORE=$(busy_pct)
-[ "$BUSY_BEFORE" -gt 10 ] && log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark: numbers will be noisy"
+announce_machine "$PLACEMENT_MODE"
 
 CLK_TCK=$(getconf CLK_TCK)
 RAW=$WORK/scale.jsonl
@@ -236,15 +233,9 @@ climb() {
 
 # release: close the hold processes' stdin, wait for their last line (how many were lost).
 release() {
-    local t=$1 r=$2 p i alive lost=0 out l
+    local t=$1 r=$2 lost=0 out l
     exec 7>&-
-    for ((i = 0; i < 400; i++)); do
-        alive=0
-        for p in "${HOLD_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 0.05
-    done
-    [ "$alive" = 1 ] && log "$t: ws-hold still running 20 s after release: killed"
+    wait_exit 400 "${HOLD_PIDS[@]}" || log "$t: ws-hold still running 20 s after release: killed"
     stop_pids "${HOLD_PIDS[@]}"
     sleep 0.2
     for out in "${HOLD_OUTS[@]}"; do
